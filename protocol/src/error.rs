@@ -94,6 +94,15 @@ pub enum DecodeError {
     /// A property value outside its allowed range (e.g. receive maximum 0, a 0/1 byte set to 2).
     #[error("property {0:#04x} has an invalid value")]
     InvalidPropertyValue(u8),
+    /// A property the packet requires is absent: authentication data without an authentication
+    /// method (MQTT 5 3.1.2.11.10, 3.2.2.3.18), or an AUTH without an authentication method
+    /// (MQTT 5 3.15.2.2.2). Both are Protocol Errors.
+    #[error("property {0:#04x} is required here")]
+    MissingProperty(u8),
+    /// CONNACK acknowledge flags with a reserved bit set (MQTT-3.2.2-1), or session present with a
+    /// non-zero reason code (MQTT-3.2.2-6; 3.1.1 MQTT-3.2.2-4).
+    #[error("invalid CONNACK acknowledge flags {0:#04x}")]
+    InvalidConnAckFlags(u8),
     /// A reason code not allowed on this packet type.
     #[error("reason code {code:#04x} is not valid on {packet_type:?}")]
     InvalidReasonCode { packet_type: PacketType, code: u8 },
@@ -127,6 +136,7 @@ impl DecodeError {
             PacketIdZero
             | DuplicateProperty(_)
             | InvalidPropertyValue(_)
+            | MissingProperty(_)
             | NoTopicFilters
             | InvalidRetainHandling
             | NoLocalOnSharedSubscription
@@ -147,6 +157,7 @@ impl DecodeError {
             | UnknownProperty(_)
             | PropertyNotAllowed { .. }
             | InvalidReasonCode { .. }
+            | InvalidConnAckFlags(_)
             | SubscriptionOptionsReserved => ReasonCode::MalformedPacket,
         }
     }

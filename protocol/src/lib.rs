@@ -20,8 +20,15 @@ pub mod reason;
 pub mod topic;
 pub mod utf8;
 
+mod connect;
+mod control;
 mod decode;
 mod encode;
+mod properties;
+mod publish;
+mod reasons;
+mod subscribe;
+mod wire;
 
 pub use decode::{decode, frame_len};
 pub use encode::{encode, encoded_len};
