@@ -1,1 +1,242 @@
-fn main() {}
+//! The `shardmq` binary: command line, configuration file, start-up and shutdown.
+//!
+//! Owns: turning flags and a TOML file into a [`BrokerConfig`] (flags win over the file, the file
+//! over the embedded defaults), logging set-up, and the signal handling that stops the shards in
+//! reverse start order. Does not own: any broker logic (see `shards/`).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+use serde::Deserialize;
+use shardmq_shards::{BrokerConfig, IoDriver, QueueFullPolicy};
+use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::iterator::Signals;
+use tracing::info;
+
+#[derive(Debug, Parser)]
+#[command(name = "shardmq", version, about = "A thread-per-core MQTT 3.1 / 3.1.1 / 5.0 broker")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the broker.
+    Serve(ServeArgs),
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum DriverArg {
+    Uring,
+    Epoll,
+    Auto,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+enum QueuePolicyArg {
+    DropNew,
+    DropOldest,
+    Disconnect,
+}
+
+/// Every flag has a key of the same name (with `_` for `-`) in the TOML file.
+#[derive(Debug, Default, clap::Args, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ServeArgs {
+    /// TOML configuration file; flags given on the command line win over its keys.
+    #[arg(long)]
+    #[serde(skip)]
+    config: Option<PathBuf>,
+    /// Shards (threads, one per core). Default: all cores.
+    #[arg(long)]
+    cores: Option<usize>,
+    /// MQTT listener address. Default: 0.0.0.0:1883.
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// io driver of the shards. Default: auto (io_uring, epoll if the ring cannot be built).
+    #[arg(long, value_enum)]
+    io_driver: Option<DriverArg>,
+    /// Data directory. Default: ./shardmq-data.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Do not pin shard threads to cores.
+    #[arg(long)]
+    #[serde(default)]
+    no_pin: bool,
+    /// Seconds a new connection has to send CONNECT. Default: 10.
+    #[arg(long)]
+    connect_timeout_secs: Option<u64>,
+    /// Largest keep-alive granted, seconds. Default: 3600.
+    #[arg(long)]
+    max_keepalive_secs: Option<u16>,
+    /// Largest packet accepted, bytes. Default: 1048576.
+    #[arg(long)]
+    max_packet_size: Option<u32>,
+    /// Receive maximum announced to v5 clients. Default: 1024.
+    #[arg(long)]
+    receive_maximum: Option<u16>,
+    /// Topic aliases a v5 client may use. Default: 64.
+    #[arg(long)]
+    topic_alias_maximum: Option<u16>,
+    /// Largest session expiry granted, seconds. Default: 604800.
+    #[arg(long)]
+    max_session_expiry_secs: Option<u32>,
+    /// Outgoing QoS 1/2 messages in flight per session. Default: 64.
+    #[arg(long)]
+    max_inflight: Option<u16>,
+    /// Undelivered messages queued per session. Default: 10000.
+    #[arg(long)]
+    max_queued_messages: Option<usize>,
+    /// What to do when a session's queue is full (QoS 0 is always dropped first). Default: drop-oldest.
+    #[arg(long, value_enum)]
+    queue_full_policy: Option<QueuePolicyArg>,
+    /// Queue QoS 0 messages for offline persistent sessions.
+    #[arg(long)]
+    #[serde(default)]
+    queue_qos0_offline: bool,
+    /// Retained messages kept. Default: 1000000.
+    #[arg(long)]
+    max_retained_messages: Option<usize>,
+    /// Topic filter no client may subscribe to or publish on; repeat for several.
+    #[arg(long = "deny-topic")]
+    #[serde(default)]
+    deny_topics: Vec<String>,
+    /// Messages per core-to-core ring. Default: 8192.
+    #[arg(long)]
+    mesh_ring_capacity: Option<usize>,
+    /// Log filter (tracing's EnvFilter syntax). Default: info.
+    #[arg(long)]
+    log: Option<String>,
+}
+
+fn load_file(path: &Path) -> Result<ServeArgs> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read config file {}", path.display()))?;
+    toml::from_str(&text).with_context(|| format!("bad config file {}", path.display()))
+}
+
+/// Flags over file over defaults.
+fn merge(flags: ServeArgs, file: ServeArgs) -> Result<(BrokerConfig, String)> {
+    let mut cfg = BrokerConfig::default();
+    macro_rules! pick {
+        ($field:ident) => {
+            flags.$field.or(file.$field)
+        };
+    }
+    if let Some(cores) = pick!(cores) {
+        if cores == 0 {
+            bail!("--cores must be at least 1");
+        }
+        cfg.cores = cores;
+    }
+    if let Some(listen) = pick!(listen) {
+        cfg.listen = listen;
+    }
+    if let Some(driver) = pick!(io_driver) {
+        cfg.io_driver = match driver {
+            DriverArg::Uring => IoDriver::Uring,
+            DriverArg::Epoll => IoDriver::Epoll,
+            DriverArg::Auto => IoDriver::Auto,
+        };
+    }
+    if let Some(dir) = pick!(data_dir) {
+        cfg.data_dir = dir;
+    }
+    cfg.pin_cores = !(flags.no_pin || file.no_pin);
+    if let Some(secs) = pick!(connect_timeout_secs) {
+        cfg.connect_timeout = Duration::from_secs(secs);
+    }
+    if let Some(secs) = pick!(max_keepalive_secs) {
+        cfg.keepalive_secs_max = secs;
+    }
+    if let Some(bytes) = pick!(max_packet_size) {
+        if bytes < 64 {
+            bail!("--max-packet-size must be at least 64 bytes");
+        }
+        cfg.packet_size_bytes_max = bytes;
+    }
+    if let Some(count) = pick!(receive_maximum) {
+        if count == 0 {
+            bail!("--receive-maximum must be at least 1");
+        }
+        cfg.receive_maximum = count;
+    }
+    if let Some(count) = pick!(topic_alias_maximum) {
+        cfg.topic_alias_max = count;
+    }
+    if let Some(secs) = pick!(max_session_expiry_secs) {
+        cfg.session_expiry_secs_max = secs;
+    }
+    if let Some(count) = pick!(max_inflight) {
+        if count == 0 {
+            bail!("--max-inflight must be at least 1");
+        }
+        cfg.inflight_count_max = count;
+    }
+    if let Some(count) = pick!(max_queued_messages) {
+        if count == 0 {
+            bail!("--max-queued-messages must be at least 1");
+        }
+        cfg.queued_messages_max = count;
+    }
+    if let Some(policy) = pick!(queue_full_policy) {
+        cfg.queue_full_policy = match policy {
+            QueuePolicyArg::DropNew => QueueFullPolicy::DropNew,
+            QueuePolicyArg::DropOldest => QueueFullPolicy::DropOldest,
+            QueuePolicyArg::Disconnect => QueueFullPolicy::Disconnect,
+        };
+    }
+    cfg.queue_qos0_offline = flags.queue_qos0_offline || file.queue_qos0_offline;
+    if let Some(count) = pick!(max_retained_messages) {
+        cfg.retained_messages_max = count;
+    }
+    let mut denied = file.deny_topics;
+    denied.extend(flags.deny_topics);
+    for filter in &denied {
+        shardmq_protocol::topic::validate_topic_filter(filter)
+            .map_err(|e| anyhow::anyhow!("deny topic filter {filter:?} is invalid: {e}"))?;
+    }
+    cfg.denied_topic_filters = denied;
+    if let Some(count) = pick!(mesh_ring_capacity) {
+        if count == 0 {
+            bail!("--mesh-ring-capacity must be at least 1");
+        }
+        cfg.mesh_ring_capacity = count;
+    }
+    let log = pick!(log).unwrap_or_else(|| "info".to_string());
+    Ok((cfg, log))
+}
+
+fn serve(mut args: ServeArgs) -> Result<()> {
+    let file = match args.config.take() {
+        Some(path) => load_file(&path)?,
+        None => ServeArgs::default(),
+    };
+    let (cfg, log) = merge(args, file)?;
+    let filter =
+        tracing_subscriber::EnvFilter::try_new(&log).with_context(|| format!("bad --log filter {log:?}"))?;
+    tracing_subscriber::fmt().with_env_filter(filter).with_target(false).init();
+    let mut signals = Signals::new([SIGINT, SIGTERM]).context("cannot install signal handlers")?;
+    let cores = cfg.cores;
+    let broker = shardmq_shards::start(cfg).context("cannot start the broker")?;
+    info!(listen = %broker.local_addr, cores, drivers = ?broker.drivers, "shardmq listening");
+    if let Some(signal) = signals.forever().next() {
+        info!(signal, "stopping");
+    }
+    broker.stop();
+    info!("stopped");
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve(args) => serve(args),
+    }
+}

@@ -1,1 +1,23 @@
-//! Shard runtime.
+//! shardmq-shards: the per-core broker runtime.
+//!
+//! Owns: the shard threads and their monoio runtimes ([`runtime`]), the connection tasks
+//! ([`conn`]), the per-shard broker state and logic ([`shard`]): sessions ([`session`]), the trie
+//! slice and interest table ([`trie`]), retained messages, and the core-to-core mesh ([`mesh`]).
+//!
+//! Does not own: the CLI and config files (the `shardmq` binary), the byte layout of packets
+//! (`shardmq-protocol`), durable storage (the `storage` crate, to come).
+//!
+//! Architecture invariant: a shard's state is touched only by its own thread; other shards reach
+//! it only through mesh messages.
+
+pub mod config;
+pub mod conn;
+pub mod mesh;
+pub mod message;
+pub mod runtime;
+pub mod session;
+pub mod shard;
+pub mod trie;
+
+pub use config::{BrokerConfig, IoDriver, QueueFullPolicy};
+pub use runtime::{start, Broker};

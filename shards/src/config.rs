@@ -1,0 +1,103 @@
+//! Broker limits and switches shared by every shard (read-only after start-up).
+//!
+//! Owns: the numbers that bound every per-connection and per-session structure, with their
+//! defaults. Does not own: parsing flags or TOML (the binary does that and fills this struct).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Which io driver a shard's monoio runtime uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IoDriver {
+    /// io_uring with COOP_TASKRUN; fails if the ring cannot be built.
+    Uring,
+    /// epoll (monoio's legacy driver).
+    Epoll,
+    /// io_uring when the ring can be built, epoll otherwise.
+    Auto,
+}
+
+/// What happens when a session's queue of undelivered messages is full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QueueFullPolicy {
+    /// Drop the new message (QoS 0 messages are dropped first in every policy).
+    DropNew,
+    /// Drop the oldest queued message to make room.
+    DropOldest,
+    /// Disconnect the session's client (v5: reason 0x97 quota exceeded).
+    Disconnect,
+}
+
+/// Everything a shard needs to know about limits and behaviour. Owner: none (shared read-only).
+#[derive(Debug, Clone)]
+pub struct BrokerConfig {
+    /// Number of shards (one thread per core).
+    pub cores: usize,
+    /// Pin shard threads to cores.
+    pub pin_cores: bool,
+    /// MQTT listener address; every shard binds it with SO_REUSEPORT.
+    pub listen: SocketAddr,
+    pub io_driver: IoDriver,
+    /// Where stored data lives (used by the storage layer when it arrives).
+    pub data_dir: PathBuf,
+    /// Time a new socket has to send CONNECT.
+    pub connect_timeout: Duration,
+    /// Largest keep-alive granted; a client asking for more (or for 0) gets this as Server Keep Alive (v5).
+    pub keepalive_secs_max: u16,
+    /// Largest packet the broker accepts (whole packet, bytes).
+    pub packet_size_bytes_max: u32,
+    /// Receive maximum announced to v5 clients: QoS 1/2 PUBLISHes they may have unacknowledged.
+    pub receive_maximum: u16,
+    /// Topic aliases a v5 client may use towards us.
+    pub topic_alias_max: u16,
+    /// Largest session expiry granted, seconds.
+    pub session_expiry_secs_max: u32,
+    /// Outgoing QoS 1/2 messages in flight per session when the client sets no receive maximum (3.x).
+    pub inflight_count_max: u16,
+    /// Queued (not yet sent) messages per session.
+    pub queued_messages_max: usize,
+    pub queue_full_policy: QueueFullPolicy,
+    /// Queue QoS 0 messages for offline persistent sessions (like Mosquitto's queue_qos0_messages).
+    pub queue_qos0_offline: bool,
+    /// Topic filters no client may subscribe to or publish on (matched with MQTT wildcards).
+    pub denied_topic_filters: Vec<String>,
+    /// Retained messages kept, across all shards' partitions (per shard: this / cores).
+    pub retained_messages_max: usize,
+    /// Bytes the per-connection read buffer starts at; it grows on demand up to the packet size.
+    pub read_buffer_bytes_min: usize,
+    /// Bytes queued for writing on one connection before the writer stops taking messages.
+    pub write_buffer_bytes_max: usize,
+    /// Messages one core-to-core ring holds before the sender waits.
+    pub mesh_ring_capacity: usize,
+    /// Response information prefix returned on request (v5); the client id is appended.
+    pub response_information_prefix: String,
+}
+
+impl Default for BrokerConfig {
+    fn default() -> Self {
+        BrokerConfig {
+            cores: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+            pin_cores: true,
+            listen: "0.0.0.0:1883".parse().expect("static address"),
+            io_driver: IoDriver::Auto,
+            data_dir: PathBuf::from("./shardmq-data"),
+            connect_timeout: Duration::from_secs(10),
+            keepalive_secs_max: 3600,
+            packet_size_bytes_max: 1024 * 1024,
+            receive_maximum: 1024,
+            topic_alias_max: 64,
+            session_expiry_secs_max: 7 * 24 * 3600,
+            inflight_count_max: 64,
+            queued_messages_max: 10_000,
+            queue_full_policy: QueueFullPolicy::DropOldest,
+            queue_qos0_offline: false,
+            denied_topic_filters: Vec::new(),
+            retained_messages_max: 1_000_000,
+            read_buffer_bytes_min: 256,
+            write_buffer_bytes_max: 256 * 1024,
+            mesh_ring_capacity: 8192,
+            response_information_prefix: "reply/".to_string(),
+        }
+    }
+}

@@ -1,0 +1,333 @@
+//! Connection I/O: the tasks that move bytes between one socket and the shard's state machine.
+//!
+//! Owner: the shard the connection lives on (its home shard after the hand-off). Lifecycle: the
+//! accepting shard reads the CONNECT; if the session's home is another shard it hands the socket
+//! over through the mesh and forgets it; the home shard runs one reader task (this function) and
+//! one writer task per connection until either side closes.
+//!
+//! Bounds: the read buffer starts at `read_buffer_bytes_min` and grows only as large frames
+//! require (at most the maximum packet size), so an idle connection pins a few hundred bytes; the
+//! writer encodes at most `write_buffer_bytes_max` per write. Reading pauses while the shard's mesh
+//! backlog is over its bound (back-pressure onto TCP).
+//!
+//! Invariant: no `RefCell` borrow of the shard is held across an await.
+
+use std::cell::{Cell, RefCell};
+use std::future::poll_fn;
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, RawFd};
+use std::rc::Rc;
+use std::task::Poll;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use monoio::buf::IoBufMut;
+use monoio::io::{AsyncReadRent, AsyncWriteRentExt, OwnedReadHalf, OwnedWriteHalf, Splitable};
+use monoio::net::TcpStream;
+use shardmq_protocol::{decode, encode, Connect, DecodeError, Disconnect, Packet, ProtocolVersion, V3Action};
+use tracing::debug;
+
+use crate::message::TenantId;
+use crate::session::{ConnId, Notify, SessionKey};
+use crate::shard::{home_shard, After, ConnectOutcome, Handoff, MeshMsg, Shard};
+
+/// The shard state as its tasks share it.
+pub type ShardCell = Rc<RefCell<Shard>>;
+
+/// What the session side and the connection tasks share about one connection.
+/// Owner: the connection's shard.
+#[derive(Debug)]
+pub struct ConnShared {
+    pub id: ConnId,
+    pub notify: Notify,
+    pub fd: RawFd,
+    version: ProtocolVersion,
+    /// `Some(reason)` once closing was asked: `Some(Some(code))` sends a v5 DISCONNECT first.
+    closing: Cell<Option<Option<shardmq_protocol::ReasonCode>>>,
+}
+
+impl ConnShared {
+    /// Asks the connection to close; the first request's reason wins.
+    pub fn close(&self, reason: Option<shardmq_protocol::ReasonCode>) {
+        if self.closing.get().is_none() {
+            self.closing.set(Some(reason));
+        }
+        self.notify.notify();
+    }
+
+    fn closing(&self) -> Option<Option<shardmq_protocol::ReasonCode>> {
+        self.closing.get()
+    }
+}
+
+/// Serves a freshly accepted socket: reads its CONNECT, then either hands it to its home shard or
+/// runs it here.
+pub async fn serve_accepted(cell: ShardCell, stream: TcpStream) {
+    let (cfg, me, shard_count) = {
+        let shard = cell.borrow();
+        (shard.cfg.clone(), shard.id, shard.shard_count())
+    };
+    let mut stream = stream;
+    let mut buf = BytesMut::with_capacity(cfg.read_buffer_bytes_min);
+    let deadline = Instant::now() + cfg.connect_timeout;
+    let connect = loop {
+        match decode(&mut buf, ProtocolVersion::V5, cfg.packet_size_bytes_max) {
+            Ok(Some(Packet::Connect(connect))) => break connect,
+            Ok(Some(other)) => {
+                // MQTT-3.1.0-1: the first packet must be CONNECT.
+                debug!(packet = ?other.packet_type(), "first packet is not CONNECT");
+                bump_protocol_error(&cell);
+                return;
+            }
+            Ok(None) => {}
+            Err(error) => {
+                refuse_bad_connect(&cell, &mut stream, &buf, &error).await;
+                return;
+            }
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        match monoio::time::timeout(left, read_more(&mut stream, buf, cfg.packet_size_bytes_max as usize))
+            .await
+        {
+            Ok((Ok(n), back)) if n > 0 => buf = back,
+            _ => return, // closed, failed or timed out before CONNECT
+        }
+    };
+    let home = home_shard(TenantId::default(), &connect.client_id, shard_count);
+    if home != me {
+        let fd = stream.into_raw_fd();
+        // SAFETY: `into_raw_fd` gave us sole ownership of this open socket descriptor; wrapping it
+        // in a std stream transfers that ownership (it is closed exactly once, by whoever holds it
+        // last). Exercised by every cross-shard test (tests/ with --cores 2 and 4).
+        let std_stream = unsafe { std::net::TcpStream::from_raw_fd(fd) };
+        let handoff = Handoff { stream: std_stream, connect, buffered: buf };
+        cell.borrow_mut().outbox.send(home, MeshMsg::Handoff(Box::new(handoff)));
+        return;
+    }
+    run(cell, stream, connect, buf).await;
+}
+
+/// Serves a socket another shard accepted and handed over.
+pub async fn serve_handoff(cell: ShardCell, handoff: Handoff) {
+    let Handoff { stream, connect, buffered } = handoff;
+    match TcpStream::from_std(stream) {
+        Ok(stream) => run(cell, stream, connect, buffered).await,
+        Err(error) => debug!(%error, "could not adopt handed-off socket"),
+    }
+}
+
+fn bump_protocol_error(cell: &ShardCell) {
+    cell.borrow().stats.protocol_errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+}
+
+fn bump_malformed(cell: &ShardCell) {
+    cell.borrow().stats.malformed_packets.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// The protocol level of a CONNECT frame at the front of `buf`, read leniently (for choosing the
+/// CONNACK format of a CONNECT that failed to decode).
+fn peek_connect_level(buf: &[u8]) -> Option<u8> {
+    if buf.first()? >> 4 != 1 {
+        return None;
+    }
+    let mut index = 1;
+    while *buf.get(index)? & 0x80 != 0 {
+        index += 1;
+        if index > 4 {
+            return None;
+        }
+    }
+    index += 1;
+    let name_len = usize::from(*buf.get(index)?) << 8 | usize::from(*buf.get(index + 1)?);
+    buf.get(index + 2 + name_len).copied()
+}
+
+/// Answers a CONNECT that failed to decode: a CONNACK where the version allows one, then close.
+async fn refuse_bad_connect(cell: &ShardCell, stream: &mut TcpStream, buf: &[u8], error: &DecodeError) {
+    bump_malformed(cell);
+    debug!(%error, "bad CONNECT");
+    let level = peek_connect_level(buf);
+    let bytes: Option<Vec<u8>> = match (level, error.v3_action()) {
+        (Some(5), _) => {
+            let mut out = BytesMut::new();
+            let connack = shardmq_protocol::ConnAck {
+                session_present: false,
+                reason: error.reason_code(),
+                properties: Default::default(),
+            };
+            encode(&Packet::ConnAck(connack), ProtocolVersion::V5, &mut out).ok().map(|_| out.to_vec())
+        }
+        (_, V3Action::ConnAck(code)) => Some(vec![0x20, 0x02, 0x00, code]),
+        (_, V3Action::Close) => None,
+    };
+    if let Some(bytes) = bytes {
+        let _ = stream.write_all(bytes).await;
+    }
+}
+
+/// Reads more bytes into the spare capacity of `buf`, growing it first when it is full.
+async fn read_more<R: AsyncReadRent>(
+    reader: &mut R,
+    mut buf: BytesMut,
+    limit: usize,
+) -> (std::io::Result<usize>, BytesMut) {
+    if buf.capacity() == buf.len() {
+        // Double, at least 256 bytes, at most what one maximal packet needs beyond what we hold.
+        let grow = buf.capacity().clamp(256, limit.max(256));
+        buf.reserve(grow);
+    }
+    let len = buf.len();
+    let cap = buf.capacity();
+    let (result, slice) = reader.read(buf.slice_mut(len..cap)).await;
+    (result, slice.into_inner())
+}
+
+/// Runs an accepted connection on its home shard: CONNECT, then the read loop; spawns the writer.
+async fn run(cell: ShardCell, stream: TcpStream, connect: Box<Connect>, buf: BytesMut) {
+    let version = connect.protocol;
+    let fd = stream.as_raw_fd();
+    let _ = stream.set_nodelay(true);
+    let (conn_id, cfg) = {
+        let mut shard = cell.borrow_mut();
+        (shard.new_conn_id(), shard.cfg.clone())
+    };
+    let shared =
+        Rc::new(ConnShared { id: conn_id, notify: Notify::default(), fd, version, closing: Cell::new(None) });
+    let outcome = cell.borrow_mut().connect(*connect, shared.clone(), Instant::now());
+    let (reader, mut writer) = stream.into_split();
+    let (key, keepalive_secs) = match outcome {
+        ConnectOutcome::Accepted { session, keepalive_secs } => (session, keepalive_secs),
+        ConnectOutcome::Refused(connack) => {
+            if let Some(connack) = connack {
+                let mut out = BytesMut::new();
+                if encode(&Packet::ConnAck(*connack), version, &mut out).is_ok() {
+                    let _ = writer.write_all(out).await;
+                }
+            }
+            return;
+        }
+    };
+    monoio::spawn(write_loop(cell.clone(), shared.clone(), key, writer));
+    let will = read_loop(&cell, &shared, key, reader, buf, keepalive_secs, cfg.packet_size_bytes_max).await;
+    cell.borrow_mut().disconnected(key, conn_id, will, Instant::now());
+    shared.close(None);
+}
+
+/// Reads and handles packets until the connection ends. Returns whether the will is due.
+async fn read_loop(
+    cell: &ShardCell,
+    shared: &Rc<ConnShared>,
+    key: SessionKey,
+    mut reader: OwnedReadHalf<TcpStream>,
+    mut buf: BytesMut,
+    keepalive_secs: u16,
+    packet_size_max: u32,
+) -> bool {
+    let version = shared.version;
+    // MQTT-3.1.2-24: one and a half times the keep-alive without a packet closes the connection.
+    let idle_max = (keepalive_secs > 0).then(|| Duration::from_millis(u64::from(keepalive_secs) * 1500));
+    loop {
+        // Handle every complete packet in the buffer.
+        loop {
+            if shared.closing().is_some() {
+                return true;
+            }
+            match decode(&mut buf, version, packet_size_max) {
+                Ok(Some(packet)) => {
+                    let after = cell.borrow_mut().handle_packet(key, shared.id, packet, Instant::now());
+                    if let After::Close { reason, will } = after {
+                        shared.close(reason.filter(|_| version.is_v5()));
+                        return will;
+                    }
+                }
+                Ok(None) => break,
+                Err(error) => {
+                    bump_malformed(cell);
+                    debug!(%error, "malformed packet");
+                    shared.close(version.is_v5().then(|| error.reason_code()));
+                    return true;
+                }
+            }
+        }
+        wait_for_mesh_room(cell).await;
+        let read = read_more(&mut reader, buf, packet_size_max as usize);
+        let (result, back) = match idle_max {
+            Some(idle) => match monoio::time::timeout(idle, read).await {
+                Ok(done) => done,
+                Err(_) => {
+                    shared.close(version.is_v5().then_some(shardmq_protocol::ReasonCode::KeepAliveTimeout));
+                    return true;
+                }
+            },
+            None => read.await,
+        };
+        buf = back;
+        match result {
+            Ok(0) | Err(_) => return true,
+            Ok(_) => {}
+        }
+    }
+}
+
+/// Waits while the shard's mesh backlog is over its bound.
+async fn wait_for_mesh_room(cell: &ShardCell) {
+    poll_fn(|cx| {
+        let mut shard = cell.borrow_mut();
+        if shard.outbox.backlog_len() <= shard.cfg.mesh_ring_capacity {
+            Poll::Ready(())
+        } else {
+            shard.outbox.wait_for_room(cx.waker());
+            Poll::Pending
+        }
+    })
+    .await
+}
+
+/// Writes what the session owes the connection whenever it is woken; ends after a close request.
+async fn write_loop(
+    cell: ShardCell,
+    shared: Rc<ConnShared>,
+    key: SessionKey,
+    mut writer: OwnedWriteHalf<TcpStream>,
+) {
+    let mut out = BytesMut::new();
+    'outer: loop {
+        shared.notify.wait().await;
+        loop {
+            out.clear();
+            let owns = cell.borrow_mut().fill_output(key, shared.id, &mut out, Instant::now());
+            if out.is_empty() {
+                break;
+            }
+            let (result, back) = writer.write_all(out).await;
+            out = back;
+            if result.is_err() {
+                shared.close(None);
+                break 'outer;
+            }
+            if !owns {
+                break;
+            }
+        }
+        if out.capacity() > 64 * 1024 {
+            out = BytesMut::new(); // give a burst's buffer back
+        }
+        if let Some(reason) = shared.closing() {
+            if let (Some(reason), true) = (reason, shared.version.is_v5()) {
+                out.clear();
+                if encode(&Packet::Disconnect(Disconnect::new(reason)), ProtocolVersion::V5, &mut out).is_ok()
+                {
+                    let (_, back) = writer.write_all(out).await;
+                    out = back;
+                }
+            }
+            break;
+        }
+    }
+    let _ = out;
+    // SAFETY: `shutdown` on a descriptor this connection still owns (the read half keeps it open
+    // until the reader task ends); it only ends the TCP streams, it does not close the descriptor,
+    // so no other file can be affected. Exercised by every test that disconnects a client.
+    unsafe {
+        libc::shutdown(shared.fd, libc::SHUT_RDWR);
+    }
+}

@@ -1,0 +1,429 @@
+//! [`Session`]: the state of one client session on its home shard, and the encoding of what it
+//! owes its connection.
+//!
+//! Owner: the session's home shard (`hash(tenant, client id) mod cores`). Lifecycle: created by a
+//! CONNECT, kept while connected and, for persistent sessions, until its expiry after disconnect;
+//! taken over (same key, new connection) by a later CONNECT with the same client id.
+//!
+//! Bounds and policy: at most `queued_messages_max` undelivered messages (full policy:
+//! QoS 0 dropped first, then the configured policy), at most the client's receive maximum (or
+//! `inflight_count_max`) unacknowledged outgoing QoS 1/2 messages, at most our receive maximum
+//! incoming QoS 2 packet ids awaiting PUBREL, at most `topic_alias_max` incoming aliases and at
+//! most the client's topic alias maximum outgoing aliases.
+//!
+//! Invariant: a packet id is in at most one of `inflight` (outgoing) at a time; a packet id in
+//! `incoming_qos2` has been routed exactly once and is not routed again until PUBREL frees it.
+
+use std::cell::{Cell, RefCell};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::future::poll_fn;
+use std::rc::Rc;
+use std::task::{Poll, Waker};
+use std::time::Instant;
+
+use bytes::BytesMut;
+use shardmq_protocol::{
+    encode, encoded_len, Packet, PacketId, Properties, ProtocolVersion, PubResp, Publish, QoS, ReasonCode,
+    SubscriptionOptions, Utf8, Will,
+};
+
+use crate::conn::ConnShared;
+use crate::message::{Delivery, TenantId};
+
+/// A session's slot on its home shard, with a generation so a stale key never reaches a reused slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SessionKey {
+    pub index: u32,
+    pub generation: u32,
+}
+
+/// A connection's id, unique per shard for the process lifetime.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ConnId(pub u64);
+
+/// A wake-up for one connection's writer task. Owner: the connection's shard; single waiter.
+#[derive(Debug, Default)]
+pub struct Notify {
+    pending: Cell<bool>,
+    waker: RefCell<Option<Waker>>,
+}
+
+impl Notify {
+    /// Marks work pending and wakes the waiter, if any.
+    pub fn notify(&self) {
+        self.pending.set(true);
+        if let Some(waker) = self.waker.borrow_mut().take() {
+            waker.wake();
+        }
+    }
+
+    /// Waits until [`Notify::notify`] has been called since the last wait returned.
+    pub async fn wait(&self) {
+        poll_fn(|cx| {
+            if self.pending.replace(false) {
+                Poll::Ready(())
+            } else {
+                *self.waker.borrow_mut() = Some(cx.waker().clone());
+                Poll::Pending
+            }
+        })
+        .await
+    }
+}
+
+/// One subscription of a session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SubEntry {
+    pub options: SubscriptionOptions,
+    pub subscription_id: Option<u32>,
+}
+
+/// Where an outgoing QoS 1/2 message stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InflightState {
+    /// PUBLISH sent (or to be re-sent), waiting for PUBACK (QoS 1) or PUBREC (QoS 2).
+    AwaitAck,
+    /// PUBREC received, PUBREL sent, waiting for PUBCOMP.
+    AwaitComp,
+}
+
+#[derive(Debug)]
+pub struct Inflight {
+    pub delivery: Delivery,
+    pub state: InflightState,
+    /// The PUBLISH went out on the current connection (false after a reconnect until re-sent).
+    pub sent: bool,
+}
+
+/// The will of a connected session, kept until a normal disconnect clears it.
+#[derive(Debug, Clone)]
+pub struct WillState {
+    pub will: Will,
+    pub delay_secs: u32,
+}
+
+/// Counters a session's encoder reports back to the shard.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct FillStats {
+    pub publishes_sent: u64,
+    pub dropped_expired: u64,
+    pub dropped_too_large: u64,
+}
+
+/// A client session. See the module docs for ownership and bounds.
+#[derive(Debug)]
+pub struct Session {
+    pub key: SessionKey,
+    pub tenant: TenantId,
+    pub client_id: Utf8,
+    pub version: ProtocolVersion,
+    /// Full filter text (including `$share/{group}/`) -> subscription.
+    pub subscriptions: HashMap<Box<str>, SubEntry>,
+    pub conn: Option<Rc<ConnShared>>,
+    /// Session expiry interval in seconds; `u32::MAX` never expires, 0 ends with the connection.
+    pub expiry_secs: u32,
+    /// When an offline session expires.
+    pub expires_at: Option<Instant>,
+    pub will: Option<WillState>,
+    /// When a delayed will is due (session offline, will kept).
+    pub will_due_at: Option<Instant>,
+    /// Messages waiting to be sent.
+    pub queue: VecDeque<Delivery>,
+    /// Outgoing QoS 1/2 messages not yet completed, by packet id.
+    pub inflight: BTreeMap<PacketId, Inflight>,
+    next_packet_id: PacketId,
+    /// Packets other than PUBLISH waiting to be written (acks, SUBACK, PINGRESP, ...).
+    pub control: VecDeque<Packet>,
+    /// Incoming QoS 2 packet ids received and routed, awaiting PUBREL.
+    pub incoming_qos2: HashSet<PacketId>,
+    /// Per connection: the client's receive maximum (outgoing window), maximum packet size, topic
+    /// alias maximum, and whether it wants reason strings and user properties on errors.
+    pub client_receive_maximum: u16,
+    pub client_packet_size_max: u32,
+    pub client_topic_alias_max: u16,
+    pub request_problem_information: bool,
+    /// Per connection: incoming topic aliases (alias -> topic) and outgoing (topic -> alias).
+    pub aliases_in: HashMap<u16, Utf8>,
+    pub aliases_out: HashMap<Utf8, u16>,
+}
+
+impl Session {
+    pub fn new(key: SessionKey, tenant: TenantId, client_id: Utf8, version: ProtocolVersion) -> Session {
+        Session {
+            key,
+            tenant,
+            client_id,
+            version,
+            subscriptions: HashMap::new(),
+            conn: None,
+            expiry_secs: 0,
+            expires_at: None,
+            will: None,
+            will_due_at: None,
+            queue: VecDeque::new(),
+            inflight: BTreeMap::new(),
+            next_packet_id: 1,
+            control: VecDeque::new(),
+            incoming_qos2: HashSet::new(),
+            client_receive_maximum: u16::MAX,
+            client_packet_size_max: u32::MAX,
+            client_topic_alias_max: 0,
+            request_problem_information: true,
+            aliases_in: HashMap::new(),
+            aliases_out: HashMap::new(),
+        }
+    }
+
+    /// True when the session outlives its connection.
+    pub fn is_persistent(&self) -> bool {
+        self.expiry_secs > 0
+    }
+
+    /// Wakes the writer of the attached connection, if any.
+    pub fn wake_writer(&self) {
+        if let Some(conn) = &self.conn {
+            conn.notify.notify();
+        }
+    }
+
+    /// Queues a control packet for the connection and wakes its writer.
+    pub fn push_control(&mut self, packet: Packet) {
+        if self.conn.is_some() {
+            self.control.push_back(packet);
+            self.wake_writer();
+        }
+    }
+
+    fn allocate_packet_id(&mut self) -> Option<PacketId> {
+        // Bounded: at most 65,535 probes, and `inflight` is far smaller than that in practice
+        // because the window bounds it.
+        for _ in 0..u16::MAX {
+            let id = self.next_packet_id;
+            self.next_packet_id = if id == u16::MAX { 1 } else { id + 1 };
+            if !self.inflight.contains_key(&id) {
+                return Some(id);
+            }
+        }
+        None
+    }
+
+    /// The outgoing window: QoS 1/2 messages that may be unacknowledged at once.
+    pub fn window(&self, inflight_count_max: u16) -> usize {
+        usize::from(self.client_receive_maximum.min(inflight_count_max).max(1))
+    }
+
+    /// Marks every inflight message as needing a resend (after a reconnect).
+    pub fn mark_inflight_unsent(&mut self) {
+        for inflight in self.inflight.values_mut() {
+            inflight.sent = false;
+        }
+    }
+
+    /// Encodes what the session owes its connection into `out`: control packets first, then
+    /// inflight messages that still need (re)sending, then queued messages while the window allows.
+    /// Stops once `out` holds `budget_bytes`. Returns counters for the shard's statistics.
+    pub fn fill(
+        &mut self,
+        out: &mut BytesMut,
+        budget_bytes: usize,
+        inflight_count_max: u16,
+        now: Instant,
+    ) -> FillStats {
+        let mut stats = FillStats::default();
+        let version = self.version;
+        while out.len() < budget_bytes {
+            let Some(packet) = self.control.pop_front() else { break };
+            if let Ok(len) = encoded_len(&packet, version) {
+                if len as u64 <= u64::from(self.client_packet_size_max) {
+                    // Encoding a packet the broker built cannot fail once its length is known.
+                    let _ = encode(&packet, version, out);
+                }
+            }
+        }
+        // Resend inflight messages after a reconnect, in packet-id order (MQTT-4.4.0-1).
+        let unsent: Vec<PacketId> =
+            self.inflight.iter().filter(|(_, inflight)| !inflight.sent).map(|(id, _)| *id).collect();
+        for id in unsent {
+            if out.len() >= budget_bytes {
+                return stats;
+            }
+            let Some(inflight) = self.inflight.get_mut(&id) else { continue };
+            inflight.sent = true;
+            match inflight.state {
+                InflightState::AwaitComp => {
+                    let _ = encode(&Packet::PubRel(PubResp::new(id)), version, out);
+                }
+                InflightState::AwaitAck => {
+                    let delivery = inflight.delivery.clone();
+                    if self.encode_publish(&delivery, Some(id), true, out, now).is_err() {
+                        self.inflight.remove(&id);
+                        stats.dropped_too_large += 1;
+                    }
+                }
+            }
+        }
+        let window = self.window(inflight_count_max);
+        while out.len() < budget_bytes {
+            let Some(front) = self.queue.front() else { break };
+            if front.qos != QoS::AtMostOnce && self.inflight.len() >= window {
+                break;
+            }
+            let Some(delivery) = self.queue.pop_front() else { break };
+            if delivery.msg.is_expired(now) {
+                stats.dropped_expired += 1;
+                continue;
+            }
+            let packet_id = if delivery.qos == QoS::AtMostOnce { None } else { self.allocate_packet_id() };
+            if delivery.qos != QoS::AtMostOnce && packet_id.is_none() {
+                self.queue.push_front(delivery);
+                break;
+            }
+            match self.encode_publish(&delivery, packet_id, false, out, now) {
+                Ok(()) => {
+                    stats.publishes_sent += 1;
+                    if let Some(id) = packet_id {
+                        self.inflight
+                            .insert(id, Inflight { delivery, state: InflightState::AwaitAck, sent: true });
+                    }
+                }
+                // Larger than the client accepts: discarded as if delivered (MQTT-3.1.2-25).
+                Err(()) => stats.dropped_too_large += 1,
+            }
+        }
+        stats
+    }
+
+    /// Encodes one PUBLISH for this session; `Err` when it exceeds the client's maximum packet size.
+    fn encode_publish(
+        &mut self,
+        delivery: &Delivery,
+        packet_id: Option<PacketId>,
+        dup: bool,
+        out: &mut BytesMut,
+        now: Instant,
+    ) -> Result<(), ()> {
+        let msg = &delivery.msg;
+        let mut publish = Publish {
+            dup,
+            qos: delivery.qos,
+            retain: delivery.retain,
+            topic: msg.topic.clone(),
+            packet_id,
+            properties: Properties::default(),
+            payload: msg.payload.clone(),
+        };
+        if self.version.is_v5() {
+            let mut properties = msg.properties.clone();
+            properties.message_expiry_interval = msg.expiry_remaining_secs(now);
+            properties.subscription_identifiers = delivery.subscription_ids.clone();
+            publish.properties = properties;
+            if self.client_topic_alias_max > 0 {
+                match self.aliases_out.get(&msg.topic) {
+                    Some(alias) => {
+                        publish.properties.topic_alias = Some(*alias);
+                        publish.topic = Utf8::default();
+                    }
+                    None => {
+                        let next = self.aliases_out.len() + 1;
+                        if next <= usize::from(self.client_topic_alias_max) {
+                            let alias = next as u16;
+                            self.aliases_out.insert(msg.topic.clone(), alias);
+                            publish.properties.topic_alias = Some(alias);
+                        }
+                    }
+                }
+            }
+        }
+        let packet = Packet::Publish(publish);
+        let len = encoded_len(&packet, self.version).map_err(|_| ())?;
+        if len as u64 > u64::from(self.client_packet_size_max) {
+            return Err(());
+        }
+        encode(&packet, self.version, out).map_err(|_| ())
+    }
+}
+
+/// The home-shard table of sessions: a slab with generations plus the client-id index.
+#[derive(Debug, Default)]
+pub struct SessionTable {
+    slots: Vec<Slot>,
+    free: Vec<u32>,
+    by_client: HashMap<(TenantId, Utf8), SessionKey>,
+}
+
+#[derive(Debug)]
+struct Slot {
+    generation: u32,
+    session: Option<Session>,
+}
+
+impl SessionTable {
+    pub fn len(&self) -> usize {
+        self.by_client.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_client.is_empty()
+    }
+
+    pub fn find(&self, tenant: TenantId, client_id: &Utf8) -> Option<SessionKey> {
+        self.by_client.get(&(tenant, client_id.clone())).copied()
+    }
+
+    pub fn get(&self, key: SessionKey) -> Option<&Session> {
+        let slot = self.slots.get(key.index as usize)?;
+        if slot.generation != key.generation {
+            return None;
+        }
+        slot.session.as_ref()
+    }
+
+    pub fn get_mut(&mut self, key: SessionKey) -> Option<&mut Session> {
+        let slot = self.slots.get_mut(key.index as usize)?;
+        if slot.generation != key.generation {
+            return None;
+        }
+        slot.session.as_mut()
+    }
+
+    /// Creates a session for a client id that has none.
+    pub fn insert(&mut self, tenant: TenantId, client_id: Utf8, version: ProtocolVersion) -> SessionKey {
+        let index = match self.free.pop() {
+            Some(index) => index,
+            None => {
+                self.slots.push(Slot { generation: 0, session: None });
+                (self.slots.len() - 1) as u32
+            }
+        };
+        let slot = &mut self.slots[index as usize];
+        slot.generation = slot.generation.wrapping_add(1);
+        let key = SessionKey { index, generation: slot.generation };
+        slot.session = Some(Session::new(key, tenant, client_id.clone(), version));
+        let previous = self.by_client.insert((tenant, client_id), key);
+        assert!(previous.is_none(), "session table: client id already had a session");
+        key
+    }
+
+    /// Removes a session, returning it.
+    pub fn remove(&mut self, key: SessionKey) -> Option<Session> {
+        let slot = self.slots.get_mut(key.index as usize)?;
+        if slot.generation != key.generation {
+            return None;
+        }
+        let session = slot.session.take()?;
+        self.free.push(key.index);
+        self.by_client.remove(&(session.tenant, session.client_id.clone()));
+        Some(session)
+    }
+
+    /// Every live session key.
+    pub fn keys(&self) -> Vec<SessionKey> {
+        self.by_client.values().copied().collect()
+    }
+}
+
+/// Encodes the v5 properties of a server-built ack with an optional reason string, honouring the
+/// client's request-problem-information flag.
+pub fn ack_with_reason(packet_id: PacketId, reason: ReasonCode) -> PubResp {
+    PubResp { packet_id, reason, properties: Properties::default() }
+}

@@ -1,0 +1,1292 @@
+//! [`Shard`]: everything one core owns — its sessions, its trie slice, its copy of the interest
+//! table, its partition of the retained messages — and the logic that runs on them.
+//!
+//! Owner: exactly one shard thread (`Rc<RefCell<Shard>>`, never sent). Lifecycle: built when the
+//! shard thread starts, dropped when it stops. The I/O tasks in `conn.rs` and `runtime.rs` only
+//! feed it: packets in, mesh messages in, timer ticks in; it answers by queueing packets on
+//! sessions (whose writers it wakes) and messages on its [`Outbox`].
+//!
+//! Routing (see ARCHITECTURE.md): a PUBLISH is matched once against the interest table on the shard
+//! that read it, sent once to each interested shard, and matched against that shard's trie slice,
+//! which queues one [`Delivery`] per subscribed session. The payload is one `Arc<Message>`.
+//!
+//! Invariants:
+//! - The interest table bit for (filter, shard) is set exactly when that shard's trie slice holds
+//!   the filter: every slice transition empty <-> non-empty is broadcast to every other shard.
+//! - A SUBACK is sent only after every other shard has applied the subscription's interest change,
+//!   so a message published anywhere after the SUBACK reaches the new subscriber.
+//! - Retained messages for a topic live on shard `hash(topic) mod cores` only.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::hash::{Hash, Hasher};
+use std::rc::Rc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::Waker;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use shardmq_protocol::topic;
+use shardmq_protocol::{
+    ConnAck, Connect, Disconnect, Packet, Properties, ProtocolVersion, PubResp, Publish, QoS, ReasonCode,
+    RetainHandling, SubAck, Subscribe, UnsubAck, Unsubscribe, Utf8, Will,
+};
+
+use crate::config::{BrokerConfig, QueueFullPolicy};
+use crate::mesh::{Mesh, ShardId};
+use crate::message::{Delivery, Message, Origin, TenantId};
+use crate::session::{
+    ConnId, FillStats, InflightState, Session, SessionKey, SessionTable, SubEntry, WillState,
+};
+use crate::trie::TopicTrie;
+
+/// Most shards a broker runs: the interest table keeps one bit per shard.
+pub const SHARDS_MAX: usize = 64;
+
+/// A message between shards. Large variants are boxed so a ring slot stays small.
+#[derive(Debug)]
+pub enum MeshMsg {
+    /// Deliver to the receiving shard's direct (non-shared) subscribers.
+    Publish(Arc<Message>),
+    /// Deliver to one member of a share group on the receiving shard.
+    SharedPublish {
+        msg: Arc<Message>,
+        group: Arc<str>,
+        filter: Arc<str>,
+    },
+    /// A socket whose CONNECT was read by another shard, with the bytes read so far.
+    Handoff(Box<Handoff>),
+    /// Interest changes that need no answer (unsubscribe, session end).
+    Interest(Box<Vec<InterestChange>>),
+    /// Interest changes and retained-message queries of a SUBSCRIBE; answered by `SubscribeDone`.
+    Subscribe(Box<SubscribeSync>),
+    SubscribeDone(Box<SubscribeDone>),
+    /// Set (or, with an empty payload, delete) the retained message of the message's topic.
+    RetainSet(Arc<Message>),
+}
+
+/// A connection handed to its home shard.
+#[derive(Debug)]
+pub struct Handoff {
+    pub stream: std::net::TcpStream,
+    /// The CONNECT the accepting shard decoded.
+    pub connect: Box<Connect>,
+    /// Bytes read after the CONNECT.
+    pub buffered: BytesMut,
+}
+
+/// The interest of one shard in one filter (or share group on a filter) began or ended.
+#[derive(Debug, Clone)]
+pub struct InterestChange {
+    pub filter: Arc<str>,
+    pub group: Option<Arc<str>>,
+    pub add: bool,
+}
+
+#[derive(Debug)]
+pub struct SubscribeSync {
+    pub token: u64,
+    pub changes: Vec<InterestChange>,
+    /// Filters whose retained messages the subscriber wants.
+    pub retain_queries: Vec<Arc<str>>,
+}
+
+#[derive(Debug)]
+pub struct SubscribeDone {
+    pub token: u64,
+    /// (index into the query list, message)
+    pub retained: Vec<(usize, Arc<Message>)>,
+}
+
+/// Counters of one shard, readable from any thread without locks.
+#[derive(Debug, Default)]
+pub struct ShardStats {
+    pub connections: AtomicU64,
+    pub connects_total: AtomicU64,
+    pub sessions: AtomicU64,
+    pub publishes_in: AtomicU64,
+    pub publishes_out: AtomicU64,
+    pub dropped_queue_full: AtomicU64,
+    pub dropped_offline_qos0: AtomicU64,
+    pub dropped_expired: AtomicU64,
+    pub dropped_too_large: AtomicU64,
+    pub dropped_denied: AtomicU64,
+    pub malformed_packets: AtomicU64,
+    pub protocol_errors: AtomicU64,
+    pub mesh_backlog_max: AtomicU64,
+}
+
+fn bump(counter: &AtomicU64, by: u64) {
+    counter.fetch_add(by, Ordering::Relaxed);
+}
+
+/// A share group's members in one trie-slice entry, with the round-robin cursor.
+#[derive(Debug)]
+struct SharedMembers {
+    group: Arc<str>,
+    members: Vec<(SessionKey, SubEntry)>,
+    cursor: usize,
+}
+
+/// Trie-slice value: the sessions of this shard subscribed to one filter.
+#[derive(Debug)]
+struct SliceEntry {
+    filter: Arc<str>,
+    direct: Vec<(SessionKey, SubEntry)>,
+    shared: Vec<SharedMembers>,
+}
+
+/// Interest-table value: which shards have subscribers to one filter, directly or per share group.
+#[derive(Debug)]
+struct Interest {
+    filter: Arc<str>,
+    shards: u64,
+    shared: Vec<(Arc<str>, u64, u32)>,
+}
+
+/// Messages waiting for a full ring, per destination. Bound: the connection readers stop reading
+/// while [`Outbox::backlog_len`] exceeds the configured ring capacity, so the backlog stays within
+/// about one ring's worth plus one read buffer of messages.
+#[derive(Debug)]
+pub struct Outbox {
+    me: ShardId,
+    mesh: Arc<Mesh<MeshMsg>>,
+    backlog: Vec<VecDeque<MeshMsg>>,
+    backlog_len: usize,
+    waiters: Vec<Waker>,
+}
+
+impl Outbox {
+    fn new(me: ShardId, mesh: Arc<Mesh<MeshMsg>>) -> Outbox {
+        let backlog = (0..mesh.shard_count()).map(|_| VecDeque::new()).collect();
+        Outbox { me, mesh, backlog, backlog_len: 0, waiters: Vec::new() }
+    }
+
+    /// Sends now if the ring has room and nothing is waiting before it; otherwise queues behind.
+    pub fn send(&mut self, to: ShardId, msg: MeshMsg) {
+        let queue = &mut self.backlog[to.index()];
+        if queue.is_empty() {
+            match self.mesh.try_send(self.me, to, msg) {
+                Ok(()) => return,
+                Err(msg) => queue.push_back(msg),
+            }
+        } else {
+            queue.push_back(msg);
+        }
+        self.backlog_len += 1;
+    }
+
+    /// Moves what fits from the backlog onto the rings; wakes readers waiting for room.
+    pub fn flush(&mut self) {
+        if self.backlog_len == 0 {
+            return;
+        }
+        for to in 0..self.backlog.len() {
+            let queue = &mut self.backlog[to];
+            while let Some(msg) = queue.pop_front() {
+                match self.mesh.try_send(self.me, ShardId(to as u16), msg) {
+                    Ok(()) => self.backlog_len -= 1,
+                    Err(msg) => {
+                        queue.push_front(msg);
+                        break;
+                    }
+                }
+            }
+        }
+        if self.backlog_len == 0 {
+            for waker in self.waiters.drain(..) {
+                waker.wake();
+            }
+        }
+    }
+
+    pub fn backlog_len(&self) -> usize {
+        self.backlog_len
+    }
+
+    /// Registers a reader to be woken when the backlog empties.
+    pub fn wait_for_room(&mut self, waker: &Waker) {
+        self.waiters.push(waker.clone());
+    }
+}
+
+/// What the connection task must do after a packet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum After {
+    Continue,
+    /// Close the connection. `Some(reason)`: a v5 DISCONNECT with that reason goes first.
+    /// `will`: publish the will (abnormal close).
+    Close {
+        reason: Option<ReasonCode>,
+        will: bool,
+    },
+}
+
+/// The outcome of a CONNECT.
+#[derive(Debug)]
+pub enum ConnectOutcome {
+    Accepted {
+        session: SessionKey,
+        keepalive_secs: u16,
+    },
+    /// Send this CONNACK (if any) and close.
+    Refused(Option<Box<ConnAck>>),
+}
+
+/// Timer entries: a session's will or expiry may be due at the instant.
+#[derive(Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct TimerEntry {
+    at: Instant,
+    session: SessionKey,
+}
+
+/// A SUBSCRIBE waiting for the other shards.
+#[derive(Debug)]
+struct PendingSubscribe {
+    session: SessionKey,
+    conn: ConnId,
+    suback: SubAck,
+    waiting: usize,
+    /// Per retain query: the subscription it serves.
+    queries: Vec<(Arc<str>, SubEntry)>,
+    retained: Vec<(usize, Arc<Message>)>,
+}
+
+/// One core's broker state. See the module docs.
+#[derive(Debug)]
+pub struct Shard {
+    pub id: ShardId,
+    pub cfg: Arc<BrokerConfig>,
+    pub stats: Arc<ShardStats>,
+    pub sessions: SessionTable,
+    slice: TopicTrie<SliceEntry>,
+    interest: TopicTrie<Interest>,
+    retained: HashMap<Box<str>, Arc<Message>>,
+    pub outbox: Outbox,
+    timers: BinaryHeap<Reverse<TimerEntry>>,
+    pending_subscribes: HashMap<u64, PendingSubscribe>,
+    next_token: u64,
+    next_conn_id: u64,
+    /// Reused between publishes: (session, delivery) pairs of one message.
+    scratch: Vec<(SessionKey, QoS, bool, Option<u32>)>,
+    /// Sockets handed to this shard, waiting for the runtime to spawn their tasks.
+    pub handoffs: Vec<Handoff>,
+}
+
+/// Stable hash used for placement (home shard, retained partition): SipHash with fixed keys.
+fn placement_hash(value: impl Hash) -> u64 {
+    #[allow(deprecated)]
+    let mut hasher = std::hash::SipHasher::new();
+    value.hash(&mut hasher);
+    hasher.finish()
+}
+
+/// The home shard of a session.
+pub fn home_shard(tenant: TenantId, client_id: &str, shard_count: usize) -> ShardId {
+    ShardId((placement_hash((tenant.0, client_id)) % shard_count as u64) as u16)
+}
+
+/// The shard that keeps the retained message of a topic.
+pub fn retain_shard(tenant: TenantId, topic: &str, shard_count: usize) -> ShardId {
+    ShardId((placement_hash((tenant.0, topic, 0x5245_5441u32)) % shard_count as u64) as u16)
+}
+
+impl Shard {
+    pub fn new(
+        id: ShardId,
+        cfg: Arc<BrokerConfig>,
+        mesh: Arc<Mesh<MeshMsg>>,
+        stats: Arc<ShardStats>,
+    ) -> Shard {
+        assert!(mesh.shard_count() <= SHARDS_MAX, "at most {SHARDS_MAX} shards");
+        Shard {
+            id,
+            cfg,
+            stats,
+            sessions: SessionTable::default(),
+            slice: TopicTrie::new(),
+            interest: TopicTrie::new(),
+            retained: HashMap::new(),
+            outbox: Outbox::new(id, mesh),
+            timers: BinaryHeap::new(),
+            pending_subscribes: HashMap::new(),
+            next_token: 1,
+            next_conn_id: 1,
+            scratch: Vec::new(),
+            handoffs: Vec::new(),
+        }
+    }
+
+    pub fn shard_count(&self) -> usize {
+        self.outbox.mesh.shard_count()
+    }
+
+    pub fn new_conn_id(&mut self) -> ConnId {
+        let id = ConnId(self.next_conn_id);
+        self.next_conn_id += 1;
+        id
+    }
+
+    fn is_denied(&self, topic_or_filter: &str) -> bool {
+        self.cfg
+            .denied_topic_filters
+            .iter()
+            .any(|denied| denied == topic_or_filter || topic::matches(denied, topic_or_filter))
+    }
+
+    // ----- connect / disconnect -------------------------------------------------------------
+
+    /// Handles a CONNECT on the session's home shard. `conn` is the new connection's link.
+    pub fn connect(
+        &mut self,
+        connect: Connect,
+        conn: Rc<crate::conn::ConnShared>,
+        now: Instant,
+    ) -> ConnectOutcome {
+        let version = connect.protocol;
+        let refuse = |reason: ReasonCode| {
+            let connack = ConnAck { session_present: false, reason, properties: Properties::default() };
+            ConnectOutcome::Refused(if version.is_v5() || reason.to_v3_connack().is_some() {
+                Some(Box::new(connack))
+            } else {
+                None
+            })
+        };
+        if connect.properties.authentication_method.is_some() {
+            // Enhanced authentication arrives with the auth plugins (issue 6).
+            return refuse(ReasonCode::BadAuthenticationMethod);
+        }
+        let mut client_id = connect.client_id.clone();
+        let mut assigned = None;
+        if client_id.is_empty() {
+            let allowed = match version {
+                ProtocolVersion::V3_1 => false,
+                ProtocolVersion::V3_1_1 => connect.clean_start,
+                ProtocolVersion::V5 => true,
+            };
+            if !allowed {
+                return refuse(ReasonCode::ClientIdentifierNotValid);
+            }
+            let generated = format!("shardmq-{}-{}", self.id.0, conn.id.0);
+            client_id = Utf8::new(&generated).expect("generated id is valid UTF-8");
+            assigned = Some(client_id.clone());
+        } else if version == ProtocolVersion::V3_1 && client_id.len() > 23 {
+            return refuse(ReasonCode::ClientIdentifierNotValid);
+        }
+        if let Some(will) = &connect.will {
+            if topic::validate_topic_name(&will.topic).is_err() {
+                return refuse(ReasonCode::TopicNameInvalid);
+            }
+            if self.is_denied(&will.topic) {
+                return refuse(ReasonCode::NotAuthorized);
+            }
+        }
+        let tenant = TenantId::default();
+        let cfg = self.cfg.clone();
+        let requested_expiry = if version.is_v5() {
+            connect.properties.session_expiry_interval.unwrap_or(0)
+        } else if connect.clean_start {
+            0
+        } else {
+            u32::MAX
+        };
+        let expiry_secs = if requested_expiry == u32::MAX && !version.is_v5() {
+            u32::MAX
+        } else {
+            requested_expiry.min(cfg.session_expiry_secs_max)
+        };
+
+        // Takeover or resume.
+        let mut session_present = false;
+        let existing = self.sessions.find(tenant, &client_id);
+        if let Some(key) = existing {
+            let session = self.sessions.get_mut(key).expect("index and slab agree");
+            if let Some(old) = session.conn.take() {
+                old.close(Some(ReasonCode::SessionTakenOver));
+                bump(&self.stats.connections, 0);
+            }
+            // The old connection's will: sent now if it has no delay or the session ends, else dropped
+            // (the session continues, MQTT 5 section 3.1.3.2.2).
+            let old_will = session.will.take();
+            session.will_due_at = None;
+            if let Some(will) = old_will {
+                if will.delay_secs == 0 || connect.clean_start {
+                    self.publish_will(key, will.will, now);
+                }
+            }
+            if connect.clean_start {
+                self.end_session(key, now);
+            } else {
+                session_present = true;
+            }
+        }
+        let key = if session_present {
+            existing.expect("present session has a key")
+        } else {
+            bump(&self.stats.sessions, 1);
+            self.sessions.insert(tenant, client_id.clone(), version)
+        };
+        let session = self.sessions.get_mut(key).expect("just inserted or found");
+        session.version = version;
+        session.expiry_secs = expiry_secs;
+        session.expires_at = None;
+        session.conn = Some(conn);
+        session.control.clear();
+        session.aliases_in.clear();
+        session.aliases_out.clear();
+        session.client_receive_maximum = connect.properties.receive_maximum.unwrap_or(u16::MAX);
+        session.client_packet_size_max = connect.properties.maximum_packet_size.unwrap_or(u32::MAX);
+        session.client_topic_alias_max = connect.properties.topic_alias_maximum.unwrap_or(0);
+        session.request_problem_information = connect.properties.request_problem_information != Some(0);
+        session.will = connect.will.map(|will| {
+            let delay_secs = will.properties.will_delay_interval.unwrap_or(0);
+            WillState { will, delay_secs }
+        });
+        session.mark_inflight_unsent();
+
+        let mut keepalive_secs = connect.keep_alive;
+        let mut properties = Properties::default();
+        if version.is_v5() {
+            if keepalive_secs > cfg.keepalive_secs_max || keepalive_secs == 0 {
+                keepalive_secs = cfg.keepalive_secs_max;
+                properties.server_keep_alive = Some(keepalive_secs);
+            }
+            if requested_expiry != expiry_secs {
+                properties.session_expiry_interval = Some(expiry_secs);
+            }
+            properties.receive_maximum = Some(cfg.receive_maximum);
+            properties.maximum_packet_size = Some(cfg.packet_size_bytes_max);
+            properties.topic_alias_maximum = Some(cfg.topic_alias_max);
+            properties.retain_available = Some(1);
+            properties.wildcard_subscription_available = Some(1);
+            properties.subscription_identifier_available = Some(1);
+            properties.shared_subscription_available = Some(1);
+            properties.assigned_client_identifier = assigned;
+            if connect.properties.request_response_information == Some(1) {
+                let info = format!("{}{}", cfg.response_information_prefix, client_id.as_str());
+                properties.response_information = Utf8::new(&info).ok();
+            }
+        } else if keepalive_secs > cfg.keepalive_secs_max {
+            keepalive_secs = cfg.keepalive_secs_max;
+        }
+        let connack = ConnAck { session_present, reason: ReasonCode::Success, properties };
+        // CONNACK goes first; queued and inflight messages follow it (MQTT-4.4.0-1).
+        session.control.push_front(Packet::ConnAck(connack));
+        session.wake_writer();
+        bump(&self.stats.connects_total, 1);
+        bump(&self.stats.connections, 1);
+        ConnectOutcome::Accepted { session: key, keepalive_secs }
+    }
+
+    /// The connection `conn` of session `key` has closed. `will`: publish the will (abnormal close).
+    pub fn disconnected(&mut self, key: SessionKey, conn: ConnId, will: bool, now: Instant) {
+        let Some(session) = self.sessions.get_mut(key) else { return };
+        if session.conn.as_ref().map(|c| c.id) != Some(conn) {
+            return; // Taken over: the new connection owns the session now.
+        }
+        session.conn = None;
+        session.control.clear();
+        session.aliases_in.clear();
+        session.aliases_out.clear();
+        self.stats.connections.fetch_sub(1, Ordering::Relaxed);
+        let expiry_secs = session.expiry_secs;
+        let will_state = if will { session.will.take() } else { None };
+        session.will = None;
+        if let Some(will_state) = will_state {
+            if will_state.delay_secs == 0 || expiry_secs == 0 {
+                self.publish_will(key, will_state.will, now);
+            } else {
+                let session = self.sessions.get_mut(key).expect("checked above");
+                let due = now + Duration::from_secs(u64::from(will_state.delay_secs.min(expiry_secs)));
+                session.will = Some(will_state);
+                session.will_due_at = Some(due);
+                self.timers.push(Reverse(TimerEntry { at: due, session: key }));
+            }
+        }
+        let session = self.sessions.get_mut(key).expect("checked above");
+        if expiry_secs == 0 {
+            self.end_session(key, now);
+        } else if expiry_secs != u32::MAX {
+            let at = now + Duration::from_secs(u64::from(expiry_secs));
+            session.expires_at = Some(at);
+            self.timers.push(Reverse(TimerEntry { at, session: key }));
+        }
+    }
+
+    /// Removes a session and its subscriptions; publishes a pending delayed will.
+    fn end_session(&mut self, key: SessionKey, now: Instant) {
+        let Some(mut session) = self.sessions.remove(key) else { return };
+        self.stats.sessions.fetch_sub(1, Ordering::Relaxed);
+        if let Some(conn) = session.conn.take() {
+            conn.close(None);
+        }
+        if let Some(will) = session.will.take() {
+            if session.will_due_at.is_some() {
+                self.publish_will(key, will.will, now);
+            }
+        }
+        let mut changes = Vec::new();
+        for filter in session.subscriptions.keys() {
+            self.slice_remove(key, filter, &mut changes);
+        }
+        self.broadcast_interest(changes);
+    }
+
+    /// Runs due timers: delayed wills and session expiry.
+    pub fn tick(&mut self, now: Instant) {
+        // Bounded by the number of due entries; stale entries (session gone or rescheduled) are skipped.
+        while let Some(Reverse(entry)) = self.timers.peek() {
+            if entry.at > now {
+                break;
+            }
+            let key = entry.session;
+            self.timers.pop();
+            let Some(session) = self.sessions.get_mut(key) else { continue };
+            if session.conn.is_some() {
+                continue;
+            }
+            if session.will_due_at.is_some_and(|at| at <= now) {
+                session.will_due_at = None;
+                if let Some(will) = session.will.take() {
+                    self.publish_will(key, will.will, now);
+                }
+            }
+            let session = self.sessions.get_mut(key).expect("checked above");
+            if session.expires_at.is_some_and(|at| at <= now) {
+                self.end_session(key, now);
+            }
+        }
+    }
+
+    fn publish_will(&mut self, key: SessionKey, will: Will, now: Instant) {
+        let tenant = self.sessions.get(key).map(|s| s.tenant).unwrap_or_default();
+        let Will { topic, payload, qos, retain, mut properties } = will;
+        let expires_at = properties.message_expiry_interval.map(|s| now + Duration::from_secs(u64::from(s)));
+        properties.will_delay_interval = None;
+        properties.message_expiry_interval = None;
+        let msg = Arc::new(Message {
+            tenant,
+            topic,
+            payload,
+            qos,
+            retain,
+            properties,
+            expires_at,
+            origin: Some(Origin { shard: self.id, session: key }),
+        });
+        if retain {
+            self.retain(msg.clone());
+        }
+        self.route(msg, now);
+    }
+
+    // ----- packets from clients -------------------------------------------------------------
+
+    /// Handles one packet from the connection `conn` of session `key`.
+    pub fn handle_packet(&mut self, key: SessionKey, conn: ConnId, packet: Packet, now: Instant) -> After {
+        let Some(session) = self.sessions.get_mut(key) else {
+            return After::Close { reason: None, will: false };
+        };
+        if session.conn.as_ref().map(|c| c.id) != Some(conn) {
+            return After::Close { reason: None, will: false };
+        }
+        let v5 = session.version.is_v5();
+        let protocol_error = |shard: &Shard| {
+            bump(&shard.stats.protocol_errors, 1);
+            After::Close { reason: v5.then_some(ReasonCode::ProtocolError), will: true }
+        };
+        match packet {
+            Packet::Publish(publish) => self.on_publish(key, publish, now),
+            Packet::PubAck(ack) => {
+                let session = self.sessions.get_mut(key).expect("checked above");
+                if let Some(inflight) = session.inflight.get(&ack.packet_id) {
+                    if inflight.delivery.qos == QoS::AtLeastOnce && inflight.state == InflightState::AwaitAck
+                    {
+                        session.inflight.remove(&ack.packet_id);
+                        session.wake_writer();
+                    }
+                }
+                After::Continue
+            }
+            Packet::PubRec(rec) => {
+                let session = self.sessions.get_mut(key).expect("checked above");
+                match session.inflight.get_mut(&rec.packet_id) {
+                    Some(inflight) if inflight.delivery.qos == QoS::ExactlyOnce => {
+                        if rec.reason.is_error() {
+                            session.inflight.remove(&rec.packet_id);
+                            session.wake_writer();
+                        } else {
+                            inflight.state = InflightState::AwaitComp;
+                            session.push_control(Packet::PubRel(PubResp::new(rec.packet_id)));
+                        }
+                    }
+                    _ => {
+                        let mut rel = PubResp::new(rec.packet_id);
+                        rel.reason = ReasonCode::PacketIdentifierNotFound;
+                        session.push_control(Packet::PubRel(rel));
+                    }
+                }
+                After::Continue
+            }
+            Packet::PubComp(comp) => {
+                let session = self.sessions.get_mut(key).expect("checked above");
+                if session.inflight.get(&comp.packet_id).is_some_and(|i| i.state == InflightState::AwaitComp)
+                {
+                    session.inflight.remove(&comp.packet_id);
+                    session.wake_writer();
+                }
+                After::Continue
+            }
+            Packet::PubRel(rel) => {
+                let session = self.sessions.get_mut(key).expect("checked above");
+                let mut comp = PubResp::new(rel.packet_id);
+                if !session.incoming_qos2.remove(&rel.packet_id) && v5 {
+                    comp.reason = ReasonCode::PacketIdentifierNotFound;
+                }
+                session.push_control(Packet::PubComp(comp));
+                After::Continue
+            }
+            Packet::Subscribe(subscribe) => {
+                self.on_subscribe(key, conn, subscribe, now);
+                After::Continue
+            }
+            Packet::Unsubscribe(unsubscribe) => {
+                self.on_unsubscribe(key, unsubscribe);
+                After::Continue
+            }
+            Packet::PingReq => {
+                let session = self.sessions.get_mut(key).expect("checked above");
+                session.push_control(Packet::PingResp);
+                After::Continue
+            }
+            Packet::Disconnect(disconnect) => self.on_disconnect(key, disconnect),
+            Packet::Connect(_) => protocol_error(self),
+            Packet::Auth(_) => protocol_error(self),
+            Packet::ConnAck(_) | Packet::SubAck(_) | Packet::UnsubAck(_) | Packet::PingResp => {
+                protocol_error(self)
+            }
+        }
+    }
+
+    fn on_disconnect(&mut self, key: SessionKey, disconnect: Disconnect) -> After {
+        let session = self.sessions.get_mut(key).expect("caller checked");
+        if let Some(expiry) = disconnect.properties.session_expiry_interval {
+            if session.expiry_secs == 0 && expiry != 0 {
+                // MQTT-3.14.2-2: a session that was to end with the connection cannot be extended.
+                bump(&self.stats.protocol_errors, 1);
+                return After::Close { reason: Some(ReasonCode::ProtocolError), will: true };
+            }
+            session.expiry_secs = expiry.min(self.cfg.session_expiry_secs_max);
+        }
+        let will = disconnect.reason == ReasonCode::DisconnectWithWillMessage;
+        After::Close { reason: None, will }
+    }
+
+    fn on_publish(&mut self, key: SessionKey, mut publish: Publish, now: Instant) -> After {
+        bump(&self.stats.publishes_in, 1);
+        let cfg = self.cfg.clone();
+        let session = self.sessions.get_mut(key).expect("caller checked");
+        let v5 = session.version.is_v5();
+        if let Some(alias) = publish.properties.topic_alias.take() {
+            if alias == 0 || alias > cfg.topic_alias_max {
+                bump(&self.stats.protocol_errors, 1);
+                return After::Close { reason: Some(ReasonCode::TopicAliasInvalid), will: true };
+            }
+            if publish.topic.is_empty() {
+                match session.aliases_in.get(&alias) {
+                    Some(topic) => publish.topic = topic.clone(),
+                    None => {
+                        bump(&self.stats.protocol_errors, 1);
+                        return After::Close { reason: Some(ReasonCode::ProtocolError), will: true };
+                    }
+                }
+            } else {
+                session.aliases_in.insert(alias, publish.topic.clone());
+            }
+        }
+        let packet_id = publish.packet_id.unwrap_or(0);
+        if publish.qos == QoS::ExactlyOnce {
+            if session.incoming_qos2.contains(&packet_id) {
+                // A re-sent PUBLISH of a message already routed: acknowledge only (exactly once).
+                session.push_control(Packet::PubRec(PubResp::new(packet_id)));
+                return After::Continue;
+            }
+            if session.incoming_qos2.len() >= usize::from(cfg.receive_maximum) {
+                bump(&self.stats.protocol_errors, 1);
+                return After::Close { reason: Some(ReasonCode::ReceiveMaximumExceeded), will: true };
+            }
+        }
+        if publish.qos != QoS::AtMostOnce && !v5 && publish.retain && publish.payload.is_empty() {
+            // Nothing special: deleting a retained message is an ordinary publish below.
+        }
+        let denied = cfg.denied_topic_filters.iter().any(|d| topic::matches(d, &publish.topic));
+        let ack_reason = if denied { ReasonCode::NotAuthorized } else { ReasonCode::Success };
+        if denied {
+            bump(&self.stats.dropped_denied, 1);
+        } else {
+            let tenant = session.tenant;
+            let mut properties = std::mem::take(&mut publish.properties);
+            let expires_at =
+                properties.message_expiry_interval.map(|s| now + Duration::from_secs(u64::from(s)));
+            properties.message_expiry_interval = None;
+            properties.subscription_identifiers.clear();
+            let msg = Arc::new(Message {
+                tenant,
+                topic: publish.topic,
+                payload: publish.payload,
+                qos: publish.qos,
+                retain: publish.retain,
+                properties,
+                expires_at,
+                origin: Some(Origin { shard: self.id, session: key }),
+            });
+            if msg.retain {
+                self.retain(msg.clone());
+            }
+            self.route(msg, now);
+        }
+        let session = self.sessions.get_mut(key).expect("caller checked");
+        let reason = if v5 { ack_reason } else { ReasonCode::Success };
+        match publish.qos {
+            QoS::AtMostOnce => {}
+            QoS::AtLeastOnce => session.push_control(Packet::PubAck(PubResp {
+                packet_id,
+                reason,
+                properties: Properties::default(),
+            })),
+            QoS::ExactlyOnce => {
+                if !reason.is_error() {
+                    session.incoming_qos2.insert(packet_id);
+                }
+                session.push_control(Packet::PubRec(PubResp {
+                    packet_id,
+                    reason,
+                    properties: Properties::default(),
+                }));
+            }
+        }
+        After::Continue
+    }
+
+    fn on_subscribe(&mut self, key: SessionKey, conn: ConnId, subscribe: Subscribe, now: Instant) {
+        let session = self.sessions.get_mut(key).expect("caller checked");
+        let v5 = session.version.is_v5();
+        let subscription_id = subscribe.properties.subscription_identifiers.first().copied();
+        let mut reasons = Vec::with_capacity(subscribe.subscriptions.len());
+        let mut changes = Vec::new();
+        let mut queries: Vec<(Arc<str>, SubEntry)> = Vec::new();
+        for subscription in subscribe.subscriptions {
+            let filter = subscription.filter.as_str();
+            let shared = match topic::parse_shared(filter) {
+                Ok(shared) => shared,
+                Err(_) => {
+                    reasons.push(if v5 {
+                        ReasonCode::TopicFilterInvalid
+                    } else {
+                        ReasonCode::UnspecifiedError
+                    });
+                    continue;
+                }
+            };
+            if topic::validate_topic_filter(filter).is_err() {
+                reasons.push(if v5 { ReasonCode::TopicFilterInvalid } else { ReasonCode::UnspecifiedError });
+                continue;
+            }
+            let inner = shared.map(|s| s.filter).unwrap_or(filter);
+            if self.is_denied(inner) {
+                bump(&self.stats.dropped_denied, 1);
+                reasons.push(if v5 { ReasonCode::NotAuthorized } else { ReasonCode::UnspecifiedError });
+                continue;
+            }
+            let entry = SubEntry { options: subscription.options, subscription_id };
+            let session = self.sessions.get_mut(key).expect("caller checked");
+            let existed = session.subscriptions.insert(filter.into(), entry.clone()).is_some();
+            self.slice_add(key, filter, entry.clone(), &mut changes);
+            let wants_retained = shared.is_none()
+                && match entry.options.retain_handling {
+                    RetainHandling::SendAtSubscribe => true,
+                    RetainHandling::SendIfNew => !existed,
+                    RetainHandling::DoNotSend => false,
+                };
+            if wants_retained {
+                queries.push((Arc::from(inner), entry.clone()));
+            }
+            reasons.push(match entry.options.qos {
+                QoS::AtMostOnce => ReasonCode::GrantedQoS0,
+                QoS::AtLeastOnce => ReasonCode::GrantedQoS1,
+                QoS::ExactlyOnce => ReasonCode::GrantedQoS2,
+            });
+        }
+        let suback = SubAck { packet_id: subscribe.packet_id, properties: Properties::default(), reasons };
+        let mut retained = Vec::new();
+        for (index, (filter, _)) in queries.iter().enumerate() {
+            self.collect_retained(filter, now, |msg| retained.push((index, msg)));
+        }
+        let others = self.shard_count() - 1;
+        let mut pending = PendingSubscribe { session: key, conn, suback, waiting: others, queries, retained };
+        if others == 0 {
+            self.finish_subscribe(&mut pending, now);
+            return;
+        }
+        let token = self.next_token;
+        self.next_token += 1;
+        let retain_queries: Vec<Arc<str>> = pending.queries.iter().map(|(f, _)| f.clone()).collect();
+        for to in 0..self.shard_count() {
+            if to == self.id.index() {
+                continue;
+            }
+            let sync =
+                SubscribeSync { token, changes: changes.clone(), retain_queries: retain_queries.clone() };
+            self.outbox.send(ShardId(to as u16), MeshMsg::Subscribe(Box::new(sync)));
+        }
+        self.pending_subscribes.insert(token, pending);
+    }
+
+    fn finish_subscribe(&mut self, pending: &mut PendingSubscribe, now: Instant) {
+        let Some(session) = self.sessions.get_mut(pending.session) else { return };
+        if session.conn.as_ref().map(|c| c.id) == Some(pending.conn) {
+            let suback = std::mem::replace(
+                &mut pending.suback,
+                SubAck { packet_id: 0, properties: Properties::default(), reasons: Vec::new() },
+            );
+            session.push_control(Packet::SubAck(suback));
+        }
+        let retained = std::mem::take(&mut pending.retained);
+        for (index, msg) in retained {
+            let Some((_, entry)) = pending.queries.get(index) else { continue };
+            if msg.is_expired(now) {
+                continue;
+            }
+            let delivery = Delivery {
+                qos: msg.qos.min(entry.options.qos),
+                retain: true,
+                subscription_ids: entry.subscription_id.into_iter().collect(),
+                msg,
+            };
+            let session = self.sessions.get_mut(pending.session).expect("checked above");
+            Self::enqueue(&self.cfg, &self.stats, session, delivery);
+        }
+    }
+
+    fn on_unsubscribe(&mut self, key: SessionKey, unsubscribe: Unsubscribe) {
+        let mut reasons = Vec::with_capacity(unsubscribe.filters.len());
+        let mut changes = Vec::new();
+        for filter in &unsubscribe.filters {
+            let session = self.sessions.get_mut(key).expect("caller checked");
+            if session.subscriptions.remove(filter.as_str()).is_some() {
+                self.slice_remove(key, filter, &mut changes);
+                reasons.push(ReasonCode::Success);
+            } else {
+                reasons.push(ReasonCode::NoSubscriptionExisted);
+            }
+        }
+        self.broadcast_interest(changes);
+        let session = self.sessions.get_mut(key).expect("caller checked");
+        let unsuback =
+            UnsubAck { packet_id: unsubscribe.packet_id, properties: Properties::default(), reasons };
+        session.push_control(Packet::UnsubAck(unsuback));
+    }
+
+    // ----- trie slice and interest table ----------------------------------------------------
+
+    /// Adds (or replaces) session `key`'s subscription to `filter` in the trie slice, recording an
+    /// interest change if the slice entry (or share group) was empty on this shard.
+    fn slice_add(
+        &mut self,
+        key: SessionKey,
+        filter: &str,
+        entry: SubEntry,
+        changes: &mut Vec<InterestChange>,
+    ) {
+        let shared = topic::parse_shared(filter).ok().flatten();
+        let inner = shared.map(|s| s.filter).unwrap_or(filter);
+        let slot = self.slice.get_or_insert_with(inner, || SliceEntry {
+            filter: Arc::from(inner),
+            direct: Vec::new(),
+            shared: Vec::new(),
+        });
+        let filter_arc = slot.filter.clone();
+        let change = match shared {
+            None => {
+                let was_empty = slot.direct.is_empty();
+                match slot.direct.iter_mut().find(|(k, _)| *k == key) {
+                    Some(existing) => existing.1 = entry,
+                    None => slot.direct.push((key, entry)),
+                }
+                was_empty.then_some(InterestChange { filter: filter_arc, group: None, add: true })
+            }
+            Some(shared) => {
+                let group = match slot.shared.iter_mut().position(|g| &*g.group == shared.group) {
+                    Some(index) => &mut slot.shared[index],
+                    None => {
+                        slot.shared.push(SharedMembers {
+                            group: Arc::from(shared.group),
+                            members: Vec::new(),
+                            cursor: 0,
+                        });
+                        slot.shared.last_mut().expect("just pushed")
+                    }
+                };
+                let was_empty = group.members.is_empty();
+                match group.members.iter_mut().find(|(k, _)| *k == key) {
+                    Some(existing) => existing.1 = entry,
+                    None => group.members.push((key, entry)),
+                }
+                was_empty.then(|| InterestChange {
+                    filter: filter_arc,
+                    group: Some(group.group.clone()),
+                    add: true,
+                })
+            }
+        };
+        if let Some(change) = change {
+            self.apply_interest(self.id, &change);
+            changes.push(change);
+        }
+    }
+
+    /// Removes session `key`'s subscription to `filter` from the slice; records an interest change
+    /// when the entry (or group) becomes empty on this shard.
+    fn slice_remove(&mut self, key: SessionKey, filter: &str, changes: &mut Vec<InterestChange>) {
+        let shared = topic::parse_shared(filter).ok().flatten();
+        let inner = shared.map(|s| s.filter).unwrap_or(filter);
+        let mut change = None;
+        self.slice.remove_if(inner, |slot| {
+            match shared {
+                None => {
+                    let before = slot.direct.len();
+                    slot.direct.retain(|(k, _)| *k != key);
+                    if before > 0 && slot.direct.is_empty() {
+                        change =
+                            Some(InterestChange { filter: slot.filter.clone(), group: None, add: false });
+                    }
+                }
+                Some(shared) => {
+                    if let Some(index) = slot.shared.iter().position(|g| &*g.group == shared.group) {
+                        let group = &mut slot.shared[index];
+                        group.members.retain(|(k, _)| *k != key);
+                        if group.members.is_empty() {
+                            let group = slot.shared.swap_remove(index);
+                            change = Some(InterestChange {
+                                filter: slot.filter.clone(),
+                                group: Some(group.group),
+                                add: false,
+                            });
+                        }
+                    }
+                }
+            }
+            slot.direct.is_empty() && slot.shared.is_empty()
+        });
+        if let Some(change) = change {
+            self.apply_interest(self.id, &change);
+            changes.push(change);
+        }
+    }
+
+    fn broadcast_interest(&mut self, changes: Vec<InterestChange>) {
+        if changes.is_empty() || self.shard_count() == 1 {
+            return;
+        }
+        for to in 0..self.shard_count() {
+            if to != self.id.index() {
+                self.outbox.send(ShardId(to as u16), MeshMsg::Interest(Box::new(changes.clone())));
+            }
+        }
+    }
+
+    /// Applies shard `from`'s interest change to this shard's copy of the interest table.
+    fn apply_interest(&mut self, from: ShardId, change: &InterestChange) {
+        let bit = 1u64 << from.index();
+        if change.add {
+            let entry = self.interest.get_or_insert_with(&change.filter, || Interest {
+                filter: change.filter.clone(),
+                shards: 0,
+                shared: Vec::new(),
+            });
+            match &change.group {
+                None => entry.shards |= bit,
+                Some(group) => match entry.shared.iter_mut().find(|(g, _, _)| g == group) {
+                    Some(existing) => existing.1 |= bit,
+                    None => entry.shared.push((group.clone(), bit, 0)),
+                },
+            }
+        } else {
+            self.interest.remove_if(&change.filter, |entry| {
+                match &change.group {
+                    None => entry.shards &= !bit,
+                    Some(group) => {
+                        if let Some(existing) = entry.shared.iter_mut().find(|(g, _, _)| g == group) {
+                            existing.1 &= !bit;
+                        }
+                        entry.shared.retain(|(_, mask, _)| *mask != 0);
+                    }
+                }
+                entry.shards == 0 && entry.shared.is_empty()
+            });
+        }
+    }
+
+    // ----- routing ---------------------------------------------------------------------------
+
+    /// Routes a message published on this shard to every interested shard (itself included).
+    pub fn route(&mut self, msg: Arc<Message>, now: Instant) {
+        let mut shards = 0u64;
+        let mut shared_targets: Vec<(ShardId, Arc<str>, Arc<str>)> = Vec::new();
+        self.interest.for_each_match_mut(&msg.topic, |entry| {
+            shards |= entry.shards;
+            for (group, mask, cursor) in entry.shared.iter_mut() {
+                // Round-robin over the shards that have members of this group.
+                let count = mask.count_ones();
+                let nth = *cursor % count;
+                *cursor = cursor.wrapping_add(1);
+                let mut remaining = *mask;
+                for _ in 0..nth {
+                    remaining &= remaining - 1;
+                }
+                let shard = ShardId(remaining.trailing_zeros() as u16);
+                shared_targets.push((shard, group.clone(), entry.filter.clone()));
+            }
+        });
+        let mut rest = shards;
+        while rest != 0 {
+            let index = rest.trailing_zeros() as u16;
+            rest &= rest - 1;
+            if index == self.id.0 {
+                self.deliver_local(&msg, now);
+            } else {
+                self.outbox.send(ShardId(index), MeshMsg::Publish(msg.clone()));
+            }
+        }
+        for (shard, group, filter) in shared_targets {
+            if shard == self.id {
+                self.deliver_shared(&msg, &group, &filter, now);
+            } else {
+                self.outbox.send(shard, MeshMsg::SharedPublish { msg: msg.clone(), group, filter });
+            }
+        }
+    }
+
+    /// Delivers a message to this shard's direct subscribers: one delivery per session at the
+    /// highest QoS of its matching subscriptions, with all their subscription identifiers.
+    fn deliver_local(&mut self, msg: &Arc<Message>, _now: Instant) {
+        let mut scratch = std::mem::take(&mut self.scratch);
+        scratch.clear();
+        let me = self.id;
+        self.slice.for_each_match(&msg.topic, |entry| {
+            for (key, sub) in &entry.direct {
+                if sub.options.no_local && msg.origin == Some(Origin { shard: me, session: *key }) {
+                    continue;
+                }
+                scratch.push((*key, sub.options.qos, sub.options.retain_as_published, sub.subscription_id));
+            }
+        });
+        if scratch.len() > 1 {
+            scratch.sort_unstable_by_key(|(key, ..)| *key);
+        }
+        let mut index = 0;
+        while index < scratch.len() {
+            let (key, mut qos, mut rap, first_id) = scratch[index];
+            let mut ids: Vec<u32> = first_id.into_iter().collect();
+            let mut next = index + 1;
+            while next < scratch.len() && scratch[next].0 == key {
+                qos = qos.max(scratch[next].1);
+                rap |= scratch[next].2;
+                ids.extend(scratch[next].3);
+                next += 1;
+            }
+            index = next;
+            let Some(session) = self.sessions.get_mut(key) else { continue };
+            let delivery = Delivery {
+                msg: msg.clone(),
+                qos: msg.qos.min(qos),
+                // MQTT-3.3.1-9 / -12: retain is cleared on ordinary delivery unless retain-as-published.
+                retain: msg.retain && rap && session.version.is_v5(),
+                subscription_ids: ids,
+            };
+            Self::enqueue(&self.cfg, &self.stats, session, delivery);
+        }
+        self.scratch = scratch;
+    }
+
+    /// Delivers a message to one member (round-robin) of a share group on this shard.
+    fn deliver_shared(&mut self, msg: &Arc<Message>, group: &str, filter: &str, _now: Instant) {
+        let Some(slot) = self.slice.get_mut(filter) else { return };
+        let Some(members) = slot.shared.iter_mut().find(|g| &*g.group == group) else { return };
+        if members.members.is_empty() {
+            return;
+        }
+        // Prefer a connected member; fall back to any (its session queues the message).
+        let count = members.members.len();
+        let start = members.cursor % count;
+        members.cursor = members.cursor.wrapping_add(1);
+        let mut chosen = members.members[start].clone();
+        for step in 0..count {
+            let candidate = &members.members[(start + step) % count];
+            if self.sessions.get(candidate.0).is_some_and(|s| s.conn.is_some()) {
+                chosen = candidate.clone();
+                break;
+            }
+        }
+        let (key, sub) = chosen;
+        let Some(session) = self.sessions.get_mut(key) else { return };
+        let delivery = Delivery {
+            msg: msg.clone(),
+            qos: msg.qos.min(sub.options.qos),
+            retain: msg.retain && sub.options.retain_as_published && session.version.is_v5(),
+            subscription_ids: sub.subscription_id.into_iter().collect(),
+        };
+        Self::enqueue(&self.cfg, &self.stats, session, delivery);
+    }
+
+    /// Queues a delivery on a session, applying the queue bound and the offline rules.
+    fn enqueue(cfg: &BrokerConfig, stats: &ShardStats, session: &mut Session, delivery: Delivery) {
+        if session.conn.is_none()
+            && (!session.is_persistent() || (delivery.qos == QoS::AtMostOnce && !cfg.queue_qos0_offline))
+        {
+            bump(&stats.dropped_offline_qos0, 1);
+            return;
+        }
+        if session.queue.len() >= cfg.queued_messages_max {
+            if delivery.qos == QoS::AtMostOnce {
+                bump(&stats.dropped_queue_full, 1);
+                return;
+            }
+            // QoS 0 messages go first, whatever the policy.
+            if let Some(index) = session.queue.iter().position(|d| d.qos == QoS::AtMostOnce) {
+                session.queue.remove(index);
+            } else {
+                match cfg.queue_full_policy {
+                    QueueFullPolicy::DropNew => {
+                        bump(&stats.dropped_queue_full, 1);
+                        return;
+                    }
+                    QueueFullPolicy::DropOldest => {
+                        session.queue.pop_front();
+                    }
+                    QueueFullPolicy::Disconnect => {
+                        bump(&stats.dropped_queue_full, 1);
+                        if let Some(conn) = &session.conn {
+                            conn.close(Some(ReasonCode::QuotaExceeded));
+                        }
+                        return;
+                    }
+                }
+            }
+            bump(&stats.dropped_queue_full, 1);
+        }
+        session.queue.push_back(delivery);
+        session.wake_writer();
+    }
+
+    // ----- retained messages -----------------------------------------------------------------
+
+    fn retain(&mut self, msg: Arc<Message>) {
+        let owner = retain_shard(msg.tenant, &msg.topic, self.shard_count());
+        if owner == self.id {
+            self.retain_set(msg);
+        } else {
+            self.outbox.send(owner, MeshMsg::RetainSet(msg));
+        }
+    }
+
+    fn retain_set(&mut self, msg: Arc<Message>) {
+        if msg.payload.is_empty() {
+            self.retained.remove(msg.topic.as_str());
+            return;
+        }
+        let per_shard_max = self.cfg.retained_messages_max.div_ceil(self.shard_count());
+        if self.retained.len() >= per_shard_max && !self.retained.contains_key(msg.topic.as_str()) {
+            bump(&self.stats.dropped_queue_full, 1);
+            return;
+        }
+        self.retained.insert(msg.topic.as_str().into(), msg);
+    }
+
+    fn collect_retained(&mut self, filter: &str, now: Instant, mut found: impl FnMut(Arc<Message>)) {
+        if !topic::is_wildcard(filter) {
+            if let Some(msg) = self.retained.get(filter) {
+                if !msg.is_expired(now) {
+                    found(msg.clone());
+                }
+            }
+            return;
+        }
+        self.retained.retain(|_, msg| !msg.is_expired(now));
+        for (topic_name, msg) in &self.retained {
+            if topic::matches(filter, topic_name) {
+                found(msg.clone());
+            }
+        }
+    }
+
+    pub fn retained_count(&self) -> usize {
+        self.retained.len()
+    }
+
+    // ----- mesh ------------------------------------------------------------------------------
+
+    /// Handles one message from another shard.
+    pub fn on_mesh(&mut self, from: ShardId, msg: MeshMsg, now: Instant) {
+        match msg {
+            MeshMsg::Publish(msg) => self.deliver_local(&msg, now),
+            MeshMsg::SharedPublish { msg, group, filter } => self.deliver_shared(&msg, &group, &filter, now),
+            MeshMsg::Handoff(handoff) => self.handoffs.push(*handoff),
+            MeshMsg::Interest(changes) => {
+                for change in changes.iter() {
+                    self.apply_interest(from, change);
+                }
+            }
+            MeshMsg::Subscribe(sync) => {
+                for change in &sync.changes {
+                    self.apply_interest(from, change);
+                }
+                let mut retained = Vec::new();
+                for (index, filter) in sync.retain_queries.iter().enumerate() {
+                    self.collect_retained(filter, now, |msg| retained.push((index, msg)));
+                }
+                self.outbox.send(
+                    from,
+                    MeshMsg::SubscribeDone(Box::new(SubscribeDone { token: sync.token, retained })),
+                );
+            }
+            MeshMsg::SubscribeDone(done) => {
+                let Some(pending) = self.pending_subscribes.get_mut(&done.token) else { return };
+                pending.retained.extend(done.retained);
+                pending.waiting -= 1;
+                if pending.waiting == 0 {
+                    let mut pending = self.pending_subscribes.remove(&done.token).expect("present above");
+                    self.finish_subscribe(&mut pending, now);
+                }
+            }
+            MeshMsg::RetainSet(msg) => self.retain_set(msg),
+        }
+    }
+
+    /// Encodes what session `key` owes connection `conn` into `out`. Returns false when the
+    /// connection no longer owns the session.
+    pub fn fill_output(&mut self, key: SessionKey, conn: ConnId, out: &mut BytesMut, now: Instant) -> bool {
+        let budget = self.cfg.write_buffer_bytes_max;
+        let inflight_max = self.cfg.inflight_count_max;
+        let Some(session) = self.sessions.get_mut(key) else { return false };
+        if session.conn.as_ref().map(|c| c.id) != Some(conn) {
+            return false;
+        }
+        let FillStats { publishes_sent, dropped_expired, dropped_too_large } =
+            session.fill(out, budget, inflight_max, now);
+        bump(&self.stats.publishes_out, publishes_sent);
+        bump(&self.stats.dropped_expired, dropped_expired);
+        bump(&self.stats.dropped_too_large, dropped_too_large);
+        true
+    }
+
+    /// Asks every connection to close with `reason` (server shutdown).
+    pub fn close_all(&mut self, reason: ReasonCode) {
+        for key in self.sessions.keys() {
+            if let Some(conn) = self.sessions.get(key).and_then(|s| s.conn.as_ref()) {
+                conn.close(Some(reason));
+            }
+        }
+    }
+}
