@@ -1,0 +1,80 @@
+//! Command-line arguments shared by every scenario: where the broker is, which MQTT version,
+//! how many worker threads, and the topic / client-id namespace of the run.
+//!
+//! Owns: parsing and resolving those, and their JSON echo in the result line. Does not own the
+//! scenario-specific flags (each scenario module declares its own).
+
+use std::net::{SocketAddr, ToSocketAddrs};
+
+use anyhow::Context;
+use clap::Args;
+use serde_json::{json, Value};
+use shardmq_protocol::ProtocolVersion;
+
+use crate::mqtt::parse_version;
+
+/// The broker and client settings every scenario takes.
+#[derive(Args, Debug, Clone)]
+pub struct Target {
+    /// Broker host name or address.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    /// Broker MQTT port.
+    #[arg(long, default_value_t = 1883)]
+    pub port: u16,
+    /// MQTT version of every client: 3.1, 3.1.1 or 5.
+    #[arg(long, default_value = "3.1.1")]
+    pub mqtt: String,
+    /// Worker threads (default: the number of online CPUs).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Topic namespace of the run (default: shardmq-bench/<pid>, so concurrent runs do not meet).
+    #[arg(long)]
+    pub topic_prefix: Option<String>,
+    /// Keep-alive in the CONNECT, seconds; clients send PINGREQ when idle (0 disables).
+    #[arg(long, default_value_t = 30)]
+    pub keep_alive: u16,
+}
+
+impl Target {
+    /// The broker's socket address (the first one the host resolves to).
+    pub fn addr(&self) -> anyhow::Result<SocketAddr> {
+        (self.host.as_str(), self.port)
+            .to_socket_addrs()
+            .with_context(|| format!("resolving {}:{}", self.host, self.port))?
+            .next()
+            .with_context(|| format!("{} resolves to no address", self.host))
+    }
+
+    pub fn version(&self) -> anyhow::Result<ProtocolVersion> {
+        parse_version(&self.mqtt)
+    }
+
+    /// Worker threads to use for `clients` connections: never more threads than connections.
+    pub fn threads_for(&self, clients: u64) -> usize {
+        let wanted = self.threads.unwrap_or_else(crate::env::nproc).max(1);
+        wanted.min(clients.max(1) as usize)
+    }
+
+    pub fn topic_prefix(&self) -> String {
+        self.topic_prefix.clone().unwrap_or_else(|| format!("shardmq-bench/{}", std::process::id()))
+    }
+
+    /// A client-id prefix unique to this process, so runs and `--procs` children do not take over
+    /// each other's sessions.
+    pub fn client_id_prefix(&self) -> String {
+        format!("sb{}", std::process::id())
+    }
+
+    /// The parameters echoed in the result line.
+    pub fn to_json(&self) -> Value {
+        json!({
+            "host": self.host,
+            "port": self.port,
+            "mqtt": self.mqtt,
+            "threads": self.threads.unwrap_or_else(crate::env::nproc),
+            "topic_prefix": self.topic_prefix(),
+            "keep_alive_secs": self.keep_alive,
+        })
+    }
+}
