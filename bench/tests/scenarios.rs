@@ -1,0 +1,319 @@
+//! End-to-end tests of `shardmq-bench`: every scenario at tiny settings against a real Mosquitto
+//! started by the test on a free port, checking the tool's own accounting.
+//!
+//! Each test owns its broker (so tests run in parallel), waits for the broker's port to accept
+//! instead of sleeping, and bounds every run of the tool with a timeout that fails the test.
+//! Mosquitto missing from PATH is a failure with instructions, never a silent pass: CI installs it.
+
+use std::io::Read;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// The longest one run of the tool may take in these tests.
+const RUN_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A Mosquitto process owned by one test; killed on drop.
+struct Mosquitto {
+    child: Child,
+    port: u16,
+    dir: PathBuf,
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn start_mosquitto() -> Mosquitto {
+    let found = std::env::var_os("PATH")
+        .map(|path| std::env::split_paths(&path).any(|dir| dir.join("mosquitto").is_file()))
+        .unwrap_or(false);
+    assert!(
+        found,
+        "mosquitto is not on PATH: these tests need a real broker (apt-get install mosquitto); \
+         CI installs it, so a missing broker is a failure, not a skip"
+    );
+    let port = free_port();
+    let dir = std::env::temp_dir().join(format!("shardmq-bench-test-{}-{port}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("mosquitto.conf");
+    std::fs::write(
+        &config,
+        format!(
+            "listener {port} 127.0.0.1\nallow_anonymous true\nmax_connections -1\n\
+             max_queued_messages 1000000\nmax_inflight_messages 1000\nset_tcp_nodelay true\n\
+             persistence false\n"
+        ),
+    )
+    .unwrap();
+    let child = Command::new("mosquitto")
+        .arg("-c")
+        .arg(&config)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting mosquitto");
+    let mut broker = Mosquitto { child, port, dir };
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Ok(Some(status)) = broker.child.try_wait() {
+            let mut stderr = String::new();
+            if let Some(mut pipe) = broker.child.stderr.take() {
+                let _ = pipe.read_to_string(&mut stderr);
+            }
+            panic!("mosquitto exited during start-up ({status}): {stderr}");
+        }
+        if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+            return broker;
+        }
+        assert!(Instant::now() < deadline, "mosquitto did not accept on port {port} within 10 s");
+        // Retry pacing while the broker boots; the loop ends on readiness, not on the sleep.
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Runs the tool with `args`, fails the test if it takes longer than [`RUN_TIMEOUT`], and returns
+/// its final JSON line.
+fn run_bench(args: &[&str]) -> Value {
+    let child = Command::new(env!("CARGO_BIN_EXE_shardmq-bench"))
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting shardmq-bench");
+    let pid = child.id();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    let output = match rx.recv_timeout(RUN_TIMEOUT) {
+        Ok(output) => output.expect("waiting for shardmq-bench"),
+        Err(_) => {
+            // SAFETY: kill(2) on the pid of our own child, which has not been reaped yet (the
+            // waiting thread is still blocked in wait), so the pid cannot have been reused.
+            unsafe {
+                libc::kill(pid as libc::pid_t, libc::SIGKILL);
+            }
+            panic!("shardmq-bench {args:?} did not finish within {RUN_TIMEOUT:?}");
+        }
+    };
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let line = stdout.lines().last().unwrap_or_default();
+    let value: Value = serde_json::from_str(line)
+        .unwrap_or_else(|e| panic!("last stdout line is not JSON ({e}): {stdout:?}; stderr: {stderr}"));
+    value
+}
+
+/// Runs a scenario against `broker` and returns its `results`, failing on an error line.
+fn run_scenario(broker: &Mosquitto, args: &[&str]) -> Value {
+    let port = broker.port.to_string();
+    let mut all = args.to_vec();
+    all.extend(["--port", &port, "--threads", "2"]);
+    let value = run_bench(&all);
+    assert!(value.get("error").is_none(), "{args:?} failed: {}", value["error"]);
+    for key in ["git_commit", "nproc", "kernel", "date_utc"] {
+        assert!(value["run"].get(key).is_some(), "run facts lack {key}: {value}");
+    }
+    value["results"].clone()
+}
+
+fn n(results: &Value, key: &str) -> u64 {
+    results[key].as_u64().unwrap_or_else(|| panic!("{key} missing or not a count in {results}"))
+}
+
+#[test]
+fn pubsub_pairs_qos1_sends_acks_and_receives_everything() {
+    let broker = start_mosquitto();
+    let results = run_scenario(
+        &broker,
+        &["pubsub", "--mode", "pairs", "--pubs", "2", "--subs", "2", "--qos", "1", "--count", "300"],
+    );
+    assert_eq!(n(&results, "sent"), 600, "{results}");
+    assert_eq!(n(&results, "acked"), 600, "{results}");
+    assert_eq!(n(&results, "received"), 600, "{results}");
+    assert_eq!(n(&results, "loss"), 0, "{results}");
+    assert_eq!(n(&results, "duplicates"), 0, "{results}");
+    assert_eq!(n(&results, "out_of_order"), 0, "{results}");
+    assert_eq!(n(&results, "latency_count"), 600, "{results}");
+    assert!(n(&results, "latency_us_p99") >= n(&results, "latency_us_p50"), "{results}");
+}
+
+#[test]
+fn pubsub_fan_out_qos0_delivers_each_message_to_every_subscriber() {
+    let broker = start_mosquitto();
+    let results = run_scenario(
+        &broker,
+        &["pubsub", "--mode", "fan-out", "--pubs", "2", "--subs", "3", "--count", "200"],
+    );
+    assert_eq!(n(&results, "sent"), 400, "{results}");
+    assert_eq!(n(&results, "received"), 2 * 200 * 3, "{results}");
+    assert_eq!(n(&results, "expected"), 1200, "{results}");
+    assert_eq!(n(&results, "loss"), 0, "{results}");
+}
+
+#[test]
+fn pubsub_fan_in_qos2_mqtt5_completes_every_handshake() {
+    let broker = start_mosquitto();
+    let results = run_scenario(
+        &broker,
+        &[
+            "pubsub", "--mode", "fan-in", "--pubs", "3", "--subs", "2", "--qos", "2", "--count", "100",
+            "--mqtt", "5",
+        ],
+    );
+    assert_eq!(n(&results, "sent"), 300, "{results}");
+    assert_eq!(n(&results, "acked"), 300, "{results}");
+    assert_eq!(n(&results, "delivered"), 600, "{results}");
+    assert_eq!(n(&results, "duplicates"), 0, "{results}");
+    assert_eq!(n(&results, "loss"), 0, "{results}");
+}
+
+#[test]
+fn pubsub_shared_delivers_each_message_once_across_the_group() {
+    let broker = start_mosquitto();
+    let results = run_scenario(
+        &broker,
+        &["pubsub", "--mode", "shared", "--pubs", "2", "--subs", "3", "--qos", "1", "--count", "200"],
+    );
+    assert_eq!(n(&results, "sent"), 400, "{results}");
+    assert_eq!(n(&results, "delivered"), 400, "{results}");
+    assert_eq!(n(&results, "received"), 400, "{results}");
+    assert_eq!(n(&results, "loss"), 0, "{results}");
+}
+
+#[test]
+fn pubsub_open_loop_holds_the_rate() {
+    let broker = start_mosquitto();
+    let results = run_scenario(
+        &broker,
+        &["pubsub", "--mode", "pairs", "--pubs", "2", "--subs", "2", "--rate", "400", "--duration", "1"],
+    );
+    let sent = n(&results, "sent");
+    assert!((300..=500).contains(&sent), "sent {sent} at 400/s for 1 s: {results}");
+    assert_eq!(n(&results, "loss"), 0, "{results}");
+}
+
+#[test]
+fn conn_connects_all_and_reports_broker_memory() {
+    let broker = start_mosquitto();
+    let pid = broker.child.id().to_string();
+    let results = run_scenario(
+        &broker,
+        &["conn", "--conns", "40", "--rate", "400", "--hold", "0.2", "--broker-pid", &pid],
+    );
+    assert_eq!(n(&results, "connected"), 40, "{results}");
+    assert_eq!(n(&results, "failed"), 0, "{results}");
+    assert_eq!(n(&results, "connack_latency_count"), 40, "{results}");
+    assert!(n(&results, "broker_rss_bytes_after") > 0, "{results}");
+    assert!(results.get("broker_rss_bytes_per_conn").is_some(), "{results}");
+}
+
+#[test]
+fn conn_across_processes_and_source_addresses_merges_results() {
+    let broker = start_mosquitto();
+    let results = run_scenario(
+        &broker,
+        &["conn", "--conns", "30", "--procs", "2", "--src-addrs", "127.0.0.1-127.0.0.2", "--mqtt", "5"],
+    );
+    assert_eq!(n(&results, "connected"), 30, "{results}");
+    assert_eq!(n(&results, "failed"), 0, "{results}");
+    assert_eq!(n(&results, "connack_latency_count"), 30, "{results}");
+}
+
+#[test]
+fn conn_counts_refusals_by_cause() {
+    // Nothing listens on a port we just released.
+    let port = free_port().to_string();
+    let value = run_bench(&["conn", "--conns", "5", "--port", &port, "--threads", "1"]);
+    let results = &value["results"];
+    assert_eq!(n(results, "connected"), 0, "{value}");
+    assert_eq!(n(results, "failed"), 5, "{value}");
+    assert_eq!(results["failures"]["refused"], 5, "{value}");
+}
+
+#[test]
+fn persist_drains_everything_queued_while_offline() {
+    for mqtt in ["3.1.1", "5"] {
+        let broker = start_mosquitto();
+        let results =
+            run_scenario(&broker, &["persist", "--sessions", "3", "--count", "200", "--mqtt", mqtt]);
+        assert_eq!(n(&results, "acked"), 200, "{mqtt}: {results}");
+        assert_eq!(n(&results, "delivered"), 600, "{mqtt}: {results}");
+        assert_eq!(n(&results, "loss"), 0, "{mqtt}: {results}");
+        assert_eq!(n(&results, "session_present"), 3, "{mqtt}: {results}");
+    }
+}
+
+#[test]
+fn churn_reconnects_over_a_client_id_pool() {
+    let broker = start_mosquitto();
+    let results = run_scenario(&broker, &["churn", "--clients", "3", "--conns", "6", "--count", "60"]);
+    assert_eq!(n(&results, "connects"), 60, "{results}");
+    assert_eq!(n(&results, "failed"), 0, "{results}");
+    // Only the first connect of each id can find no session.
+    assert!(n(&results, "session_present") >= 60 - 6, "{results}");
+}
+
+#[test]
+fn compare_reports_a_missing_shardmq_and_still_shows_mosquitto() {
+    let value = run_compare(&[
+        "compare",
+        "--scenario",
+        "pubsub --mode pairs --count 50 --threads 1",
+        "--shardmq-bin",
+        "/nonexistent/shardmq",
+    ]);
+    let (table, line) = value;
+    assert!(table.contains("| metric | shardmq | mosquitto |"), "{table}");
+    assert!(table.contains("**shardmq**: not started"), "{table}");
+    assert_eq!(line["brokers"]["mosquitto"]["status"], "ok", "{line}");
+    assert_eq!(line["brokers"]["mosquitto"]["median"]["delivered"], 50.0, "{line}");
+}
+
+/// Runs `compare` and returns its table (every stdout line but the last) and its JSON line.
+fn run_compare(args: &[&str]) -> (String, Value) {
+    // `compare` starts Mosquitto itself; check PATH here so a missing broker reads clearly.
+    drop(start_mosquitto());
+    let child = Command::new(env!("CARGO_BIN_EXE_shardmq-bench"))
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting shardmq-bench compare");
+    let pid = child.id();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    let output = match rx.recv_timeout(RUN_TIMEOUT) {
+        Ok(output) => output.expect("waiting for compare"),
+        Err(_) => {
+            // SAFETY: as in `run_bench`: our own unreaped child.
+            unsafe {
+                libc::kill(pid as libc::pid_t, libc::SIGKILL);
+            }
+            panic!("compare did not finish within {RUN_TIMEOUT:?}");
+        }
+    };
+    let stdout = String::from_utf8_lossy(&output.stdout).to_string();
+    assert!(output.status.success(), "compare failed: {stdout} {}", String::from_utf8_lossy(&output.stderr));
+    let (table, last) = stdout.trim_end().rsplit_once('\n').expect("a table and a JSON line");
+    (table.to_string(), serde_json::from_str(last).expect("compare's last line is JSON"))
+}
