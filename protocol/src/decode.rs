@@ -46,7 +46,12 @@ pub fn decode(
     }
     let mut frame = buf.split_to(frame_len).freeze();
     frame.advance(header_len);
-    decode_body(packet_type, first_byte & 0x0F, Reader::new(frame), version).map(Some)
+    let reader = Reader::new(frame);
+    // PUBLISH is the hot path: a tail call that builds the packet in place (see `decode_publish`).
+    if packet_type == PacketType::Publish {
+        return publish::decode_publish(first_byte & 0x0F, reader, version);
+    }
+    decode_body(packet_type, reader, version).map(Some)
 }
 
 /// The fixed-header length and the whole frame length, once the fixed header is complete, after
@@ -96,14 +101,17 @@ fn check_first_byte(first_byte: u8, version: ProtocolVersion) -> Result<PacketTy
     Ok(packet_type)
 }
 
+/// Every packet but PUBLISH.
 fn decode_body(
     packet_type: PacketType,
-    flags: u8,
     reader: Reader,
     version: ProtocolVersion,
 ) -> Result<Packet, DecodeError> {
     Ok(match packet_type {
-        PacketType::Publish => Packet::Publish(publish::decode_publish(flags, reader, version)?),
+        PacketType::Publish => {
+            // Handled by `decode` before calling here.
+            return Err(DecodeError::InvalidPacketType(PacketType::Publish as u8));
+        }
         PacketType::PubAck => Packet::PubAck(publish::decode_pub_resp(packet_type, reader, version)?),
         PacketType::PubRec => Packet::PubRec(publish::decode_pub_resp(packet_type, reader, version)?),
         PacketType::PubRel => Packet::PubRel(publish::decode_pub_resp(packet_type, reader, version)?),

@@ -112,6 +112,11 @@ pub enum DecodeError {
     /// Reserved bits of the subscription options byte set (MQTT-3.8.3-5; 3.1.1 MQTT-3.8.3-4).
     #[error("reserved subscription option bits set")]
     SubscriptionOptionsReserved,
+    /// Maximum QoS 3 in the options of an MQTT 5 SUBSCRIBE: a Protocol Error (MQTT 5 3.8.3.1),
+    /// unlike QoS 3 in a PUBLISH or a will, which is a Malformed Packet ([`DecodeError::InvalidQoS`],
+    /// also used for a 3.x SUBSCRIBE, where MQTT-3.8.3-4 calls it malformed).
+    #[error("subscription maximum QoS 3")]
+    InvalidSubscriptionQoS,
     /// Retain handling 3 (MQTT 5 3.8.3.1).
     #[error("retain handling 3")]
     InvalidRetainHandling,
@@ -138,6 +143,7 @@ impl DecodeError {
             | InvalidPropertyValue(_)
             | MissingProperty(_)
             | NoTopicFilters
+            | InvalidSubscriptionQoS
             | InvalidRetainHandling
             | NoLocalOnSharedSubscription
             | UnexpectedPacket(_)

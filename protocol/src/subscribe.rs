@@ -54,7 +54,11 @@ fn options(byte: u8, filter: &Utf8, version: ProtocolVersion) -> Result<Subscrip
     if byte & reserved != 0 {
         return Err(DecodeError::SubscriptionOptionsReserved);
     }
-    let qos = QoS::from_u8(byte & 0b11).ok_or(DecodeError::InvalidQoS)?;
+    let qos = QoS::from_u8(byte & 0b11).ok_or(if version.is_v5() {
+        DecodeError::InvalidSubscriptionQoS
+    } else {
+        DecodeError::InvalidQoS
+    })?;
     let retain_handling = match (byte >> 4) & 0b11 {
         0 => RetainHandling::SendAtSubscribe,
         1 => RetainHandling::SendIfNew,
@@ -353,6 +357,7 @@ mod tests {
         assert_eq!(decode_bytes(&[0x82, 6, 0, 1, 0, 1, b'a', 4], V3), Err(SubscriptionOptionsReserved));
         assert_eq!(decode_bytes(&[0x82, 7, 0, 1, 0, 0, 1, b'a', 0x40], V5), Err(SubscriptionOptionsReserved));
         assert_eq!(decode_bytes(&[0x82, 7, 0, 1, 0, 0, 1, b'a', 0x30], V5), Err(InvalidRetainHandling));
+        assert_eq!(decode_bytes(&[0x82, 7, 0, 1, 0, 0, 1, b'a', 0x03], V5), Err(InvalidSubscriptionQoS));
         assert_eq!(decode_bytes(&[0x82, 5, 0, 1, 0, 1, b'a'], V3), Err(LengthMismatch));
         let mut shared = vec![0x82, 0, 0, 1, 0, 0, 9];
         shared.extend_from_slice(b"$share/g/");

@@ -139,9 +139,26 @@ pub(crate) fn utf8(bytes: Bytes) -> Result<Utf8, DecodeError> {
 }
 
 /// True when a topic name contains a wildcard character (`+` or `#`), which only filters may hold.
+///
+/// Eight bytes at a time: this runs on every PUBLISH. `+` (0x2B) and `#` (0x23) differ only in bit
+/// 3, so clearing that bit maps both to 0x23, and a byte equal to 0x23 becomes zero after the XOR.
 #[inline]
 pub(crate) fn has_wildcard(topic: &[u8]) -> bool {
-    topic.iter().any(|&byte| byte == b'+' || byte == b'#')
+    const LOW: u64 = 0x0101_0101_0101_0101;
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    const CLEAR_BIT3: u64 = !0x0808_0808_0808_0808;
+    const HASH: u64 = 0x2323_2323_2323_2323;
+    let mut chunks = topic.chunks_exact(8);
+    for chunk in &mut chunks {
+        let mut word = [0u8; 8];
+        word.copy_from_slice(chunk);
+        let masked = (u64::from_le_bytes(word) & CLEAR_BIT3) ^ HASH;
+        // Exact test for "some byte of `masked` is zero".
+        if masked.wrapping_sub(LOW) & !masked & HIGH != 0 {
+            return true;
+        }
+    }
+    chunks.remainder().iter().any(|&byte| byte & 0xF7 == 0x23)
 }
 
 /// Parses the remaining length at `buf[1..]`: `Ok(None)` while incomplete, otherwise the fixed-header
@@ -290,6 +307,31 @@ mod tests {
         assert_eq!(reader.u32(), Err(DecodeError::LengthMismatch));
         assert_eq!(reader.u8(), Ok(1));
         assert_eq!(reader.u8(), Err(DecodeError::LengthMismatch));
+    }
+
+    #[test]
+    fn wildcard_scan_agrees_with_the_naive_one() {
+        let naive = |topic: &[u8]| topic.iter().any(|&byte| byte == b'+' || byte == b'#');
+        let mut topic = b"abcdefghijklmnopqrstuvwxyz/0123456789".to_vec();
+        assert!(!has_wildcard(&topic));
+        for at in 0..topic.len() {
+            for wildcard in [b'+', b'#', b'\x03', b'\x2B' ^ 0x80, b'\xAB', b'\xA3', b'\x2A', b'\x22'] {
+                let original = topic[at];
+                topic[at] = wildcard;
+                for len in 0..=topic.len() {
+                    assert_eq!(
+                        has_wildcard(&topic[..len]),
+                        naive(&topic[..len]),
+                        "{wildcard} at {at} len {len}"
+                    );
+                }
+                topic[at] = original;
+            }
+        }
+        for byte in 0..=255u8 {
+            let topic = [b'a', b'b', b'c', b'd', b'e', b'f', b'g', byte, byte];
+            assert_eq!(has_wildcard(&topic), naive(&topic), "{byte}");
+        }
     }
 
     #[test]
