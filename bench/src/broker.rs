@@ -47,6 +47,8 @@ pub struct Broker {
     pub port: u16,
     child: Child,
     pub log_path: PathBuf,
+    /// Scratch directory (config, log, data); removed on drop.
+    dir: PathBuf,
 }
 
 impl Broker {
@@ -71,6 +73,7 @@ impl Drop for Broker {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
@@ -97,6 +100,8 @@ pub fn start_shardmq(bin: &Path, cores: u32) -> anyhow::Result<Broker> {
     if !bin.exists() {
         bail!("shardmq binary {} does not exist (build it with `cargo build --release`)", bin.display());
     }
+    // Absolute, because the broker runs in its scratch directory (where its data dir lands).
+    let bin = bin.canonicalize().with_context(|| format!("resolving {}", bin.display()))?;
     let port = free_port()?;
     let dir = scratch_dir("shardmq", port)?;
     let mut command = Command::new(bin);
@@ -121,9 +126,10 @@ pub fn start_template(name: &str, template: &str, cores: u32) -> anyhow::Result<
 fn spawn_and_wait(name: &str, mut command: Command, port: u16, dir: &Path) -> anyhow::Result<Broker> {
     let log_path = dir.join(format!("{name}.log"));
     let log = File::create(&log_path)?;
-    command.stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
+    // The scratch directory is the working directory, so relative data dirs stay out of the caller's.
+    command.current_dir(dir).stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
     let child = command.spawn().with_context(|| format!("starting {name}"))?;
-    let mut broker = Broker { name: name.to_string(), port, child, log_path };
+    let mut broker = Broker { name: name.to_string(), port, child, log_path, dir: dir.to_path_buf() };
     wait_for_port(&mut broker)?;
     Ok(broker)
 }

@@ -212,7 +212,7 @@ fn median_results(rounds: &[Value]) -> Map<String, Value> {
         let middle = values.len() / 2;
         let median =
             if values.len() % 2 == 1 { values[middle] } else { (values[middle - 1] + values[middle]) / 2.0 };
-        medians.insert(key, json!(median));
+        medians.insert(key, json!((median * 1000.0).round() / 1000.0));
     }
     medians
 }
