@@ -12,7 +12,8 @@
 //! - An inbound packet larger than [`PACKET_SIZE_MAX_BYTES`] is a protocol error: the read buffer is
 //!   therefore bounded by that plus one read chunk.
 //! - Producers stop adding to the write buffer once [`Conn::write_backlogged`] is true (at
-//!   [`WRITE_BUFFER_HIGH_WATER_BYTES`]), so it is bounded by that plus one batch.
+//!   [`WRITE_BUFFER_HIGH_WATER_BYTES`]), and [`Conn::ready`] stops reading (so stops queuing
+//!   replies) while it is, so the buffer is bounded by that plus one batch or one read's replies.
 //! - A connection starts with empty buffers (no allocation until a byte moves), so idle
 //!   connections of the `conn` scenario cost only their task and socket.
 
@@ -216,10 +217,15 @@ impl Conn {
         }
     }
 
-    /// Waits until the socket is readable, or writable when bytes wait to be written.
-    /// Cancel-safe, so it can sit in a `select!` beside timers.
+    /// Waits until the socket is readable, or writable when bytes wait to be written. While the
+    /// write buffer is over its high-water mark only writability is awaited: a peer that does not
+    /// read our acknowledgements is not read from either, which is what bounds the write buffer
+    /// of a subscriber (each PUBLISH read queues a PUBACK / PUBREC). Cancel-safe, so it can sit in
+    /// a `select!` beside timers.
     pub async fn ready(&self) -> io::Result<Ready> {
-        let interest = if self.write_buf.is_empty() {
+        let interest = if self.write_backlogged() {
+            Interest::WRITABLE
+        } else if self.write_buf.is_empty() {
             Interest::READABLE
         } else {
             Interest::READABLE | Interest::WRITABLE
