@@ -36,9 +36,13 @@ fn git_commit() -> String {
         let text = String::from_utf8(output.stdout).ok()?.trim().to_string();
         (output.status.success() && !text.is_empty()).then_some(text)
     };
-    // The working directory first, then the directory of the binary (a run from elsewhere).
+    // The working directory first, then the directory of the binary, then the source tree it was
+    // built from (a run from elsewhere, e.g. a scratch directory).
     let exe_dir = std::env::current_exe().ok().and_then(|p| p.parent().map(|d| d.to_path_buf()));
-    from_dir(None).or_else(|| from_dir(exe_dir)).unwrap_or_else(|| "unknown".to_string())
+    from_dir(None)
+        .or_else(|| from_dir(exe_dir))
+        .or_else(|| from_dir(Some(std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")))))
+        .unwrap_or_else(|| "unknown".to_string())
 }
 
 fn kernel() -> String {

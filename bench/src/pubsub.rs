@@ -301,7 +301,10 @@ pub fn run(args: PubSubArgs) -> anyhow::Result<(Value, Value)> {
         let _ = engine::join_workers(handles);
         progress.finish();
         let errors = shared.errors.lock().unwrap_or_else(|e| e.into_inner()).join("; ");
-        bail!("setup failed (timeout: {}): {errors}", !ready);
+        if !ready {
+            bail!("setup did not finish within {SETUP_TIMEOUT:?}: {errors}");
+        }
+        bail!("setup failed: {errors}");
     }
 
     let start_ns = mono_ns();
