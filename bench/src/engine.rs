@@ -103,6 +103,9 @@ pub fn join_workers<T>(handles: Vec<JoinHandle<anyhow::Result<T>>>) -> anyhow::R
     }
 }
 
+/// How far behind its schedule a [`Pacer`] may catch up in a burst.
+const CATCH_UP_MAX: Duration = Duration::from_secs(1);
+
 /// Hands out evenly spaced start times on one worker thread (open-loop pacing of connects).
 /// `interval == 0` means "no pacing".
 #[derive(Debug)]
@@ -123,8 +126,14 @@ impl Pacer {
         if self.interval.is_zero() {
             return;
         }
+        // Slots follow the schedule, not the wake-ups: the timer wheel rounds sleeps up to a
+        // millisecond, so clamping each slot to "now" would cap a thread at ~1,000 events/s.
+        // A thread more than `CATCH_UP_MAX` behind (a stall) restarts from now rather than burst.
         let now = Instant::now();
-        let slot = self.next.get().max(now);
+        let mut slot = self.next.get();
+        if slot + CATCH_UP_MAX < now {
+            slot = now;
+        }
         self.next.set(slot + self.interval);
         if slot > now {
             tokio::time::sleep_until(slot.into()).await;
