@@ -404,7 +404,9 @@ impl Shard {
             let session = self.sessions.get_mut(key).expect("index and slab agree");
             if let Some(old) = session.conn.take() {
                 old.close(Some(ReasonCode::SessionTakenOver));
-                bump(&self.stats.connections, 0);
+                // The old connection's `disconnected` will find the session owned by the new one and
+                // return early, so it is counted as gone here.
+                self.stats.connections.fetch_sub(1, Ordering::Relaxed);
             }
             // The old connection's will: sent now if it has no delay or the session ends, else dropped
             // (the session continues, MQTT 5 section 3.1.3.2.2).
