@@ -6,6 +6,11 @@
 //! brokers listen on port 0 so tests run in parallel.
 //!
 //! Each test file includes this module with `mod common;`; not every file uses every helper.
+//!
+//! Known client limitation: rumqttc 0.24's v5 decoder cannot parse a DISCONNECT whose remaining
+//! length is 1 (reason code, no property length), which MQTT 5 section 3.14.2.2.1 allows and the
+//! broker sends; it reports a plain close instead. Tests that check a server DISCONNECT reason
+//! code use [`Raw`].
 #![allow(dead_code)]
 
 use std::collections::VecDeque;
@@ -91,6 +96,19 @@ impl TestBroker {
                 return value;
             }
             assert!(Instant::now() < deadline, "stat stayed at {value}, wanted >= {at_least}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Waits until the live-connection gauge summed over shards equals `count`.
+    pub async fn wait_connections(&self, count: u64) {
+        let deadline = Instant::now() + TIMEOUT;
+        loop {
+            let value = self.stat(|s| &s.connections);
+            if value == count {
+                return;
+            }
+            assert!(Instant::now() < deadline, "connections stayed at {value}, wanted {count}");
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
