@@ -124,7 +124,8 @@ pub struct Session {
     pub expiry_secs: u32,
     /// When an offline session expires.
     pub expires_at: Option<Instant>,
-    pub will: Option<WillState>,
+    /// Boxed: most sessions have none, and a will with its properties is ~450 bytes.
+    pub will: Option<Box<WillState>>,
     /// When a delayed will is due (session offline, will kept).
     pub will_due_at: Option<Instant>,
     /// Messages waiting to be sent.
@@ -312,6 +313,9 @@ impl Session {
             properties: Properties::default(),
             payload: msg.payload.clone(),
         };
+        // An alias this PUBLISH would establish; recorded only once the PUBLISH is actually sent,
+        // or a later message would use an alias the client never learnt (MQTT-3.3.2-12 ff.).
+        let mut new_alias = None;
         if self.version.is_v5() {
             let mut properties = msg.properties.clone();
             properties.message_expiry_interval = msg.expiry_remaining_secs(now);
@@ -327,7 +331,7 @@ impl Session {
                         let next = self.aliases_out.len() + 1;
                         if next <= usize::from(self.client_topic_alias_max) {
                             let alias = next as u16;
-                            self.aliases_out.insert(msg.topic.clone(), alias);
+                            new_alias = Some(alias);
                             publish.properties.topic_alias = Some(alias);
                         }
                     }
@@ -339,7 +343,11 @@ impl Session {
         if len as u64 > u64::from(self.client_packet_size_max) {
             return Err(());
         }
-        encode(&packet, self.version, out).map_err(|_| ())
+        encode(&packet, self.version, out).map_err(|_| ())?;
+        if let Some(alias) = new_alias {
+            self.aliases_out.insert(msg.topic.clone(), alias);
+        }
+        Ok(())
     }
 }
 
