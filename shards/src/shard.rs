@@ -272,6 +272,8 @@ pub struct Shard {
     scratch: Vec<(SessionKey, QoS, bool, Option<u32>)>,
     /// Sockets handed to this shard, waiting for the runtime to spawn their tasks.
     pub handoffs: Vec<Handoff>,
+    /// Keep-alive deadlines of this shard's connections.
+    pub keepalive: crate::conn::KeepaliveQueue,
 }
 
 /// Stable hash used for placement (home shard, retained partition): SipHash with fixed keys.
@@ -315,6 +317,7 @@ impl Shard {
             next_conn_id: 1,
             scratch: Vec::new(),
             handoffs: Vec::new(),
+            keepalive: Default::default(),
         }
     }
 
@@ -357,7 +360,9 @@ impl Shard {
             // Enhanced authentication arrives with the auth plugins (issue 6).
             return refuse(ReasonCode::BadAuthenticationMethod);
         }
-        let mut client_id = connect.client_id.clone();
+        // A copy, not a slice: a slice would keep the connection's first read buffer alive for the
+        // life of the session.
+        let mut client_id = Utf8::new(connect.client_id.as_str()).unwrap_or_default();
         let mut assigned = None;
         if client_id.is_empty() {
             let allowed = match version {
@@ -368,7 +373,20 @@ impl Shard {
             if !allowed {
                 return refuse(ReasonCode::ClientIdentifierNotValid);
             }
-            let generated = format!("shardmq-{}-{}", self.id.0, conn.id.0);
+            // The session lives on this shard, so the id must hash to this shard: a reconnect with
+            // the assigned id is routed by its hash and must meet the session here. About one
+            // candidate in `cores` fits; the bound makes a miss astronomically unlikely.
+            let shard_count = self.shard_count();
+            let fits = |id: &String| {
+                home_shard(TenantId::default(), id, shard_count) == self.id
+                    && self.sessions.find(TenantId::default(), &Utf8::new(id).expect("ASCII id")).is_none()
+            };
+            let candidates_max = 64 * SHARDS_MAX as u32;
+            let Some(generated) =
+                (0..candidates_max).map(|n| format!("shardmq-{}-{}-{n}", self.id.0, conn.id.0)).find(fits)
+            else {
+                return refuse(ReasonCode::ServerUnavailable);
+            };
             client_id = Utf8::new(&generated).expect("generated id is valid UTF-8");
             assigned = Some(client_id.clone());
         } else if version == ProtocolVersion::V3_1 && client_id.len() > 23 {
@@ -443,7 +461,7 @@ impl Shard {
         session.request_problem_information = connect.properties.request_problem_information != Some(0);
         session.will = connect.will.map(|will| {
             let delay_secs = will.properties.will_delay_interval.unwrap_or(0);
-            WillState { will, delay_secs }
+            Box::new(WillState { will, delay_secs })
         });
         session.mark_inflight_unsent();
 
@@ -537,6 +555,7 @@ impl Shard {
 
     /// Runs due timers: delayed wills and session expiry.
     pub fn tick(&mut self, now: Instant) {
+        self.keepalive.expire(now);
         // Bounded by the number of due entries; stale entries (session gone or rescheduled) are skipped.
         while let Some(Reverse(entry)) = self.timers.peek() {
             if entry.at > now {
