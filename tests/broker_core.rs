@@ -661,3 +661,258 @@ async fn connect_timeout() {
     })
     .await;
 }
+
+/// Shared subscriptions: members on several shards (one a 3.1.1 client) get every message exactly
+/// once between them, each gets some; a non-shared subscriber gets all.
+#[tokio::test]
+async fn shared_subscriptions_balance_across_shards() {
+    bounded(async {
+        const COUNT: usize = 30;
+        for cores in CORES {
+            let broker = TestBroker::start(cores);
+            let filter = format!("$share/g/sh{cores}/+");
+            let mut members = vec![
+                Client::connect(broker.addr, Version::V5, &broker.id_on_shard(&format!("sh5a-{cores}"), 0))
+                    .await,
+                Client::connect(broker.addr, Version::V4, &broker.id_on_shard(&format!("sh4-{cores}"), 1))
+                    .await,
+                Client::connect(
+                    broker.addr,
+                    Version::V5,
+                    &broker.id_on_shard(&format!("sh5b-{cores}"), cores - 1),
+                )
+                .await,
+            ];
+            for member in &mut members {
+                assert_eq!(member.subscribe(&filter, 1).await, 1);
+            }
+            let mut plain =
+                Client::connect(broker.addr, Version::V4, &broker.id_on_shard(&format!("shp-{cores}"), 1))
+                    .await;
+            assert_eq!(plain.subscribe(&format!("sh{cores}/+"), 1).await, 1);
+            let mut publisher =
+                Client::connect(broker.addr, Version::V5, &broker.id_on_shard(&format!("shpub-{cores}"), 0))
+                    .await;
+            for n in 0..COUNT {
+                publisher.publish(&format!("sh{cores}/{}", n % 3), 1, false, format!("{n}")).await;
+            }
+            for n in 0..COUNT {
+                plain.expect_msg(&format!("sh{cores}/{}", n % 3), format!("{n}").as_bytes()).await;
+            }
+            let mut got: Vec<Vec<usize>> = vec![Vec::new(); members.len()];
+            let deadline = std::time::Instant::now() + TIMEOUT;
+            while got.iter().map(Vec::len).sum::<usize>() < COUNT {
+                assert!(std::time::Instant::now() < deadline, "cores={cores}: members got {got:?}");
+                for (index, member) in members.iter_mut().enumerate() {
+                    while let Some(msg) =
+                        member.try_publish_within(std::time::Duration::from_millis(20)).await
+                    {
+                        got[index].push(std::str::from_utf8(&msg.payload).unwrap().parse().unwrap());
+                    }
+                }
+            }
+            for member in &mut members {
+                member.expect_no_publish_within(std::time::Duration::from_millis(100)).await;
+            }
+            let mut all: Vec<usize> = got.iter().flatten().copied().collect();
+            all.sort_unstable();
+            assert_eq!(
+                all,
+                (0..COUNT).collect::<Vec<_>>(),
+                "cores={cores}: each message to exactly one member"
+            );
+            for (index, received) in got.iter().enumerate() {
+                assert!(!received.is_empty(), "cores={cores}: member {index} got nothing: {got:?}");
+            }
+        }
+    })
+    .await;
+}
+
+/// MQTT 3.x rules: invalid filter, empty client id, MQTT 3.1, unsupported protocol level.
+#[tokio::test]
+async fn v3_rules() {
+    use shardmq_protocol::PubResp;
+    bounded(async {
+        for cores in CORES {
+            let broker = TestBroker::start(cores);
+            // SUBACK failure for an invalid filter, success for the valid one beside it (3.1.1: 0x80,
+            // 5.0: 0x8F topic filter invalid).
+            for (version, code) in [(ProtocolVersion::V3_1_1, 0x80), (ProtocolVersion::V5, 0x8F)] {
+                let mut raw =
+                    Raw::connect(broker.addr, version, &format!("inv-{cores}-{}", version.level())).await;
+                assert_eq!(raw.subscribe(1, "a/#/b", 0).await, vec![code]);
+                assert_eq!(raw.subscribe(2, "a/+/b", 1).await, vec![1]);
+            }
+            // Empty client id with clean session 0: CONNACK 2 (identifier rejected), then close.
+            let (mut raw, ack) =
+                Raw::connect_with(broker.addr, connect_packet(ProtocolVersion::V3_1_1, "", false, 60)).await;
+            assert_eq!(ack.reason.to_v3_connack(), Some(2), "{ack:?}");
+            raw.expect_closed().await;
+            // Empty client id with clean session 1 is accepted.
+            let (_raw, ack) =
+                Raw::connect_with(broker.addr, connect_packet(ProtocolVersion::V3_1_1, "", true, 60)).await;
+            assert_eq!(ack.reason.as_u8(), 0);
+
+            // MQTT 3.1 (MQIsdp, level 3) connects and publishes/subscribes across shards.
+            let mut sub31 =
+                Raw::connect(broker.addr, ProtocolVersion::V3_1, &broker.id_on_shard("s31", 0)).await;
+            assert_eq!(sub31.subscribe(1, "v31/+", 1).await, vec![1]);
+            let mut pub31 =
+                Raw::connect(broker.addr, ProtocolVersion::V3_1, &broker.id_on_shard("p31", 1)).await;
+            pub31.send(&Packet::Publish(publish_packet("v31/x", 1, Some(5), b"hello 3.1"))).await;
+            assert!(matches!(pub31.expect().await, Packet::PubAck(a) if a.packet_id == 5));
+            match sub31.expect().await {
+                Packet::Publish(p) => {
+                    assert_eq!((p.topic.as_str(), &p.payload[..]), ("v31/x", &b"hello 3.1"[..]));
+                    sub31.send(&Packet::PubAck(PubResp::new(p.packet_id.unwrap()))).await;
+                }
+                other => panic!("expected PUBLISH, got {other:?}"),
+            }
+            // A 3.1 client id longer than 23 characters: CONNACK 2.
+            let long = "abcdefghijklmnopqrstuvwx";
+            assert_eq!(long.len(), 24);
+            let (mut raw, ack) =
+                Raw::connect_with(broker.addr, connect_packet(ProtocolVersion::V3_1, long, true, 60)).await;
+            assert_eq!(ack.reason.to_v3_connack(), Some(2), "{ack:?}");
+            raw.expect_closed().await;
+            // 23 is fine.
+            let (_raw, ack) =
+                Raw::connect_with(broker.addr, connect_packet(ProtocolVersion::V3_1, &long[..23], true, 60))
+                    .await;
+            assert_eq!(ack.reason.as_u8(), 0);
+
+            // Unsupported protocol level: CONNACK 1 (unacceptable protocol version), then close.
+            let mut raw = Raw::open(broker.addr, ProtocolVersion::V3_1_1).await;
+            raw.send_bytes(&[0x10, 13, 0, 4, b'M', b'Q', b'T', b'T', 6, 0x02, 0, 60, 0, 1, b'z']).await;
+            let seen = raw.expect_closed().await;
+            assert!(
+                matches!(seen.as_slice(), [Packet::ConnAck(a)] if a.reason.to_v3_connack() == Some(1)),
+                "expected CONNACK 1 then close, got {seen:?}"
+            );
+        }
+    })
+    .await;
+}
+
+/// Denied topic filters: subscribing fails (0x80 / v5 0x87), publishing is dropped (v5 PUBACK 0x87).
+#[tokio::test]
+async fn denied_topic_filters() {
+    bounded(async {
+        for cores in CORES {
+            let broker = TestBroker::start_with(|cfg| {
+                cfg.cores = cores;
+                cfg.denied_topic_filters = vec!["secret/#".to_string()];
+            });
+            let mut watcher = Client::connect(broker.addr, Version::V4, &broker.id_on_shard("dw", 1)).await;
+            assert_eq!(watcher.subscribe("#", 1).await, 1);
+            // Raw clients: rumqttc v5 ends the connection on a refusal (see common/mod.rs).
+            for (version, code) in [(ProtocolVersion::V3_1_1, 0x80), (ProtocolVersion::V5, 0x87)] {
+                let tag = format!("{}-{cores}", version.level());
+                let mut client =
+                    Raw::connect(broker.addr, version, &broker.id_on_shard(&format!("dc-{tag}"), 0)).await;
+                assert_eq!(client.subscribe(1, "secret/x", 1).await, vec![code]);
+                assert_eq!(client.subscribe(2, "secret/#", 0).await, vec![code]);
+                assert_eq!(client.subscribe(3, "open/x", 1).await, vec![1]);
+                client.send(&Packet::Publish(publish_packet("secret/a", 1, Some(10), b"hidden"))).await;
+                match client.expect().await {
+                    Packet::PubAck(ack) => {
+                        assert_eq!(ack.packet_id, 10);
+                        let want = if version.is_v5() { 0x87 } else { 0 };
+                        assert_eq!(ack.reason.as_u8(), want, "PUBACK reason");
+                    }
+                    other => panic!("expected PUBACK, got {other:?}"),
+                }
+                client.send(&Packet::Publish(publish_packet("secret/b", 0, None, b"hidden"))).await;
+                let marker = format!("visible-{tag}");
+                client.send(&Packet::Publish(publish_packet("open/x", 0, None, marker.as_bytes()))).await;
+                // The marker arrives after anything the denied publishes could have produced.
+                let msg = watcher.expect_publish().await;
+                assert_eq!((msg.topic.as_str(), &msg.payload[..]), ("open/x", marker.as_bytes()));
+                match client.expect().await {
+                    Packet::Publish(p) => assert_eq!(p.topic.as_str(), "open/x"),
+                    other => panic!("expected PUBLISH, got {other:?}"),
+                }
+            }
+            watcher.expect_no_publish().await;
+            assert!(broker.stat(|s| &s.dropped_denied) >= 4);
+        }
+    })
+    .await;
+}
+
+/// A subscriber that stops reading, with a small queue bound, does not hold up others, and the
+/// drops are counted.
+#[tokio::test]
+async fn bounded_queue_for_a_stuck_subscriber() {
+    bounded(async {
+        for cores in CORES {
+            let broker = TestBroker::start_with(|cfg| {
+                cfg.cores = cores;
+                cfg.queued_messages_max = 10;
+                cfg.inflight_count_max = 4;
+            });
+            // QoS 1: the stuck subscriber never acknowledges, so its window fills, then its queue.
+            let mut stuck = Raw::open_with_rcvbuf(broker.addr, ProtocolVersion::V3_1_1, 4096).await;
+            stuck
+                .send(&Packet::Connect(Box::new(connect_packet(
+                    ProtocolVersion::V3_1_1,
+                    &broker.id_on_shard("stuck", 0),
+                    true,
+                    0,
+                ))))
+                .await;
+            assert!(matches!(stuck.expect().await, Packet::ConnAck(_)));
+            assert_eq!(stuck.subscribe(1, "bq/#", 1).await, vec![1]);
+            let mut good = Client::connect(broker.addr, Version::V4, &broker.id_on_shard("good", 1)).await;
+            assert_eq!(good.subscribe("bq/#", 1).await, 1);
+            let mut publisher =
+                Client::connect(broker.addr, Version::V5, &broker.id_on_shard("bqp", 1)).await;
+            const QOS1_COUNT: usize = 100;
+            for n in 0..QOS1_COUNT {
+                publisher.publish("bq/1", 1, false, format!("{n}")).await;
+            }
+            for n in 0..QOS1_COUNT {
+                good.expect_msg("bq/1", format!("{n}").as_bytes()).await;
+            }
+            let dropped = broker.wait_stat(|s| &s.dropped_queue_full, (QOS1_COUNT - 4 - 10) as u64).await;
+            assert!(dropped <= QOS1_COUNT as u64, "dropped {dropped}");
+
+            // QoS 0 with large payloads: the stuck socket fills, the queue bound drops the rest.
+            let mut stuck0 = Raw::open_with_rcvbuf(broker.addr, ProtocolVersion::V3_1_1, 4096).await;
+            stuck0
+                .send(&Packet::Connect(Box::new(connect_packet(
+                    ProtocolVersion::V3_1_1,
+                    &broker.id_on_shard("stuck0", 1),
+                    true,
+                    0,
+                ))))
+                .await;
+            assert!(matches!(stuck0.expect().await, Packet::ConnAck(_)));
+            assert_eq!(stuck0.subscribe(1, "bq0/#", 0).await, vec![0]);
+            assert_eq!(good.subscribe("bq0/#", 0).await, 0);
+            let before = broker.stat(|s| &s.dropped_queue_full);
+            const QOS0_COUNT: usize = 1200;
+            let payload = bytes::Bytes::from(vec![b'x'; 16 * 1024]);
+            for n in 0..QOS0_COUNT {
+                publisher.publish_nowait("bq0/x", 0, false, payload.clone()).await;
+                if n % 100 == 99 {
+                    // Pace on a QoS 1 round trip so the publisher's own queue stays small.
+                    publisher.publish("bq0/sync", 1, false, "sync").await;
+                }
+            }
+            let mut received = 0;
+            while received < QOS0_COUNT {
+                let msg = good.expect_publish().await;
+                if msg.topic == "bq0/x" {
+                    assert_eq!(msg.payload.len(), payload.len());
+                    received += 1;
+                }
+            }
+            assert!(broker.wait_stat(|s| &s.dropped_queue_full, before + 1).await > before);
+            drop(stuck);
+            drop(stuck0);
+        }
+    })
+    .await;
+}

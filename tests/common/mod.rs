@@ -10,7 +10,8 @@
 //! Known client limitation: rumqttc 0.24's v5 decoder cannot parse a DISCONNECT whose remaining
 //! length is 1 (reason code, no property length), which MQTT 5 section 3.14.2.2.1 allows and the
 //! broker sends; it reports a plain close instead. Tests that check a server DISCONNECT reason
-//! code use [`Raw`].
+//! code use [`Raw`]. It also ends the connection on a SUBACK failure code or a PUBACK error
+//! reason (the harness reports the code, then `Ev::Closed`), so tests of refusals use [`Raw`] too.
 #![allow(dead_code)]
 
 use std::collections::VecDeque;
@@ -491,6 +492,21 @@ impl Client {
                                 {
                                     let _ = tx.send(Ev::Disconnect { reason: *reason_code as u8 });
                                 }
+                                // rumqttc ends the connection on a failed SUBACK or PUBACK: report the
+                                // code, then the close.
+                                if let rumqttc::v5::ConnectionError::MqttState(
+                                    rumqttc::v5::StateError::SubFail { reason },
+                                ) = &error
+                                {
+                                    let _ =
+                                        tx.send(Ev::SubAck { pkid: 0, codes: vec![v5_suback_code(reason)] });
+                                }
+                                if let rumqttc::v5::ConnectionError::MqttState(
+                                    rumqttc::v5::StateError::PubAckFail { reason },
+                                ) = &error
+                                {
+                                    let _ = tx.send(Ev::PubAck { pkid: 0, reason: v5_puback_code(*reason) });
+                                }
                                 let _ = tx.send(Ev::Closed(error.to_string()));
                                 break;
                             }
@@ -644,6 +660,25 @@ impl Client {
         }
     }
 
+    /// The next PUBLISH if one arrives within `timeout`, else None (for draining several clients).
+    pub async fn try_publish_within(&mut self, timeout: Duration) -> Option<Msg> {
+        if let Some(msg) = self.stash.pop_front() {
+            return Some(msg);
+        }
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            match tokio::time::timeout(left, self.events.recv()).await.ok().flatten() {
+                Some(Ev::Publish(msg)) => return Some(msg),
+                Some(Ev::Closed(reason)) => {
+                    panic!("{}: closed ({reason}) while waiting for PUBLISH", self.id)
+                }
+                Some(other) => self.stash_other.push_back(other),
+                None => return None,
+            }
+        }
+    }
+
     /// The next PUBLISH received, within [`TIMEOUT`].
     pub async fn expect_publish(&mut self) -> Msg {
         self.expect_publish_within(TIMEOUT).await
@@ -788,6 +823,18 @@ impl Raw {
     /// Opens a TCP connection; sends nothing.
     pub async fn open(addr: SocketAddr, version: ProtocolVersion) -> Raw {
         let stream = tokio::time::timeout(TIMEOUT, TcpStream::connect(addr))
+            .await
+            .expect("connect in time")
+            .expect("tcp connect");
+        stream.set_nodelay(true).expect("nodelay");
+        Raw { stream, version, buf: BytesMut::new() }
+    }
+
+    /// Opens a TCP connection whose receive buffer is about `rcvbuf_bytes` (a slow reader).
+    pub async fn open_with_rcvbuf(addr: SocketAddr, version: ProtocolVersion, rcvbuf_bytes: u32) -> Raw {
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket.set_recv_buffer_size(rcvbuf_bytes).expect("SO_RCVBUF");
+        let stream = tokio::time::timeout(TIMEOUT, socket.connect(addr))
             .await
             .expect("connect in time")
             .expect("tcp connect");
