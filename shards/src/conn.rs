@@ -70,6 +70,8 @@ pub async fn serve_accepted(cell: ShardCell, stream: TcpStream) {
     let mut buf = BytesMut::with_capacity(cfg.read_buffer_bytes_min);
     let deadline = Instant::now() + cfg.connect_timeout;
     let connect = loop {
+        // Read before decoding: a failed decode has already split the frame off `buf`.
+        let level = peek_connect_level(&buf);
         match decode(&mut buf, ProtocolVersion::V5, cfg.packet_size_bytes_max) {
             Ok(Some(Packet::Connect(connect))) => break connect,
             Ok(Some(other)) => {
@@ -80,7 +82,7 @@ pub async fn serve_accepted(cell: ShardCell, stream: TcpStream) {
             }
             Ok(None) => {}
             Err(error) => {
-                refuse_bad_connect(&cell, &mut stream, &buf, &error).await;
+                refuse_bad_connect(&cell, &mut stream, level, &error).await;
                 return;
             }
         }
@@ -142,10 +144,15 @@ fn peek_connect_level(buf: &[u8]) -> Option<u8> {
 }
 
 /// Answers a CONNECT that failed to decode: a CONNACK where the version allows one, then close.
-async fn refuse_bad_connect(cell: &ShardCell, stream: &mut TcpStream, buf: &[u8], error: &DecodeError) {
+/// `level` is the protocol level peeked from the frame before it was decoded.
+async fn refuse_bad_connect(
+    cell: &ShardCell,
+    stream: &mut TcpStream,
+    level: Option<u8>,
+    error: &DecodeError,
+) {
     bump_malformed(cell);
     debug!(%error, "bad CONNECT");
-    let level = peek_connect_level(buf);
     let bytes: Option<Vec<u8>> = match (level, error.v3_action()) {
         (Some(5), _) => {
             let mut out = BytesMut::new();
