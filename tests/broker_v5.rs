@@ -64,6 +64,9 @@ per_core_count!(
     reason_codes,
     shutdown_sends_server_shutting_down,
     shared_no_local_and_enhanced_auth,
+    retained_expiry_and_subscription_id,
+    session_expiry_capped_and_will_at_session_end,
+    invalid_v5_properties,
 );
 
 /// Two client ids homed on different shards: (subscriber on shard 0, publisher on the last).
@@ -1015,5 +1018,84 @@ async fn shared_no_local_and_enhanced_auth(cores: usize) {
         },
     };
     raw.send(&Packet::Auth(auth)).await;
+    assert_eq!(raw.expect_disconnect().await, ReasonCode::ProtocolError);
+}
+
+// ----- extras --------------------------------------------------------------------------------
+
+/// A retained message expires like any other (MQTT-3.3.2-5); one still alive is sent to a new
+/// subscriber with its remaining expiry and the subscription's identifier.
+async fn retained_expiry_and_subscription_id(cores: usize) {
+    let broker = start(cores, |_| {});
+    let (sub_id, pub_id) = ids(&broker, "retexp");
+    let mut publisher = Raw::connect(broker.addr, &pub_id, Properties::default()).await;
+    let mut short = qos1("rx/short", b"short");
+    short.retain = true;
+    short.properties.message_expiry_interval = Some(1);
+    assert_eq!(publisher.publish_qos1(short, 1).await, ReasonCode::Success);
+    let mut long = qos1("rx/long", b"long");
+    long.retain = true;
+    long.properties.message_expiry_interval = Some(60);
+    assert_eq!(publisher.publish_qos1(long, 2).await, ReasonCode::Success);
+    // Confirm both are stored (the publisher's own subscribe follows its publishes on the ring).
+    publisher.subscribe_ok(3, "rx/+", QoS::AtLeastOnce, None).await;
+    for _ in 0..2 {
+        let got = publisher.recv_publish().await;
+        assert!(got.retain);
+        puback(&mut publisher, got.packet_id.expect("QoS 1")).await;
+    }
+
+    // Time is the subject: let the 1 s expiry pass.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let mut sub = Raw::connect(broker.addr, &sub_id, Properties::default()).await;
+    sub.subscribe_ok(1, "rx/+", QoS::AtLeastOnce, Some(42)).await;
+    let got = sub.recv_publish().await;
+    assert_eq!((got.topic.as_str(), got.retain), ("rx/long", true));
+    assert_eq!(got.properties.subscription_identifiers, vec![42]);
+    let remaining = got.properties.message_expiry_interval.expect("remaining expiry");
+    assert!((57..=59).contains(&remaining), "remaining {remaining}");
+    puback(&mut sub, got.packet_id.expect("QoS 1")).await;
+    sub.expect_quiet().await;
+}
+
+/// A session expiry above the broker's maximum is capped and the cap announced in CONNACK; a
+/// will whose delay outlasts the session is published when the session ends (MQTT-3.1.3-9).
+async fn session_expiry_capped_and_will_at_session_end(cores: usize) {
+    let broker = start(cores, |cfg| cfg.session_expiry_secs_max = 1);
+    let (watcher_id, client_id) = ids(&broker, "cap");
+    let mut watcher = Raw::connect(broker.addr, &watcher_id, Properties::default()).await;
+    watcher.subscribe_ok(1, "will/cap", QoS::AtLeastOnce, None).await;
+    let mut connect = connect_with_will(&client_id, "will/cap", b"ended", Some(60));
+    connect.properties = session_expiry(3600);
+    let (client, connack) = Raw::connect_with(broker.addr, connect).await;
+    assert_eq!(connack.properties.session_expiry_interval, Some(1), "the cap is announced");
+    client.drop_connection();
+    let dropped_at = Instant::now();
+    // Time is the subject: the session ends after 1 s, long before the 60 s will delay.
+    let will = watcher.recv_publish().await;
+    let after = dropped_at.elapsed();
+    assert!(after >= Duration::from_millis(800), "will after {after:?}, before the session ended");
+    assert_eq!((will.topic.as_str(), &will.payload[..]), ("will/cap", &b"ended"[..]));
+    let (_, connack) = Raw::connect_with(broker.addr, resume(&client_id, 0)).await;
+    assert!(!connack.session_present, "the capped session expired");
+}
+
+/// Property values MQTT 5 forbids: receive maximum 0 on CONNECT (CONNACK 0x82), subscription
+/// identifier 0 on SUBSCRIBE (DISCONNECT 0x82).
+async fn invalid_v5_properties(cores: usize) {
+    let broker = start(cores, |_| {});
+    let (_, other_id) = ids(&broker, "badprops");
+    // CONNECT v5, clean start, keep-alive 0, properties {receive maximum 0}, client id "x"
+    // (hand-built: the encoder refuses it).
+    let mut raw = Raw::open(broker.addr).await;
+    raw.send_bytes(&[0x10, 17, 0, 4, b'M', b'Q', b'T', b'T', 5, 0x02, 0, 0, 3, 0x21, 0, 0, 0, 1, b'x']).await;
+    match raw.recv().await {
+        Packet::ConnAck(connack) => assert_eq!(connack.reason, ReasonCode::ProtocolError),
+        other => panic!("expected CONNACK, got {other:?}"),
+    }
+
+    // SUBSCRIBE packet id 1, properties {subscription identifier 0}, "t" QoS 0.
+    let mut raw = Raw::connect(broker.addr, &other_id, Properties::default()).await;
+    raw.send_bytes(&[0x82, 9, 0, 1, 2, 0x0B, 0, 0, 1, b't', 0]).await;
     assert_eq!(raw.expect_disconnect().await, ReasonCode::ProtocolError);
 }
