@@ -916,3 +916,31 @@ async fn bounded_queue_for_a_stuck_subscriber() {
     })
     .await;
 }
+
+/// A retained message acknowledged to its publisher is seen by a SUBSCRIBE that follows the
+/// acknowledgement, whichever shards the publisher, the subscriber and the topic's owner are on.
+#[tokio::test]
+async fn retained_message_visible_after_puback() {
+    bounded(async {
+        for cores in CORES {
+            let broker = TestBroker::start(cores);
+            for version in VERSIONS {
+                let tag = format!("{version:?}{cores}");
+                let mut publisher =
+                    Client::connect(broker.addr, version, &broker.id_on_shard(&format!("rvp-{tag}"), 0))
+                        .await;
+                let mut sub =
+                    Client::connect(broker.addr, version, &broker.id_on_shard(&format!("rvs-{tag}"), 1))
+                        .await;
+                for n in 0..20 {
+                    let topic = broker.topic_on_retain_shard(&format!("rv{tag}/{n}/"), n);
+                    publisher.publish(&topic, 1, true, format!("r{n}")).await;
+                    assert_eq!(sub.subscribe(&topic, 1).await, 1);
+                    let msg = sub.expect_msg(&topic, format!("r{n}").as_bytes()).await;
+                    assert!(msg.retain);
+                }
+            }
+        }
+    })
+    .await;
+}
