@@ -1363,7 +1363,7 @@ fn subscribe_and_control_rows() -> Vec<Row> {
             "SUBSCRIBE maximum QoS 3",
             V5,
             subscribe5(&[], b"a", 0x03),
-            InvalidQoS,
+            InvalidSubscriptionQoS,
             R::ProtocolError,
             Close,
         ),
