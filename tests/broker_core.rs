@@ -944,3 +944,30 @@ async fn retained_message_visible_after_puback() {
     })
     .await;
 }
+
+/// UNSUBSCRIBE stops delivery from every shard; the session's other subscriptions stay.
+#[tokio::test]
+async fn unsubscribe_stops_delivery() {
+    bounded(async {
+        for cores in CORES {
+            let broker = TestBroker::start(cores);
+            for version in VERSIONS {
+                let tag = format!("{version:?}{cores}");
+                let mut sub =
+                    Client::connect(broker.addr, version, &broker.id_on_shard(&format!("us-{tag}"), 0)).await;
+                let mut publisher =
+                    Client::connect(broker.addr, version, &broker.id_on_shard(&format!("up-{tag}"), 1)).await;
+                assert_eq!(
+                    sub.subscribe_many(&[(&format!("un{tag}/a"), 1), (&format!("un{tag}/b"), 1)]).await,
+                    vec![1, 1]
+                );
+                sub.unsubscribe(&format!("un{tag}/a")).await;
+                publisher.publish(&format!("un{tag}/a"), 1, false, "gone").await;
+                publisher.publish(&format!("un{tag}/b"), 1, false, "kept").await;
+                sub.expect_msg(&format!("un{tag}/b"), b"kept").await;
+                sub.expect_no_publish().await;
+            }
+        }
+    })
+    .await;
+}
