@@ -94,7 +94,7 @@ impl Default for BrokerConfig {
             queue_qos0_offline: false,
             denied_topic_filters: Vec::new(),
             retained_messages_max: 1_000_000,
-            read_buffer_bytes_min: 256,
+            read_buffer_bytes_min: 128,
             write_buffer_bytes_max: 256 * 1024,
             mesh_ring_capacity: 8192,
             response_information_prefix: "reply/".to_string(),

@@ -27,7 +27,7 @@ use shardmq_protocol::{decode, encode, Connect, DecodeError, Disconnect, Packet,
 use tracing::debug;
 
 use crate::message::TenantId;
-use crate::session::{ConnId, Notify, SessionKey};
+use crate::session::{ConnId, SessionKey};
 use crate::shard::{home_shard, After, ConnectOutcome, Handoff, MeshMsg, Shard};
 
 /// The shard state as its tasks share it.
@@ -38,11 +38,23 @@ pub type ShardCell = Rc<RefCell<Shard>>;
 #[derive(Debug)]
 pub struct ConnShared {
     pub id: ConnId,
-    pub notify: Notify,
     pub fd: RawFd,
     version: ProtocolVersion,
     /// `Some(reason)` once closing was asked: `Some(Some(code))` sends a v5 DISCONNECT first.
     closing: Cell<Option<Option<shardmq_protocol::ReasonCode>>>,
+    /// When bytes last arrived; the keep-alive queue compares it with `idle_max`.
+    last_read: Cell<Instant>,
+    /// 1.5 times the keep-alive (MQTT-3.1.2-24); `None` when keep-alive is off.
+    idle_max: Cell<Option<Duration>>,
+    /// Work arrived for the writer since it last looked.
+    pending: Cell<bool>,
+    /// The write half while no writer task runs. A writer task exists only while there is
+    /// something to write: an idle connection holds no writer future (~400 bytes saved each).
+    idle_writer: RefCell<Option<OwnedWriteHalf<TcpStream>>>,
+    /// The session this connection serves, once CONNECT is accepted.
+    session: Cell<Option<SessionKey>>,
+    this: std::rc::Weak<ConnShared>,
+    shard: std::rc::Weak<RefCell<Shard>>,
 }
 
 impl ConnShared {
@@ -51,11 +63,67 @@ impl ConnShared {
         if self.closing.get().is_none() {
             self.closing.set(Some(reason));
         }
-        self.notify.notify();
+        self.wake();
     }
 
     fn closing(&self) -> Option<Option<shardmq_protocol::ReasonCode>> {
         self.closing.get()
+    }
+
+    /// Tells the writer there is work; starts a writer task if none runs.
+    pub fn wake(&self) {
+        self.pending.set(true);
+        let Some(key) = self.session.get() else { return };
+        let writer = self.idle_writer.borrow_mut().take();
+        if let (Some(writer), Some(this), Some(shard)) = (writer, self.this.upgrade(), self.shard.upgrade()) {
+            monoio::spawn(write_task(shard, this, key, writer));
+        }
+    }
+}
+
+/// The keep-alive deadlines of a shard's connections, soonest first.
+///
+/// Owner: one shard. One entry per connection with keep-alive; an entry whose connection read
+/// something since it was queued is re-queued at its new deadline when it comes up, so each
+/// connection costs O(log n) once per keep-alive period, and no connection holds a timer of its own
+/// (a monoio timer future is 640 bytes, too much for an idle connection).
+#[derive(Debug, Default)]
+pub struct KeepaliveQueue {
+    heap: std::collections::BinaryHeap<std::cmp::Reverse<(Instant, u64)>>,
+    conns: std::collections::HashMap<u64, std::rc::Weak<ConnShared>>,
+}
+
+impl KeepaliveQueue {
+    fn watch(&mut self, conn: &Rc<ConnShared>) {
+        if let Some(idle) = conn.idle_max.get() {
+            self.heap.push(std::cmp::Reverse((conn.last_read.get() + idle, conn.id.0)));
+            self.conns.insert(conn.id.0, Rc::downgrade(conn));
+        }
+    }
+
+    /// Closes connections silent for longer than their keep-alive allows (v5: DISCONNECT 0x8D).
+    pub fn expire(&mut self, now: Instant) {
+        while let Some(std::cmp::Reverse((deadline, id))) = self.heap.peek().copied() {
+            if deadline > now {
+                break;
+            }
+            self.heap.pop();
+            let Some(conn) = self.conns.get(&id).and_then(|weak| weak.upgrade()) else {
+                self.conns.remove(&id);
+                continue;
+            };
+            let Some(idle) = conn.idle_max.get() else { continue };
+            let due = conn.last_read.get() + idle;
+            if conn.closing().is_some() {
+                self.conns.remove(&id);
+            } else if due <= now {
+                self.conns.remove(&id);
+                let reason = conn.version.is_v5().then_some(shardmq_protocol::ReasonCode::KeepAliveTimeout);
+                conn.close(reason);
+            } else {
+                self.heap.push(std::cmp::Reverse((due, id)));
+            }
+        }
     }
 }
 
@@ -105,14 +173,16 @@ pub async fn serve_accepted(cell: ShardCell, stream: TcpStream) {
         cell.borrow_mut().outbox.send(home, MeshMsg::Handoff(Box::new(handoff)));
         return;
     }
-    run(cell, stream, connect, buf).await;
+    // New tasks for the connection's life, so the CONNECT phase's state is freed instead of
+    // staying inside a long-lived future (idle memory per connection is a headline figure).
+    start(cell, stream, connect, buf);
 }
 
 /// Serves a socket another shard accepted and handed over.
 pub async fn serve_handoff(cell: ShardCell, handoff: Handoff) {
     let Handoff { stream, connect, buffered } = handoff;
     match TcpStream::from_std(stream) {
-        Ok(stream) => run(cell, stream, connect, buffered).await,
+        Ok(stream) => start(cell, stream, connect, buffered),
         Err(error) => debug!(%error, "could not adopt handed-off socket"),
     }
 }
@@ -188,35 +258,63 @@ async fn read_more<R: AsyncReadRent>(
     (result, slice.into_inner())
 }
 
-/// Runs an accepted connection on its home shard: CONNECT, then the read loop; spawns the writer.
-async fn run(cell: ShardCell, stream: TcpStream, connect: Box<Connect>, buf: BytesMut) {
+/// Starts an accepted connection on its home shard: runs the CONNECT through the shard, then
+/// spawns the writer and reader tasks (or a task that sends the refusal). Synchronous, so that no
+/// long-lived future carries the CONNECT phase's state.
+fn start(cell: ShardCell, stream: TcpStream, connect: Box<Connect>, buf: BytesMut) {
     let version = connect.protocol;
     let fd = stream.as_raw_fd();
     let _ = stream.set_nodelay(true);
-    let (conn_id, cfg) = {
+    let (conn_id, packet_size_max) = {
         let mut shard = cell.borrow_mut();
-        (shard.new_conn_id(), shard.cfg.clone())
+        (shard.new_conn_id(), shard.cfg.packet_size_bytes_max)
     };
-    let shared =
-        Rc::new(ConnShared { id: conn_id, notify: Notify::default(), fd, version, closing: Cell::new(None) });
+    let shard_weak = Rc::downgrade(&cell);
+    let shared = Rc::new_cyclic(|this| ConnShared {
+        id: conn_id,
+        fd,
+        version,
+        closing: Cell::new(None),
+        last_read: Cell::new(Instant::now()),
+        idle_max: Cell::new(None),
+        pending: Cell::new(false),
+        idle_writer: RefCell::new(None),
+        session: Cell::new(None),
+        this: this.clone(),
+        shard: shard_weak,
+    });
     let outcome = cell.borrow_mut().connect(*connect, shared.clone(), Instant::now());
-    let (reader, mut writer) = stream.into_split();
     let (key, keepalive_secs) = match outcome {
         ConnectOutcome::Accepted { session, keepalive_secs } => (session, keepalive_secs),
         ConnectOutcome::Refused(connack) => {
             if let Some(connack) = connack {
                 let mut out = BytesMut::new();
                 if encode(&Packet::ConnAck(*connack), version, &mut out).is_ok() {
-                    let _ = writer.write_all(out).await;
+                    let mut stream = stream;
+                    monoio::spawn(async move {
+                        let _ = stream.write_all(out).await;
+                    });
                 }
             }
             return;
         }
     };
-    monoio::spawn(write_loop(cell.clone(), shared.clone(), key, writer));
-    let will = read_loop(&cell, &shared, key, reader, buf, keepalive_secs, cfg.packet_size_bytes_max).await;
-    cell.borrow_mut().disconnected(key, conn_id, will, Instant::now());
-    shared.close(None);
+    if keepalive_secs > 0 {
+        // MQTT-3.1.2-24: one and a half times the keep-alive without a packet closes the connection.
+        shared.idle_max.set(Some(Duration::from_millis(u64::from(keepalive_secs) * 1500)));
+        cell.borrow_mut().keepalive.watch(&shared);
+    }
+    let (reader, writer) = stream.into_split();
+    *shared.idle_writer.borrow_mut() = Some(writer);
+    shared.session.set(Some(key));
+    if shared.pending.get() {
+        shared.wake(); // CONNACK (and any resends) are waiting
+    }
+    monoio::spawn(async move {
+        let will = read_loop(&cell, &shared, key, reader, buf, packet_size_max).await;
+        cell.borrow_mut().disconnected(key, shared.id, will, Instant::now());
+        shared.close(None);
+    });
 }
 
 /// Reads and handles packets until the connection ends. Returns whether the will is due.
@@ -226,12 +324,9 @@ async fn read_loop(
     key: SessionKey,
     mut reader: OwnedReadHalf<TcpStream>,
     mut buf: BytesMut,
-    keepalive_secs: u16,
     packet_size_max: u32,
 ) -> bool {
     let version = shared.version;
-    // MQTT-3.1.2-24: one and a half times the keep-alive without a packet closes the connection.
-    let idle_max = (keepalive_secs > 0).then(|| Duration::from_millis(u64::from(keepalive_secs) * 1500));
     loop {
         // Handle every complete packet in the buffer.
         loop {
@@ -256,21 +351,11 @@ async fn read_loop(
             }
         }
         wait_for_mesh_room(cell).await;
-        let read = read_more(&mut reader, buf, packet_size_max as usize);
-        let (result, back) = match idle_max {
-            Some(idle) => match monoio::time::timeout(idle, read).await {
-                Ok(done) => done,
-                Err(_) => {
-                    shared.close(version.is_v5().then_some(shardmq_protocol::ReasonCode::KeepAliveTimeout));
-                    return true;
-                }
-            },
-            None => read.await,
-        };
+        let (result, back) = read_more(&mut reader, buf, packet_size_max as usize).await;
         buf = back;
         match result {
             Ok(0) | Err(_) => return true,
-            Ok(_) => {}
+            Ok(_) => shared.last_read.set(Instant::now()),
         }
     }
 }
@@ -289,16 +374,18 @@ async fn wait_for_mesh_room(cell: &ShardCell) {
     .await
 }
 
-/// Writes what the session owes the connection whenever it is woken; ends after a close request.
-async fn write_loop(
+/// Writes what the session owes the connection, then ends: parking the write half back in
+/// [`ConnShared`] when idle, or sending DISCONNECT (v5) and shutting the socket down after a close
+/// request.
+async fn write_task(
     cell: ShardCell,
     shared: Rc<ConnShared>,
     key: SessionKey,
     mut writer: OwnedWriteHalf<TcpStream>,
 ) {
     let mut out = BytesMut::new();
-    'outer: loop {
-        shared.notify.wait().await;
+    loop {
+        shared.pending.set(false);
         loop {
             out.clear();
             let owns = cell.borrow_mut().fill_output(key, shared.id, &mut out, Instant::now());
@@ -308,33 +395,96 @@ async fn write_loop(
             let (result, back) = writer.write_all(out).await;
             out = back;
             if result.is_err() {
-                shared.close(None);
-                break 'outer;
+                if shared.closing.get().is_none() {
+                    shared.closing.set(Some(None));
+                }
+                break;
             }
             if !owns {
                 break;
             }
-        }
-        if out.capacity() > 64 * 1024 {
-            out = BytesMut::new(); // give a burst's buffer back
         }
         if let Some(reason) = shared.closing() {
             if let (Some(reason), true) = (reason, shared.version.is_v5()) {
                 out.clear();
                 if encode(&Packet::Disconnect(Disconnect::new(reason)), ProtocolVersion::V5, &mut out).is_ok()
                 {
-                    let (_, back) = writer.write_all(out).await;
-                    out = back;
+                    let _ = writer.write_all(out).await;
                 }
             }
-            break;
+            // SAFETY: `shutdown` on a descriptor this connection still owns (the read half keeps it
+            // open until the reader task ends); it only ends the TCP streams and does not close the
+            // descriptor, so no other file is affected. Exercised by every test that disconnects.
+            unsafe {
+                libc::shutdown(shared.fd, libc::SHUT_RDWR);
+            }
+            return;
+        }
+        if !shared.pending.get() {
+            // Nothing more to do: park the write half; the next wake starts a new task.
+            *shared.idle_writer.borrow_mut() = Some(writer);
+            return;
         }
     }
-    let _ = out;
-    // SAFETY: `shutdown` on a descriptor this connection still owns (the read half keeps it open
-    // until the reader task ends); it only ends the TCP streams, it does not close the descriptor,
-    // so no other file can be affected. Exercised by every test that disconnects a client.
-    unsafe {
-        libc::shutdown(shared.fd, libc::SHUT_RDWR);
+}
+
+#[cfg(test)]
+mod tests {
+    //! Idle memory per connection is a headline figure (issue 3: at most 2 KiB of broker RSS per
+    //! idle connection). What an idle connection holds is its reader task (the `read_loop` future),
+    //! its session and its `ConnShared`; these budgets keep a change from silently growing them.
+    //! The whole-process figure is measured by `shardmq-bench conn` (perf/RESULTS.md).
+
+    use std::sync::Arc;
+
+    use monoio::io::Splitable;
+
+    use super::*;
+    use crate::config::BrokerConfig;
+    use crate::mesh::{Mesh, ShardId};
+
+    const READ_LOOP_BYTES_MAX: usize = 512;
+    const WRITE_TASK_BYTES_MAX: usize = 512;
+    const SESSION_BYTES_MAX: usize = 512;
+
+    #[test]
+    fn per_connection_state_stays_within_budget() {
+        let mut rt = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new().enable_timer().build().unwrap();
+        rt.block_on(async {
+            let listener = monoio::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let _client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+            let (stream, _) = listener.accept().await.unwrap();
+            let shard = Shard::new(
+                ShardId(0),
+                Arc::new(BrokerConfig::default()),
+                Mesh::new(1, 4),
+                Default::default(),
+            );
+            let cell: ShardCell = Rc::new(RefCell::new(shard));
+            let shard_weak = Rc::downgrade(&cell);
+            let shared = Rc::new_cyclic(|this| ConnShared {
+                id: ConnId(1),
+                fd: 0,
+                version: ProtocolVersion::V5,
+                closing: Cell::new(None),
+                last_read: Cell::new(Instant::now()),
+                idle_max: Cell::new(None),
+                pending: Cell::new(false),
+                idle_writer: RefCell::new(None),
+                session: Cell::new(None),
+                this: this.clone(),
+                shard: shard_weak,
+            });
+            let key = SessionKey { index: 0, generation: 0 };
+            let (reader, writer) = stream.into_split();
+            let read = read_loop(&cell, &shared, key, reader, BytesMut::new(), 1024);
+            let read_bytes = std::mem::size_of_val(&read);
+            let write = write_task(cell.clone(), shared.clone(), key, writer);
+            let write_bytes = std::mem::size_of_val(&write);
+            let session_bytes = std::mem::size_of::<crate::session::Session>();
+            assert!(read_bytes <= READ_LOOP_BYTES_MAX, "read_loop future is {read_bytes} bytes");
+            assert!(write_bytes <= WRITE_TASK_BYTES_MAX, "write_task future is {write_bytes} bytes");
+            assert!(session_bytes <= SESSION_BYTES_MAX, "Session is {session_bytes} bytes");
+        });
     }
 }

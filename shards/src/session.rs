@@ -14,11 +14,8 @@
 //! Invariant: a packet id is in at most one of `inflight` (outgoing) at a time; a packet id in
 //! `incoming_qos2` has been routed exactly once and is not routed again until PUBREL frees it.
 
-use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
-use std::future::poll_fn;
 use std::rc::Rc;
-use std::task::{Poll, Waker};
 use std::time::Instant;
 
 use bytes::BytesMut;
@@ -41,33 +38,61 @@ pub struct SessionKey {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct ConnId(pub u64);
 
-/// A wake-up for one connection's writer task. Owner: the connection's shard; single waiter.
-#[derive(Debug, Default)]
-pub struct Notify {
-    pending: Cell<bool>,
-    waker: RefCell<Option<Waker>>,
+/// A packet other than PUBLISH queued for a connection. Acks and PINGRESP, the common ones, take
+/// 8 bytes instead of a whole `Packet` (472 bytes): a session's control queue keeps its capacity,
+/// and idle memory per connection is a headline figure.
+#[derive(Debug)]
+pub enum Control {
+    /// PUBACK, PUBREC, PUBREL or PUBCOMP without properties.
+    Ack {
+        kind: AckKind,
+        packet_id: PacketId,
+        reason: ReasonCode,
+    },
+    PingResp,
+    Other(Box<Packet>),
 }
 
-impl Notify {
-    /// Marks work pending and wakes the waiter, if any.
-    pub fn notify(&self) {
-        self.pending.set(true);
-        if let Some(waker) = self.waker.borrow_mut().take() {
-            waker.wake();
+/// Which of the four acknowledgement packets a [`Control::Ack`] is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AckKind {
+    PubAck,
+    PubRec,
+    PubRel,
+    PubComp,
+}
+
+impl From<Packet> for Control {
+    fn from(packet: Packet) -> Control {
+        let ack =
+            |kind, resp: &PubResp| Control::Ack { kind, packet_id: resp.packet_id, reason: resp.reason };
+        match packet {
+            Packet::PubAck(resp) if resp.properties.is_empty() => ack(AckKind::PubAck, &resp),
+            Packet::PubRec(resp) if resp.properties.is_empty() => ack(AckKind::PubRec, &resp),
+            Packet::PubRel(resp) if resp.properties.is_empty() => ack(AckKind::PubRel, &resp),
+            Packet::PubComp(resp) if resp.properties.is_empty() => ack(AckKind::PubComp, &resp),
+            Packet::PingResp => Control::PingResp,
+            other => Control::Other(Box::new(other)),
         }
     }
+}
 
-    /// Waits until [`Notify::notify`] has been called since the last wait returned.
-    pub async fn wait(&self) {
-        poll_fn(|cx| {
-            if self.pending.replace(false) {
-                Poll::Ready(())
-            } else {
-                *self.waker.borrow_mut() = Some(cx.waker().clone());
-                Poll::Pending
+impl Control {
+    /// The packet to encode.
+    pub fn into_packet(self) -> Packet {
+        match self {
+            Control::Ack { kind, packet_id, reason } => {
+                let resp = PubResp { packet_id, reason, properties: Properties::default() };
+                match kind {
+                    AckKind::PubAck => Packet::PubAck(resp),
+                    AckKind::PubRec => Packet::PubRec(resp),
+                    AckKind::PubRel => Packet::PubRel(resp),
+                    AckKind::PubComp => Packet::PubComp(resp),
+                }
             }
-        })
-        .await
+            Control::PingResp => Packet::PingResp,
+            Control::Other(packet) => *packet,
+        }
     }
 }
 
@@ -134,7 +159,7 @@ pub struct Session {
     pub inflight: BTreeMap<PacketId, Inflight>,
     next_packet_id: PacketId,
     /// Packets other than PUBLISH waiting to be written (acks, SUBACK, PINGRESP, ...).
-    pub control: VecDeque<Packet>,
+    pub control: VecDeque<Control>,
     /// Incoming QoS 2 packet ids received and routed, awaiting PUBREL.
     pub incoming_qos2: HashSet<PacketId>,
     /// Per connection: the client's receive maximum (outgoing window), maximum packet size, topic
@@ -183,14 +208,14 @@ impl Session {
     /// Wakes the writer of the attached connection, if any.
     pub fn wake_writer(&self) {
         if let Some(conn) = &self.conn {
-            conn.notify.notify();
+            conn.wake();
         }
     }
 
     /// Queues a control packet for the connection and wakes its writer.
     pub fn push_control(&mut self, packet: Packet) {
         if self.conn.is_some() {
-            self.control.push_back(packet);
+            self.control.push_back(Control::from(packet));
             self.wake_writer();
         }
     }
@@ -233,7 +258,8 @@ impl Session {
         let mut stats = FillStats::default();
         let version = self.version;
         while out.len() < budget_bytes {
-            let Some(packet) = self.control.pop_front() else { break };
+            let Some(control) = self.control.pop_front() else { break };
+            let packet = control.into_packet();
             if let Ok(len) = encoded_len(&packet, version) {
                 if len as u64 <= u64::from(self.client_packet_size_max) {
                     // Encoding a packet the broker built cannot fail once its length is known.
@@ -362,7 +388,9 @@ pub struct SessionTable {
 #[derive(Debug)]
 struct Slot {
     generation: u32,
-    session: Option<Session>,
+    /// Boxed: the slot vector grows by doubling, and doubling ~400-byte sessions would waste up to
+    /// half of that per session; doubling 8-byte pointers wastes almost nothing.
+    session: Option<Box<Session>>,
 }
 
 impl SessionTable {
@@ -383,7 +411,7 @@ impl SessionTable {
         if slot.generation != key.generation {
             return None;
         }
-        slot.session.as_ref()
+        slot.session.as_deref()
     }
 
     pub fn get_mut(&mut self, key: SessionKey) -> Option<&mut Session> {
@@ -391,7 +419,7 @@ impl SessionTable {
         if slot.generation != key.generation {
             return None;
         }
-        slot.session.as_mut()
+        slot.session.as_deref_mut()
     }
 
     /// Creates a session for a client id that has none.
@@ -406,7 +434,7 @@ impl SessionTable {
         let slot = &mut self.slots[index as usize];
         slot.generation = slot.generation.wrapping_add(1);
         let key = SessionKey { index, generation: slot.generation };
-        slot.session = Some(Session::new(key, tenant, client_id.clone(), version));
+        slot.session = Some(Box::new(Session::new(key, tenant, client_id.clone(), version)));
         let previous = self.by_client.insert((tenant, client_id), key);
         assert!(previous.is_none(), "session table: client id already had a session");
         key
@@ -421,7 +449,7 @@ impl SessionTable {
         let session = slot.session.take()?;
         self.free.push(key.index);
         self.by_client.remove(&(session.tenant, session.client_id.clone()));
-        Some(session)
+        Some(*session)
     }
 
     /// Every live session key.

@@ -37,7 +37,7 @@ use crate::config::{BrokerConfig, QueueFullPolicy};
 use crate::mesh::{Mesh, ShardId};
 use crate::message::{Delivery, Message, Origin, TenantId};
 use crate::session::{
-    ConnId, FillStats, InflightState, Session, SessionKey, SessionTable, SubEntry, WillState,
+    ConnId, Control, FillStats, InflightState, Session, SessionKey, SessionTable, SubEntry, WillState,
 };
 use crate::trie::TopicTrie;
 
@@ -492,7 +492,7 @@ impl Shard {
         }
         let connack = ConnAck { session_present, reason: ReasonCode::Success, properties };
         // CONNACK goes first; queued and inflight messages follow it (MQTT-4.4.0-1).
-        session.control.push_front(Packet::ConnAck(connack));
+        session.control.push_front(Control::from(Packet::ConnAck(connack)));
         session.wake_writer();
         bump(&self.stats.connects_total, 1);
         bump(&self.stats.connections, 1);
