@@ -131,8 +131,15 @@ impl ReasonCode {
             Success => Some(0),
             UnsupportedProtocolVersion => Some(1),
             ClientIdentifierNotValid => Some(2),
-            ServerUnavailable | ServerBusy | ServerShuttingDown | UseAnotherServer | ServerMoved
-            | ConnectionRateExceeded | QuotaExceeded | ImplementationSpecificError | UnspecifiedError => Some(3),
+            ServerUnavailable
+            | ServerBusy
+            | ServerShuttingDown
+            | UseAnotherServer
+            | ServerMoved
+            | ConnectionRateExceeded
+            | QuotaExceeded
+            | ImplementationSpecificError
+            | UnspecifiedError => Some(3),
             BadUserNameOrPassword => Some(4),
             NotAuthorized | Banned | BadAuthenticationMethod => Some(5),
             _ => None,
