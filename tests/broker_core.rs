@@ -892,23 +892,25 @@ async fn bounded_queue_for_a_stuck_subscriber() {
             assert_eq!(stuck0.subscribe(1, "bq0/#", 0).await, vec![0]);
             assert_eq!(good.subscribe("bq0/#", 0).await, 0);
             let before = broker.stat(|s| &s.dropped_queue_full);
-            const QOS0_COUNT: usize = 1200;
+            const QOS0_COUNT: usize = 480;
+            // Paced by the good subscriber's receipts, in batches smaller than the queue bound, so
+            // the good subscriber never has a reason to drop; the stuck one overflows.
+            const BATCH: usize = 8;
             let payload = bytes::Bytes::from(vec![b'x'; 16 * 1024]);
+            let mut received = 0;
             for n in 0..QOS0_COUNT {
                 publisher.publish_nowait("bq0/x", 0, false, payload.clone()).await;
-                if n % 100 == 99 {
-                    // Pace on a QoS 1 round trip so the publisher's own queue stays small.
-                    publisher.publish("bq0/sync", 1, false, "sync").await;
+                if n % BATCH == BATCH - 1 || n == QOS0_COUNT - 1 {
+                    while received <= n {
+                        let msg = good.expect_publish().await;
+                        if msg.topic == "bq0/x" {
+                            assert_eq!(msg.payload.len(), payload.len());
+                            received += 1;
+                        }
+                    }
                 }
             }
-            let mut received = 0;
-            while received < QOS0_COUNT {
-                let msg = good.expect_publish().await;
-                if msg.topic == "bq0/x" {
-                    assert_eq!(msg.payload.len(), payload.len());
-                    received += 1;
-                }
-            }
+            assert_eq!(received, QOS0_COUNT);
             assert!(broker.wait_stat(|s| &s.dropped_queue_full, before + 1).await > before);
             drop(stuck);
             drop(stuck0);

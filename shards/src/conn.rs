@@ -248,8 +248,9 @@ async fn read_more<R: AsyncReadRent>(
     limit: usize,
 ) -> (std::io::Result<usize>, BytesMut) {
     if buf.capacity() == buf.len() {
-        // Double, at least 256 bytes, at most what one maximal packet needs beyond what we hold.
-        let grow = buf.capacity().clamp(256, limit.max(256));
+        // Double, from 256 bytes up to 64 KiB a step: a frame larger than that still completes
+        // over several reads, and a fast publisher does not leave a megabyte buffer behind.
+        let grow = buf.capacity().clamp(256, limit.clamp(256, READ_GROW_BYTES_MAX));
         buf.reserve(grow);
     }
     let len = buf.len();
@@ -257,6 +258,9 @@ async fn read_more<R: AsyncReadRent>(
     let (result, slice) = reader.read(buf.slice_mut(len..cap)).await;
     (result, slice.into_inner())
 }
+
+/// The most a read buffer grows in one step.
+const READ_GROW_BYTES_MAX: usize = 64 * 1024;
 
 /// Starts an accepted connection on its home shard: runs the CONNECT through the shard, then
 /// spawns the writer and reader tasks (or a task that sends the refusal). Synchronous, so that no
@@ -328,11 +332,19 @@ async fn read_loop(
 ) -> bool {
     let version = shared.version;
     loop {
-        // Handle every complete packet in the buffer.
+        // Handle every complete packet in the buffer, letting other tasks (the writers of the
+        // sessions these packets feed) run every `PACKETS_PER_TURN_MAX` packets: one large read
+        // must not queue more for a subscriber than its writer had a chance to send.
+        let mut handled = 0;
         loop {
             if shared.closing().is_some() {
                 return true;
             }
+            if handled == PACKETS_PER_TURN_MAX {
+                handled = 0;
+                yield_now().await;
+            }
+            handled += 1;
             match decode(&mut buf, version, packet_size_max) {
                 Ok(Some(packet)) => {
                     let after = cell.borrow_mut().handle_packet(key, shared.id, packet, Instant::now());
@@ -358,6 +370,24 @@ async fn read_loop(
             Ok(_) => shared.last_read.set(Instant::now()),
         }
     }
+}
+
+/// Packets one reader handles before it lets the shard's other tasks run.
+const PACKETS_PER_TURN_MAX: usize = 16;
+
+/// Lets every other ready task of this shard run once before continuing.
+async fn yield_now() {
+    let mut yielded = false;
+    poll_fn(|cx| {
+        if yielded {
+            Poll::Ready(())
+        } else {
+            yielded = true;
+            cx.waker().wake_by_ref();
+            Poll::Pending
+        }
+    })
+    .await
 }
 
 /// Waits while the shard's mesh backlog is over its bound.

@@ -27,7 +27,7 @@ use shardmq_protocol::{
 };
 use shardmq_shards::message::TenantId;
 use shardmq_shards::shard::{home_shard, retain_shard, ShardStats};
-use shardmq_shards::{Broker, BrokerConfig};
+use shardmq_shards::{Broker, BrokerConfig, IoDriver};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
@@ -71,7 +71,10 @@ impl TestBroker {
             pin_cores: false,
             ..Default::default()
         };
+        // Every test runs at 2 and 4 cores; the io driver follows the core count (epoll at 2,
+        // io_uring above), so the whole suite runs under both drivers.
         adjust(&mut cfg);
+        cfg.io_driver = if cfg.cores > 2 { IoDriver::Uring } else { IoDriver::Epoll };
         let cores = cfg.cores;
         let broker = shardmq_shards::start(cfg).expect("broker starts");
         let addr = broker.local_addr;
