@@ -19,8 +19,8 @@ use crate::packet::{Packet, PacketId, PacketType, Properties, ProtocolVersion, P
 use crate::properties::{self, Context};
 use crate::reason::ReasonCode;
 use crate::reasons;
-use crate::utf8::Utf8;
-use crate::wire::{field_len, has_wildcard, put_field, utf8, Reader};
+use crate::utf8::{topic_name_from_bytes, TopicBytesError, Utf8, Utf8Error};
+use crate::wire::{field_len, put_field, Reader};
 
 /// A packet identifier that must not be 0 (MQTT-2.2.1-3).
 #[inline]
@@ -88,11 +88,11 @@ fn topic_name(topic: Bytes, has_alias: bool) -> Result<Utf8, DecodeError> {
     if topic.is_empty() && !has_alias {
         return Err(DecodeError::EmptyTopicName);
     }
-    let topic = utf8(topic)?;
-    if has_wildcard(topic.as_bytes()) {
-        return Err(DecodeError::WildcardInTopicName);
-    }
-    Ok(topic)
+    topic_name_from_bytes(topic).map_err(|error| match error {
+        TopicBytesError::Wildcard => DecodeError::WildcardInTopicName,
+        TopicBytesError::Utf8(Utf8Error::IllFormed) => DecodeError::InvalidUtf8,
+        TopicBytesError::Utf8(Utf8Error::NullCharacter) => DecodeError::NullCharacter,
+    })
 }
 
 /// Decodes PUBACK, PUBREC, PUBREL or PUBCOMP.

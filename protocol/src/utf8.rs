@@ -24,8 +24,14 @@ pub enum Utf8Error {
 impl Utf8 {
     /// Checks `bytes` and wraps them without copying.
     pub fn from_bytes(bytes: Bytes) -> Result<Utf8, Utf8Error> {
+        // Topics and ids are nearly always ASCII: one pass checks "ASCII and no U+0000" eight bytes
+        // at a time, and only other strings pay for full UTF-8 validation plus a NUL search.
+        match ascii_scan(&bytes) {
+            AsciiScan::Clean => return Ok(Utf8(bytes)),
+            AsciiScan::Null => return Err(Utf8Error::NullCharacter),
+            AsciiScan::NonAscii => {}
+        }
         let text = std::str::from_utf8(&bytes).map_err(|_| Utf8Error::IllFormed)?;
-        // The all-ASCII fast path of `memchr`-style search is what std's `contains` does for a char.
         if text.as_bytes().contains(&0) {
             return Err(Utf8Error::NullCharacter);
         }
@@ -69,6 +75,110 @@ impl Utf8 {
     /// True for the empty string.
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
+    }
+}
+
+/// Why bytes are not a topic name, from [`topic_name_from_bytes`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum TopicBytesError {
+    Utf8(Utf8Error),
+    /// `+` or `#` (MQTT-3.3.2-2).
+    Wildcard,
+}
+
+/// A PUBLISH topic name: MQTT UTF-8 without `+` or `#`, checked in one pass for ASCII names (the
+/// hot path of every PUBLISH decode). A NUL is reported before a wildcard, as the two-step check
+/// (string, then wildcard) would.
+#[inline]
+pub(crate) fn topic_name_from_bytes(bytes: Bytes) -> Result<Utf8, TopicBytesError> {
+    const LOW: u64 = 0x0101_0101_0101_0101;
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    const CLEAR_BIT3: u64 = !0x0808_0808_0808_0808;
+    const HASH: u64 = 0x2323_2323_2323_2323;
+    let mut null = false;
+    let mut wildcard = false;
+    let mut ascii = true;
+    let mut chunks = bytes.chunks_exact(8);
+    for chunk in &mut chunks {
+        let mut word = [0u8; 8];
+        word.copy_from_slice(chunk);
+        let word = u64::from_le_bytes(word);
+        if word & HIGH != 0 {
+            ascii = false;
+            break;
+        }
+        // No byte has its high bit set, so both tests are exact "some byte is zero" tests:
+        // of the word itself (NUL), and of the word with `+` and `#` mapped to zero.
+        null |= word.wrapping_sub(LOW) & !word & HIGH != 0;
+        let masked = (word & CLEAR_BIT3) ^ HASH;
+        wildcard |= masked.wrapping_sub(LOW) & !masked & HIGH != 0;
+    }
+    if ascii {
+        for &byte in chunks.remainder() {
+            if byte >= 0x80 {
+                ascii = false;
+                break;
+            }
+            null |= byte == 0;
+            wildcard |= byte == b'+' || byte == b'#';
+        }
+    }
+    if !ascii {
+        let checked = Utf8::from_bytes(bytes).map_err(TopicBytesError::Utf8)?;
+        if checked.as_bytes().iter().any(|&byte| byte == b'+' || byte == b'#') {
+            return Err(TopicBytesError::Wildcard);
+        }
+        return Ok(checked);
+    }
+    if null {
+        Err(TopicBytesError::Utf8(Utf8Error::NullCharacter))
+    } else if wildcard {
+        Err(TopicBytesError::Wildcard)
+    } else {
+        Ok(Utf8(bytes))
+    }
+}
+
+/// The outcome of [`ascii_scan`].
+#[derive(Debug, PartialEq, Eq)]
+enum AsciiScan {
+    /// Every byte is ASCII and none is NUL: valid MQTT UTF-8.
+    Clean,
+    /// All bytes before the first non-ASCII byte were ASCII, and some byte so far is NUL.
+    Null,
+    /// A byte is 0x80 or above: full validation needed.
+    NonAscii,
+}
+
+/// Checks eight bytes at a time whether `bytes` are ASCII without NUL.
+#[inline]
+fn ascii_scan(bytes: &[u8]) -> AsciiScan {
+    const LOW: u64 = 0x0101_0101_0101_0101;
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    let mut chunks = bytes.chunks_exact(8);
+    for chunk in &mut chunks {
+        let mut word = [0u8; 8];
+        word.copy_from_slice(chunk);
+        let word = u64::from_le_bytes(word);
+        if word & HIGH != 0 {
+            return AsciiScan::NonAscii;
+        }
+        // With no high bit set, this is exactly "some byte of `word` is zero".
+        if word.wrapping_sub(LOW) & !word & HIGH != 0 {
+            return AsciiScan::Null;
+        }
+    }
+    let mut null = false;
+    for &byte in chunks.remainder() {
+        if byte >= 0x80 {
+            return AsciiScan::NonAscii;
+        }
+        null |= byte == 0;
+    }
+    if null {
+        AsciiScan::Null
+    } else {
+        AsciiScan::Clean
     }
 }
 
@@ -136,6 +246,57 @@ mod tests {
         assert_eq!(Utf8::from_bytes(Bytes::from_static(b"\xC0\xAF")), Err(Utf8Error::IllFormed));
         assert_eq!(Utf8::from_bytes(Bytes::from_static(b"a\0b")), Err(Utf8Error::NullCharacter));
         assert!(Utf8::new("a\u{0}").is_err());
+    }
+
+    #[test]
+    fn ascii_scan_agrees_with_full_validation() {
+        // Every position of a NUL and of a non-ASCII byte, in strings around the 8-byte word size.
+        for len in 0..20 {
+            let clean = vec![b'a'; len];
+            assert_eq!(ascii_scan(&clean), AsciiScan::Clean);
+            for at in 0..len {
+                let mut with_null = clean.clone();
+                with_null[at] = 0;
+                assert_eq!(ascii_scan(&with_null), AsciiScan::Null, "len {len} at {at}");
+                assert_eq!(Utf8::from_bytes(Bytes::from(with_null)), Err(Utf8Error::NullCharacter));
+                let mut with_high = clean.clone();
+                with_high[at] = 0xC3;
+                assert_eq!(ascii_scan(&with_high), AsciiScan::NonAscii, "len {len} at {at}");
+                // A lone lead byte is ill-formed; the slow path must say so.
+                assert_eq!(Utf8::from_bytes(Bytes::from(with_high)), Err(Utf8Error::IllFormed));
+            }
+        }
+    }
+
+    #[test]
+    fn topic_scan_agrees_with_the_two_step_check() {
+        let alphabet: &[u8] = &[b'a', b'/', b'+', b'#', 0, 0xC3, 0xA9, 0xFF];
+        // Every string of length 0..=3 over the alphabet, padded to cross word boundaries.
+        let mut cases = vec![Vec::new()];
+        for _ in 0..3 {
+            let mut next = Vec::new();
+            for case in &cases {
+                for &byte in alphabet {
+                    let mut longer: Vec<u8> = case.clone();
+                    longer.push(byte);
+                    next.push(longer);
+                }
+            }
+            cases.extend(next.clone());
+            cases = cases.into_iter().collect::<std::collections::BTreeSet<_>>().into_iter().collect();
+        }
+        for case in cases {
+            for pad in [0usize, 5, 9] {
+                let mut bytes = vec![b'x'; pad];
+                bytes.extend_from_slice(&case);
+                let expected = match Utf8::from_bytes(Bytes::from(bytes.clone())) {
+                    Err(error) => Err(TopicBytesError::Utf8(error)),
+                    Ok(text) if text.contains(['+', '#']) => Err(TopicBytesError::Wildcard),
+                    Ok(text) => Ok(text),
+                };
+                assert_eq!(topic_name_from_bytes(Bytes::from(bytes.clone())), expected, "{bytes:?}");
+            }
+        }
     }
 
     #[test]
