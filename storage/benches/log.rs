@@ -1,0 +1,107 @@
+//! Criterion benchmarks of the log: appends of 64-byte and 1 KiB records under each fsync
+//! policy, and recovery (open of a closed log) throughput. Figures and the command line are in
+//! `storage/BENCH.md`.
+//!
+//! - `append/<size>/<policy>`: one iteration is one append; each sample appends its records to a
+//!   fresh log (64 MiB segments, so segment creation is included) and, except under `never`,
+//!   then waits (polling `durable_offset`, as a shard would) until the last record is durable, so
+//!   the time includes the flushes: under `always` that is group commit, one `msync` for every
+//!   append that arrived during the previous one.
+//! - `append/<size>/baseline_vec`: the same bytes framed into a `Vec` (memory only), the floor.
+//! - `recovery/<size>`: `Log::open` of a closed 256 MiB log (page cache warm: the case after a
+//!   process crash), which maps, scans and checksums every record. Throughput in bytes of log.
+
+use std::time::{Duration, Instant};
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use shardmq_storage::{Config, FsyncPolicy, Log};
+
+fn config(policy: FsyncPolicy) -> Config {
+    Config { fsync: policy, record_len_max_bytes: 4096, ..Config::default() }
+}
+
+fn append(c: &mut Criterion) {
+    let mut group = c.benchmark_group("append");
+    for size in [64usize, 1024] {
+        let payload = vec![0xA5u8; size];
+        group.throughput(Throughput::Elements(1));
+        group.bench_function(BenchmarkId::new(format!("{size}B"), "baseline_vec"), |b| {
+            b.iter_custom(|iters| {
+                let mut buf: Vec<u8> = Vec::with_capacity(64 << 20);
+                let start = Instant::now();
+                for _ in 0..iters {
+                    if buf.len() + size + 8 > buf.capacity() {
+                        buf.clear();
+                    }
+                    buf.extend_from_slice(&(size as u32).to_le_bytes());
+                    buf.extend_from_slice(&crc32c::crc32c(&payload).to_le_bytes());
+                    buf.extend_from_slice(&payload);
+                }
+                std::hint::black_box(&buf);
+                start.elapsed()
+            })
+        });
+        for (name, policy) in [
+            ("never", FsyncPolicy::Never),
+            ("interval_5ms", FsyncPolicy::Interval(Duration::from_millis(5))),
+            ("always", FsyncPolicy::Always),
+        ] {
+            group.bench_function(BenchmarkId::new(format!("{size}B"), name), |b| {
+                b.iter_custom(|iters| {
+                    let tmp = tempfile::tempdir().expect("temporary directory");
+                    let mut log = Log::open(tmp.path(), config(policy)).expect("open");
+                    let start = Instant::now();
+                    for _ in 0..iters {
+                        log.append(&payload).expect("append");
+                    }
+                    if policy != FsyncPolicy::Never {
+                        let end = log.end_offset();
+                        while log.durable_offset() < end {
+                            std::thread::yield_now();
+                        }
+                    }
+                    let elapsed = start.elapsed();
+                    drop(log);
+                    elapsed
+                })
+            });
+        }
+    }
+    group.finish();
+}
+
+fn recovery(c: &mut Criterion) {
+    let mut group = c.benchmark_group("recovery");
+    for size in [64usize, 1024] {
+        let tmp = tempfile::tempdir().expect("temporary directory");
+        let log_bytes = 256u64 << 20;
+        {
+            let mut log = Log::open(tmp.path(), config(FsyncPolicy::Never)).expect("open");
+            let payload = vec![0x5Au8; size];
+            while log.end_offset().0 < log_bytes {
+                log.append(&payload).expect("append");
+            }
+            log.close().expect("close");
+        }
+        let bytes = Log::open(tmp.path(), config(FsyncPolicy::Never)).expect("open").recovery().record_bytes;
+        group.throughput(Throughput::Bytes(bytes));
+        group.bench_function(BenchmarkId::from_parameter(format!("{size}B")), |b| {
+            b.iter(|| {
+                let log = Log::open(tmp.path(), config(FsyncPolicy::Never)).expect("open");
+                assert_eq!(log.recovery().record_bytes, bytes);
+                log
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default()
+        .sample_size(10)
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(2));
+    targets = append, recovery
+}
+criterion_main!(benches);

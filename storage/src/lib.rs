@@ -1,0 +1,181 @@
+//! `shardmq-storage`: a per-shard segmented append-only log, and nothing else.
+//!
+//! This crate knows nothing of MQTT. It stores opaque byte records in segment files, tells its
+//! owner which records are durable under the fsync policy in force, frees segments whose every
+//! record is consumed, compacts mostly-dead segments, keeps the directory within a disk budget and
+//! recovers after a crash. The broker's inbox and retained store are meant to be built on top of it:
+//! they encode their records (rkyv, per DESIGN.md), keep their own in-memory indexes keyed by
+//! [`Offset`], and rebuild those indexes on start-up by iterating the log.
+//!
+//! # Owner and threads
+//! A [`Log`] is owned by one shard (its home shard) and used only from that shard's thread: every
+//! mutating call takes `&mut self`. Each `Log` starts one background thread, its *sync thread*,
+//! which is the only place where `msync`, file deletion and directory `fsync` happen. The shard
+//! never waits for it:
+//! - an append writes into the mapped segment and publishes the new end of the log through an
+//!   atomic (`written`); under [`FsyncPolicy::Always`] it also unparks the sync thread (a futex
+//!   wake only when that thread is parked);
+//! - the sync thread flushes everything written since its last flush in one `msync` per segment
+//!   (group commit: all appends that arrived while the previous flush ran share the next one), then
+//!   publishes the durable end through another atomic and calls [`Config::on_durable`];
+//! - the shard reads [`Log::durable_offset`] (one atomic load) and acknowledges the records below it.
+//!
+//! Page faults: segments are preallocated with `posix_fallocate` and written through a shared
+//! mapping, so a write touches page cache only (a minor fault on the first write to each 4 KiB page,
+//! never a read from disk, never a SIGBUS on a full disk). What still runs on the owner's thread:
+//! creating the next segment when the active one is full (file creation, `fallocate`, a header
+//! write and two `fsync`s, once per segment, 64 MiB by default). Moving that to the sync thread
+//! (a pre-created spare segment) is the known next step; see `BENCH.md`.
+//!
+//! # Record encoding
+//! Records are opaque bytes. Every record's payload starts at an 8-byte aligned address of the
+//! mapping, so a caller that encodes with rkyv can access an archived value in place, without a
+//! copy. The typed layer is left to the callers (the inbox and retain stores): this crate takes
+//! no dependency on their schema.
+//!
+//! # Consumption across restarts
+//! Consumption ([`Log::ack`]) is kept in memory only. After a restart every surviving record is
+//! live again, and the owner re-acks what it knows to be consumed while it rebuilds its index
+//! (DESIGN.md: acknowledgements are records of the owner's own log). A segment is deleted only
+//! when every record in it is acked, so an owner must not ack an acknowledgement record before
+//! the records it refers to are gone, or those could come back after a crash.
+//!
+//! # Files
+//! - `format.rs`: the on-disk format (segment header, record frame, checksums) and the scan of one
+//!   segment's bytes. Pure functions over byte slices.
+//! - `segment.rs`: one segment file and its mapping (all of the crate's `unsafe`).
+//! - `sync.rs`: the sync thread, the durable offset and deferred deletion.
+//! - `log.rs`: the log: directory, recovery, append, read, iterate, ack, compaction, budget.
+//! - `error.rs`: the crate's one error enum.
+
+mod error;
+mod format;
+mod log;
+mod segment;
+mod sync;
+
+pub use error::{Error, Result};
+pub use format::{FORMAT_VERSION, RECORD_ALIGN_BYTES, SEGMENT_HEADER_LEN_BYTES};
+pub use log::{CompactStats, Iter, Log, LogStats, Record, RecordLocation, RecoveryReport, TornTail};
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// A position in one log: the byte distance of a record's frame from the start of the log's first
+/// ever segment, counting only frames (segment headers are not counted).
+///
+/// Offsets are dense and strictly increasing in append order, never reused, and survive a restart
+/// unchanged. Compaction moves records to new offsets (see [`Log::compact`]). `Offset(n)` is
+/// meaningful only for the log that returned it.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct Offset(pub u64);
+
+impl fmt::Debug for Offset {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Offset({})", self.0)
+    }
+}
+
+impl fmt::Display for Offset {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+/// The number of a segment file within one log: assigned in creation order from 1, never reused.
+/// The file of segment `n` is `{n:020}.seg` in the log's directory.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct SegmentId(pub u64);
+
+impl fmt::Debug for SegmentId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "SegmentId({})", self.0)
+    }
+}
+
+impl fmt::Display for SegmentId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+/// When appended records become durable, and so when the owner may acknowledge them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FsyncPolicy {
+    /// Every append wakes the sync thread; records are durable after the flush that follows them.
+    /// Appends that arrive during a flush share the next one (group commit).
+    Always,
+    /// The sync thread flushes what was written every interval. Records are durable (and may be
+    /// acknowledged) after the first flush that follows them, so at most one interval later.
+    Interval(Duration),
+    /// Never flush, except on [`Log::sync`], [`Log::close`] and before a segment is deleted.
+    /// [`Log::durable_offset`] then reports everything appended: the policy accepts that a power
+    /// loss (not a process crash: the page cache survives that) loses what the kernel had not
+    /// written back.
+    Never,
+}
+
+impl std::str::FromStr for FsyncPolicy {
+    type Err = Error;
+
+    /// Parses the broker's flag syntax: `always`, `never` or `interval:<ms>` (ms > 0).
+    fn from_str(s: &str) -> Result<FsyncPolicy> {
+        match s {
+            "always" => Ok(FsyncPolicy::Always),
+            "never" => Ok(FsyncPolicy::Never),
+            _ => match s.strip_prefix("interval:").map(str::parse::<u64>) {
+                Some(Ok(ms)) if ms > 0 => Ok(FsyncPolicy::Interval(Duration::from_millis(ms))),
+                _ => Err(Error::Config(format!("fsync policy {s:?} is not always, never or interval:<ms>"))),
+            },
+        }
+    }
+}
+
+/// Called by the sync thread, with the new durable end of the log, after each flush that advanced
+/// it. It runs on the sync thread: it should only wake the owner (e.g. a cross-thread waker).
+pub type DurableNotify = Arc<dyn Fn(Offset) + Send + Sync>;
+
+/// A log's configuration. Fields are public; [`Config::default`] gives the documented defaults.
+#[derive(Clone)]
+pub struct Config {
+    /// The size of each new segment file (preallocated). Default 64 MiB; at least 4 KiB and at
+    /// most 4 GiB - 1. Changing it between runs is allowed: existing segments keep their size.
+    pub segment_size_bytes: u64,
+    /// The most bytes of segment files the log may hold (counted as whole preallocated files).
+    /// An append that would need a new segment beyond it fails with [`Error::DiskBudgetExceeded`].
+    /// Default: unlimited. Must allow at least one segment.
+    pub disk_budget_bytes: u64,
+    /// The durability policy. Default `Interval(5 ms)`.
+    pub fsync: FsyncPolicy,
+    /// The largest payload accepted by [`Log::append`]. Default 1 MiB; at most what fits in one
+    /// segment. Recovery also uses it to tell a torn tail from corruption followed by valid
+    /// records, so lowering it across restarts weakens that check (it never loses data).
+    pub record_len_max_bytes: u32,
+    /// Optional wake-up for the owner when the durable offset advances.
+    pub on_durable: Option<DurableNotify>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            segment_size_bytes: 64 * 1024 * 1024,
+            disk_budget_bytes: u64::MAX,
+            fsync: FsyncPolicy::Interval(Duration::from_millis(5)),
+            record_len_max_bytes: 1024 * 1024,
+            on_durable: None,
+        }
+    }
+}
+
+impl fmt::Debug for Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Config")
+            .field("segment_size_bytes", &self.segment_size_bytes)
+            .field("disk_budget_bytes", &self.disk_budget_bytes)
+            .field("fsync", &self.fsync)
+            .field("record_len_max_bytes", &self.record_len_max_bytes)
+            .field("on_durable", &self.on_durable.as_ref().map(|_| "Fn(Offset)"))
+            .finish()
+    }
+}

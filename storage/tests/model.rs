@@ -1,0 +1,330 @@
+//! Seeded random operations on a real log against a simple in-memory model.
+//!
+//! Operations: append (sometimes too large), read, ack, iterate, compact, sync, and crash: drop
+//! the log without a sync, then optionally damage the last segment beyond what was flushed
+//! (truncate the file, zero its tail as lost pages would, or flip a bit of its last record),
+//! then reopen.
+//!
+//! What the model expects after a crash, under every policy:
+//! - A crash alone (the process dies; the page cache survives) loses nothing that was appended.
+//! - Damage is only ever applied at or after `synced_offset()` read just before the crash: the
+//!   bytes a power loss could lose. Under `Always` and `Interval` that is `durable_offset()`, so
+//!   nothing the owner could have acknowledged is damaged; under `Never` `durable_offset()` is
+//!   everything written and the policy accepts the loss.
+//! - After damage at file position `p` of the last segment, a record of that segment survives if
+//!   and only if its frame (length, checksum, payload) lies wholly before `p`; every record of
+//!   earlier segments survives. Recovery must report the cut as a torn tail, not an error.
+//! - Consumption is not persistent: after reopening, the model re-acks the records it had acked
+//!   that are still stored (as the broker does from its own ack records); those whose segment was
+//!   deleted are gone.
+//!
+//! Run one seed with `STORAGE_SEED=<n>`, more seeds with `STORAGE_SEEDS=<count>`.
+
+use std::collections::BTreeMap;
+use std::fs::{self, OpenOptions};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use shardmq_storage::{Config, Error, FsyncPolicy, Log, Offset, SEGMENT_HEADER_LEN_BYTES};
+
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        // splitmix64
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        if n == 0 {
+            0
+        } else {
+            self.next() % n
+        }
+    }
+    fn chance(&mut self, percent: u64) -> bool {
+        self.below(100) < percent
+    }
+}
+
+#[derive(Clone, Debug)]
+struct Rec {
+    payload: Vec<u8>,
+    acked: bool,
+}
+
+const SEGMENT_BYTES: u64 = 8192;
+const RECORD_MAX_BYTES: u32 = 1024;
+const BUDGET_SEGMENTS: u64 = 10;
+
+fn config(policy: FsyncPolicy) -> Config {
+    Config {
+        segment_size_bytes: SEGMENT_BYTES,
+        disk_budget_bytes: SEGMENT_BYTES * BUDGET_SEGMENTS,
+        fsync: policy,
+        record_len_max_bytes: RECORD_MAX_BYTES,
+        on_durable: None,
+    }
+}
+
+fn payload(rng: &mut Rng, serial: u64) -> Vec<u8> {
+    let len = match rng.below(10) {
+        0 => rng.below(8) as usize,
+        1 => 900 + rng.below(200) as usize, // sometimes over the maximum
+        _ => rng.below(300) as usize,
+    };
+    let mut p = Vec::with_capacity(len);
+    let mut x = serial.wrapping_mul(0x2545_F491_4F6C_DD1D) | 1;
+    for _ in 0..len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        p.push(x as u8);
+    }
+    p
+}
+
+fn last_segment(dir: &Path) -> (PathBuf, u64) {
+    let mut names: Vec<PathBuf> = fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "seg"))
+        .collect();
+    names.sort();
+    let path = names.pop().expect("a log has a segment");
+    let bytes = fs::read(&path).unwrap();
+    let base = u64::from_le_bytes(bytes[24..32].try_into().unwrap());
+    (path, base)
+}
+
+fn frame_end(offset: u64, base: u64, len: usize) -> u64 {
+    SEGMENT_HEADER_LEN_BYTES as u64 + (offset - base) + 8 + len as u64
+}
+
+/// Checks that the log's live records are exactly the model's unacked ones.
+fn check_all(log: &Log, model: &BTreeMap<Offset, Rec>, ctx: &str) {
+    let live: Vec<(Offset, Vec<u8>)> =
+        log.iter_from(Offset(0)).map(|r| r.map(|(o, p)| (o, p.to_vec())).expect(ctx)).collect();
+    let expected: Vec<(Offset, Vec<u8>)> =
+        model.iter().filter(|(_, r)| !r.acked).map(|(o, r)| (*o, r.payload.clone())).collect();
+    assert_eq!(live.len(), expected.len(), "{ctx}: live record count");
+    for (a, b) in live.iter().zip(&expected) {
+        assert_eq!(a.0, b.0, "{ctx}: live offsets differ");
+        assert_eq!(a.1, b.1, "{ctx}: payload at {:?} differs", a.0);
+    }
+    let stats = log.stats();
+    assert_eq!(stats.live_records, expected.len() as u64, "{ctx}: stats.live_records");
+    assert!(stats.allocated_bytes <= SEGMENT_BYTES * BUDGET_SEGMENTS, "{ctx}: over budget");
+}
+
+fn run(seed: u64, ops: usize) {
+    let mut rng = Rng(seed);
+    let policy = match seed % 3 {
+        0 => FsyncPolicy::Always,
+        1 => FsyncPolicy::Interval(Duration::from_millis(1 + rng.below(3))),
+        _ => FsyncPolicy::Never,
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("log");
+    let mut log = Log::open(&dir, config(policy)).unwrap();
+    let mut model: BTreeMap<Offset, Rec> = BTreeMap::new();
+    let mut serial = 0u64;
+    for step in 0..ops {
+        let ctx = format!("seed {seed} step {step} ({policy:?})");
+        match rng.below(100) {
+            0..=39 => {
+                serial += 1;
+                let p = payload(&mut rng, serial);
+                match log.append(&p) {
+                    Ok(o) => {
+                        assert!(p.len() <= RECORD_MAX_BYTES as usize, "{ctx}: oversized record accepted");
+                        assert!(
+                            model.keys().next_back().is_none_or(|last| *last < o),
+                            "{ctx}: offset not increasing"
+                        );
+                        model.insert(o, Rec { payload: p, acked: false });
+                    }
+                    Err(Error::RecordTooLarge { .. }) => {
+                        assert!(p.len() > RECORD_MAX_BYTES as usize, "{ctx}")
+                    }
+                    Err(Error::DiskBudgetExceeded { .. }) => {
+                        let s = log.stats();
+                        assert!(s.allocated_bytes + SEGMENT_BYTES > SEGMENT_BYTES * BUDGET_SEGMENTS, "{ctx}");
+                    }
+                    Err(e) => panic!("{ctx}: append failed: {e}"),
+                }
+            }
+            40..=54 => {
+                let live: Vec<Offset> = model.iter().filter(|(_, r)| !r.acked).map(|(o, _)| *o).collect();
+                if let Some(&o) = live.get(rng.below(live.len() as u64) as usize) {
+                    assert_eq!(log.read(o).expect(&ctx), &model[&o].payload[..], "{ctx}: read {o:?}");
+                    let shared = log.read_shared(o).expect(&ctx);
+                    assert_eq!(&shared[..], &model[&o].payload[..], "{ctx}: read_shared {o:?}");
+                }
+                // An offset that is not a record boundary.
+                if let Some((&o, r)) = model.iter().next_back() {
+                    if !r.acked {
+                        assert!(matches!(log.read(Offset(o.0 + 1)), Err(Error::NoRecord { .. })), "{ctx}");
+                    }
+                }
+            }
+            55..=76 => {
+                let live: Vec<Offset> = model.iter().filter(|(_, r)| !r.acked).map(|(o, _)| *o).collect();
+                // Ack mostly in order (like a queue), sometimes anywhere.
+                let pick = if rng.chance(70) {
+                    rng.below(3.min(live.len() as u64))
+                } else {
+                    rng.below(live.len() as u64)
+                };
+                if let Some(&o) = live.get(pick as usize) {
+                    assert!(log.ack(o).expect(&ctx), "{ctx}: ack {o:?}");
+                    model.get_mut(&o).unwrap().acked = true;
+                    if rng.chance(10) {
+                        // A second ack is harmless, unless the segment is gone.
+                        match log.ack(o) {
+                            Ok(false) | Err(Error::NoRecord { .. }) => {}
+                            other => panic!("{ctx}: second ack {other:?}"),
+                        }
+                    }
+                }
+            }
+            77..=81 => {
+                let from = match model.keys().nth(rng.below(model.len() as u64 + 1) as usize) {
+                    Some(o) => *o,
+                    None => log.end_offset(),
+                };
+                let got: Vec<Offset> = log.iter_from(from).map(|r| r.expect(&ctx).0).collect();
+                let want: Vec<Offset> =
+                    model.range(from..).filter(|(_, r)| !r.acked).map(|(o, _)| *o).collect();
+                assert_eq!(got, want, "{ctx}: iter_from {from:?}");
+            }
+            82..=86 => {
+                let ratio = [0.25, 0.5, 0.75][rng.below(3) as usize];
+                let mut moves = Vec::new();
+                let result = log.compact(ratio, |old, new| moves.push((old, new)));
+                for (old, new) in moves {
+                    let rec = model.remove(&old).unwrap_or_else(|| panic!("{ctx}: moved unknown {old:?}"));
+                    assert!(!rec.acked, "{ctx}: moved a consumed record {old:?}");
+                    assert!(model.insert(new, rec).is_none(), "{ctx}: moved onto {new:?}");
+                }
+                match result {
+                    Ok(_) | Err(Error::DiskBudgetExceeded { .. }) => {}
+                    Err(e) => panic!("{ctx}: compact failed: {e}"),
+                }
+                // Acked records that compaction's segment deletion removed are forgotten lazily.
+                check_all(&log, &model, &ctx);
+            }
+            87..=90 => {
+                let end = log.sync().expect(&ctx);
+                assert_eq!(end, log.end_offset(), "{ctx}");
+                assert!(log.durable_offset() >= end, "{ctx}: durable after sync");
+                assert!(log.synced_offset() >= end, "{ctx}: synced after sync");
+            }
+            91..=95 => check_all(&log, &model, &ctx),
+            _ => {
+                let synced = log.synced_offset();
+                let end = log.end_offset();
+                drop(log);
+                let (path, base) = last_segment(&dir);
+                let floor = SEGMENT_HEADER_LEN_BYTES as u64 + synced.0.max(base) - base;
+                let data_end = SEGMENT_HEADER_LEN_BYTES as u64 + end.0.max(base) - base;
+                let mut cut: Option<u64> = None;
+                if floor < data_end {
+                    match rng.below(4) {
+                        0 => {}
+                        1 => {
+                            let p = floor + rng.below(data_end - floor + 1);
+                            OpenOptions::new().write(true).open(&path).unwrap().set_len(p).unwrap();
+                            cut = Some(p);
+                        }
+                        2 => {
+                            let p = floor + rng.below(data_end - floor + 1);
+                            let mut bytes = fs::read(&path).unwrap();
+                            let stop = (data_end as usize + 64).min(bytes.len());
+                            bytes[p as usize..stop].fill(0);
+                            fs::write(&path, &bytes).unwrap();
+                            cut = Some(p);
+                        }
+                        _ => {
+                            if let Some((&o, r)) = model.iter().next_back() {
+                                let start = SEGMENT_HEADER_LEN_BYTES as u64 + o.0.saturating_sub(base);
+                                if o.0 >= base && start >= floor {
+                                    let fe = frame_end(o.0, base, r.payload.len());
+                                    let at = start + rng.below(fe - start);
+                                    let mut bytes = fs::read(&path).unwrap();
+                                    bytes[at as usize] ^= 1 << rng.below(8);
+                                    fs::write(&path, &bytes).unwrap();
+                                    cut = Some(start);
+                                }
+                            }
+                        }
+                    }
+                }
+                log = Log::open(&dir, config(policy)).unwrap_or_else(|e| panic!("{ctx}: reopen failed: {e}"));
+                if let Some(p) = cut {
+                    model.retain(|o, r| o.0 < base || frame_end(o.0, base, r.payload.len()) <= p);
+                    let lost = log.recovery().torn_tail.is_some();
+                    let expected_end = model.iter().next_back().map_or(Offset(0), |(o, r)| {
+                        Offset(o.0 + (8 + r.payload.len()).next_multiple_of(8) as u64)
+                    });
+                    if lost {
+                        assert!(log.end_offset() <= end, "{ctx}");
+                    }
+                    assert!(log.end_offset() >= expected_end.min(end), "{ctx}: end after cut");
+                } else {
+                    assert_eq!(log.end_offset(), end, "{ctx}: a crash alone loses nothing");
+                    assert!(log.recovery().torn_tail.is_none(), "{ctx}: no damage, no torn tail");
+                }
+                assert!(log.durable_offset() >= log.end_offset(), "{ctx}: recovered data is flushed");
+                // Re-ack what the model had acked and is still stored.
+                let acked: Vec<Offset> = model.iter().filter(|(_, r)| r.acked).map(|(o, _)| *o).collect();
+                for o in acked {
+                    match log.read(o) {
+                        Ok(p) => {
+                            assert_eq!(
+                                p,
+                                &model[&o].payload[..],
+                                "{ctx}: acked record {o:?} came back changed"
+                            );
+                            assert!(log.ack(o).expect(&ctx), "{ctx}");
+                        }
+                        Err(Error::NoRecord { .. }) => {
+                            model.remove(&o);
+                        }
+                        Err(e) => panic!("{ctx}: {e}"),
+                    }
+                }
+                check_all(&log, &model, &ctx);
+            }
+        }
+        // Forget acked records whose segment is gone, so the model stays small.
+        if step % 50 == 49 {
+            model.retain(|o, r| !r.acked || log.read(*o).is_ok());
+        }
+    }
+    check_all(&log, &model, &format!("seed {seed} end"));
+    log.close().unwrap();
+    let log = Log::open(&dir, config(policy)).unwrap();
+    // After a clean close and reopen every stored record is live again; the unacked ones are there.
+    for (o, r) in model.iter().filter(|(_, r)| !r.acked) {
+        assert_eq!(log.read(*o).unwrap(), &r.payload[..], "seed {seed}: after close {o:?}");
+    }
+}
+
+#[test]
+fn random_operations_against_a_model() {
+    if let Ok(seed) = std::env::var("STORAGE_SEED") {
+        run(seed.parse().expect("STORAGE_SEED is a number"), 600);
+        return;
+    }
+    let seeds: u64 = std::env::var("STORAGE_SEEDS").ok().and_then(|s| s.parse().ok()).unwrap_or(48);
+    for seed in 0..seeds {
+        if let Err(panic) = std::panic::catch_unwind(|| run(seed, 600)) {
+            eprintln!("model test failed with seed {seed}; rerun with STORAGE_SEED={seed}");
+            std::panic::resume_unwind(panic);
+        }
+    }
+}

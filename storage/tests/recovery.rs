@@ -1,0 +1,422 @@
+//! Recovery of damaged logs (torn tails at every byte, flipped bits, bad headers, missing
+//! records), the disk budget, durability signalling, compaction and shared reads.
+
+use std::fs::{self, OpenOptions};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use shardmq_storage::{Config, Error, FsyncPolicy, Log, Offset, Record, SegmentId};
+
+fn config(segment_bytes: u64, policy: FsyncPolicy) -> Config {
+    Config {
+        segment_size_bytes: segment_bytes,
+        fsync: policy,
+        record_len_max_bytes: 1024,
+        ..Config::default()
+    }
+}
+
+fn payload(i: usize, len: usize) -> Vec<u8> {
+    (0..len).map(|j| (i * 31 + j * 7) as u8 | 1).collect()
+}
+
+fn segment_files(dir: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "seg"))
+        .collect();
+    v.sort();
+    v
+}
+
+fn flip(path: &Path, at: u64, bit: u8) {
+    let mut bytes = fs::read(path).unwrap();
+    bytes[at as usize] ^= 1 << bit;
+    fs::write(path, bytes).unwrap();
+}
+
+#[test]
+fn torn_tail_at_every_byte_of_the_last_record() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let cfg = config(8192, FsyncPolicy::Never);
+    let mut log = Log::open(dir, cfg.clone()).unwrap();
+    let mut offsets = Vec::new();
+    for i in 0..5 {
+        offsets.push(log.append(&payload(i, 20 + i * 10)).unwrap());
+    }
+    let last_len = 61;
+    let last = log.append(&payload(99, last_len)).unwrap();
+    let loc = log.record_location(last).unwrap();
+    log.close().unwrap();
+    let original = fs::read(&loc.path).unwrap();
+    let complete = loc.position + 8 + last_len as u64;
+    for cut in loc.position..=complete + 3 {
+        // The previous round's append may have rolled into a new segment: start from one file.
+        for f in segment_files(dir).into_iter().filter(|f| *f != loc.path) {
+            fs::remove_file(f).unwrap();
+        }
+        fs::write(&loc.path, &original[..cut as usize]).unwrap();
+        let mut log = Log::open(dir, cfg.clone()).unwrap_or_else(|e| panic!("cut at {cut}: {e}"));
+        for (i, o) in offsets.iter().enumerate() {
+            assert_eq!(log.read(*o).unwrap(), &payload(i, 20 + i * 10)[..], "cut at {cut}");
+        }
+        let survives = cut >= complete;
+        assert_eq!(log.read(last).is_ok(), survives, "cut at {cut}");
+        let torn = cut > loc.position && cut < complete;
+        assert_eq!(log.recovery().torn_tail.is_some(), torn, "cut at {cut}: {:?}", log.recovery());
+        // The log goes on: a new record lands where the torn one was, and survives a reopen.
+        let next = log.append(b"after the tear").unwrap();
+        // The last record's frame is 8 + 61 bytes, padded to 72.
+        assert_eq!(next, if survives { Offset(last.0 + 72) } else { last }, "cut at {cut}");
+        log.close().unwrap();
+        let log = Log::open(dir, cfg.clone()).unwrap();
+        assert!(log.recovery().torn_tail.is_none(), "cut at {cut}: second open is clean");
+        assert_eq!(log.read(next).unwrap(), b"after the tear");
+        assert_eq!(log.stats().live_records, offsets.len() as u64 + 1 + survives as u64, "cut at {cut}");
+        drop(log);
+    }
+}
+
+/// Builds a log of three segments (4 records in the last), closed; returns the offsets and
+/// payload lengths.
+fn three_segments(dir: &Path, cfg: &Config) -> Vec<(Offset, usize)> {
+    let mut log = Log::open(dir, cfg.clone()).unwrap();
+    let mut records = Vec::new();
+    let mut in_third = 0;
+    for i in 0..10_000 {
+        let len = 100 + i % 50;
+        let o = log.append(&payload(i, len)).unwrap();
+        records.push((o, len));
+        if log.record_location(o).unwrap().segment == SegmentId(3) {
+            in_third += 1;
+            if in_third == 4 {
+                break;
+            }
+        }
+    }
+    log.close().unwrap();
+    records
+}
+
+#[test]
+fn flipped_bits_in_a_middle_segment_are_reported_with_file_and_position() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let cfg = config(4096, FsyncPolicy::Never);
+    let records = three_segments(dir, &cfg);
+    let log = Log::open(dir, cfg.clone()).unwrap();
+    let middle: Vec<_> = records
+        .iter()
+        .map(|(o, len)| (log.record_location(*o).unwrap(), *len))
+        .filter(|(loc, _)| loc.segment == SegmentId(2))
+        .collect();
+    drop(log);
+    let (loc, len) = middle[middle.len() / 2].clone();
+    let original = fs::read(&loc.path).unwrap();
+    // A payload bit, a length bit, a checksum bit, and the last payload byte of the record.
+    for (at, bit) in [
+        (loc.position + 8 + 3, 2),
+        (loc.position + 1, 0),
+        (loc.position + 5, 7),
+        (loc.position + 7 + len as u64, 0),
+    ] {
+        flip(&loc.path, at, bit);
+        match Log::open(dir, cfg.clone()) {
+            Err(Error::CorruptRecord { path, position, .. }) => {
+                assert_eq!(path, loc.path);
+                assert_eq!(position, loc.position, "flip at {at}");
+            }
+            other => panic!("flip at {at}: expected CorruptRecord, got {other:?}"),
+        }
+        fs::write(&loc.path, &original).unwrap();
+    }
+    // Damage to the last record of a middle segment is corruption too (only the log's last
+    // segment can have a torn tail).
+    let (loc, _) = middle.last().unwrap().clone();
+    flip(&loc.path, loc.position + 9, 4);
+    assert!(
+        matches!(Log::open(dir, cfg.clone()), Err(Error::CorruptRecord { ref path, .. }) if *path == loc.path)
+    );
+    fs::write(&loc.path, &original).unwrap();
+    // A middle segment cut short: its records no longer join the next segment.
+    let short = loc.position;
+    OpenOptions::new().write(true).open(&loc.path).unwrap().set_len(short).unwrap();
+    match Log::open(dir, cfg.clone()) {
+        Err(Error::SegmentGap { path, .. }) => assert_eq!(path, segment_files(dir)[2]),
+        other => panic!("expected SegmentGap, got {other:?}"),
+    }
+    fs::write(&loc.path, &original).unwrap();
+    assert_eq!(Log::open(dir, cfg).unwrap().stats().live_records, records.len() as u64);
+}
+
+#[test]
+fn flipped_bits_in_the_last_segment() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let cfg = config(4096, FsyncPolicy::Never);
+    let records = three_segments(dir, &cfg);
+    let log = Log::open(dir, cfg.clone()).unwrap();
+    let locs: Vec<_> = records.iter().map(|(o, len)| (*o, log.record_location(*o).unwrap(), *len)).collect();
+    drop(log);
+    let (last_off, last_loc, last_len) = locs.last().unwrap().clone();
+    let original = fs::read(&last_loc.path).unwrap();
+    // In the last record: a torn tail, cut off; every other record is intact.
+    for (at, bit) in [(last_loc.position + 8 + (last_len as u64) / 2, 3), (last_loc.position + 2, 1)] {
+        flip(&last_loc.path, at, bit);
+        let log = Log::open(dir, cfg.clone()).unwrap_or_else(|e| panic!("flip at {at}: {e}"));
+        let torn = log.recovery().torn_tail.clone().expect("a torn tail");
+        assert_eq!(torn.position, last_loc.position);
+        assert_eq!(torn.offset, last_off);
+        assert!(matches!(log.read(last_off), Err(Error::NoRecord { .. })));
+        assert_eq!(log.stats().live_records, records.len() as u64 - 1);
+        drop(log);
+        fs::write(&last_loc.path, &original).unwrap();
+    }
+    // In a record of the last segment that valid records follow: corruption, not a tail.
+    let (_, loc, len) = locs.iter().rev().nth(2).unwrap().clone();
+    assert_eq!(loc.path, last_loc.path);
+    flip(&loc.path, loc.position + 8 + len as u64 - 1, 5);
+    assert!(
+        matches!(Log::open(dir, cfg.clone()), Err(Error::CorruptRecord { ref path, position, .. }) if *path == loc.path && position == loc.position)
+    );
+    fs::write(&loc.path, &original).unwrap();
+    // Lost pages: a zeroed record followed by valid ones is corruption as well.
+    let mut bytes = original.clone();
+    bytes[loc.position as usize..loc.position as usize + 8].fill(0);
+    fs::write(&loc.path, &bytes).unwrap();
+    assert!(matches!(Log::open(dir, cfg.clone()), Err(Error::CorruptRecord { .. })));
+    fs::write(&loc.path, &original).unwrap();
+    assert_eq!(Log::open(dir, cfg).unwrap().stats().live_records, records.len() as u64);
+}
+
+#[test]
+fn bad_headers_and_versions_name_the_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let cfg = config(4096, FsyncPolicy::Never);
+    three_segments(dir, &cfg);
+    let files = segment_files(dir);
+    let original = fs::read(&files[1]).unwrap();
+    for (at, bit) in [(0u64, 0u8), (20, 3), (27, 1), (33, 6)] {
+        flip(&files[1], at, bit);
+        match Log::open(dir, cfg.clone()) {
+            Err(Error::CorruptHeader { path, .. }) => assert_eq!(path, files[1]),
+            other => panic!("flip at {at}: expected CorruptHeader, got {other:?}"),
+        }
+        fs::write(&files[1], &original).unwrap();
+    }
+    let mut v2 = original.clone();
+    v2[8..12].copy_from_slice(&2u32.to_le_bytes());
+    fs::write(&files[1], &v2).unwrap();
+    match Log::open(dir, cfg.clone()) {
+        Err(e @ Error::UnsupportedVersion { .. }) => {
+            let text = e.to_string();
+            assert!(text.contains("version 2") && text.contains(&files[1].display().to_string()), "{text}");
+        }
+        other => panic!("expected UnsupportedVersion, got {other:?}"),
+    }
+    fs::write(&files[1], &original[..40]).unwrap();
+    assert!(
+        matches!(Log::open(dir, cfg.clone()), Err(Error::CorruptHeader { ref path, .. }) if *path == files[1])
+    );
+    // A segment file renamed to another id is caught by the id in its header.
+    fs::write(&files[1], &original).unwrap();
+    fs::rename(&files[2], dir.join("00000000000000000009.seg")).unwrap();
+    assert!(matches!(Log::open(dir, cfg.clone()), Err(Error::CorruptHeader { .. })));
+    fs::rename(dir.join("00000000000000000009.seg"), &files[2]).unwrap();
+    // A leftover temporary file from an interrupted segment creation is removed.
+    fs::write(dir.join("00000000000000000004.seg.tmp"), b"partial").unwrap();
+    let log = Log::open(dir, cfg).unwrap();
+    assert_eq!(log.recovery().removed_temporary_files, 1);
+    assert!(!dir.join("00000000000000000004.seg.tmp").exists());
+}
+
+#[test]
+fn disk_budget_is_a_typed_error_and_frees_with_consumption() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let cfg = Config { disk_budget_bytes: 3 * 4096, ..config(4096, FsyncPolicy::Always) };
+    let mut log = Log::open(dir, cfg.clone()).unwrap();
+    let mut stored = Vec::new();
+    let err = loop {
+        let p = payload(stored.len(), 200);
+        match log.append(&p) {
+            Ok(o) => stored.push((o, p)),
+            Err(e) => break e,
+        }
+        assert!(stored.len() < 1000, "the budget never ran out");
+    };
+    assert!(matches!(err, Error::DiskBudgetExceeded { budget_bytes: 12288, .. }), "{err:?}");
+    assert_eq!(segment_files(dir).len(), 3);
+    // Refused again, and nothing stored is damaged, before and after a reopen.
+    assert!(matches!(log.append(&payload(0, 200)), Err(Error::DiskBudgetExceeded { .. })));
+    for (o, p) in &stored {
+        assert_eq!(log.read(*o).unwrap(), &p[..]);
+    }
+    log.close().unwrap();
+    let mut log = Log::open(dir, cfg.clone()).unwrap();
+    assert_eq!(log.stats().live_records, stored.len() as u64);
+    assert!(matches!(log.append(&payload(0, 200)), Err(Error::DiskBudgetExceeded { .. })));
+    // Consuming the first segment frees it; appends work again.
+    let first = log.record_location(stored[0].0).unwrap().segment;
+    let in_first: Vec<Offset> = stored
+        .iter()
+        .map(|(o, _)| *o)
+        .filter(|o| log.record_location(*o).unwrap().segment == first)
+        .collect();
+    for o in &in_first {
+        assert!(log.ack(*o).unwrap());
+    }
+    assert_eq!(log.stats().segments, 2);
+    let o = log.append(&payload(7, 200)).unwrap();
+    assert_eq!(log.read(o).unwrap(), &payload(7, 200)[..]);
+    // The deletion happens on the sync thread; close waits for it.
+    log.close().unwrap();
+    assert_eq!(segment_files(dir).len(), 3);
+    assert!(!segment_files(dir).iter().any(|p| p.ends_with(format!("{:020}.seg", first.0))));
+}
+
+#[test]
+fn oversized_records_and_bad_configs_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut log = Log::open(tmp.path(), config(4096, FsyncPolicy::Never)).unwrap();
+    assert!(matches!(
+        log.append(&[0u8; 1025]),
+        Err(Error::RecordTooLarge { len_bytes: 1025, max_bytes: 1024 })
+    ));
+    assert_eq!(log.append(&[]).unwrap(), Offset(0));
+    assert_eq!(log.read(Offset(0)).unwrap(), b"");
+    drop(log);
+    let bad = [
+        Config { segment_size_bytes: 1000, ..Config::default() },
+        Config { record_len_max_bytes: 8192, ..config(4096, FsyncPolicy::Never) },
+        Config { disk_budget_bytes: 100, ..config(4096, FsyncPolicy::Never) },
+        config(4096, FsyncPolicy::Interval(Duration::ZERO)),
+    ];
+    for cfg in bad {
+        assert!(matches!(Log::open(tmp.path(), cfg.clone()), Err(Error::Config(_))), "{cfg:?}");
+    }
+    assert_eq!("always".parse::<FsyncPolicy>().unwrap(), FsyncPolicy::Always);
+    assert_eq!("never".parse::<FsyncPolicy>().unwrap(), FsyncPolicy::Never);
+    assert_eq!("interval:5".parse::<FsyncPolicy>().unwrap(), FsyncPolicy::Interval(Duration::from_millis(5)));
+    assert!("interval:0".parse::<FsyncPolicy>().is_err());
+    assert!("sometimes".parse::<FsyncPolicy>().is_err());
+}
+
+#[test]
+fn durable_offset_follows_the_policy() {
+    let tmp = tempfile::tempdir().unwrap();
+    // Always: the sync thread flushes after appends without being asked.
+    let (tx, rx) = mpsc::channel();
+    let tx = std::sync::Mutex::new(tx);
+    let notify: shardmq_storage::DurableNotify = Arc::new(move |o: Offset| {
+        let _ = tx.lock().unwrap().send(o);
+    });
+    for policy in [FsyncPolicy::Always, FsyncPolicy::Interval(Duration::from_millis(2))] {
+        let dir = tmp.path().join(format!("{policy:?}"));
+        let cfg = Config { on_durable: Some(notify.clone()), ..config(1 << 20, policy) };
+        let mut log = Log::open(&dir, cfg).unwrap();
+        let mut last = Offset(0);
+        for i in 0..200 {
+            last = log.append(&payload(i, 64)).unwrap();
+        }
+        let end = log.end_offset();
+        assert!(last < end);
+        // Wait for the notification that covers the last record (no sleeps: the channel).
+        loop {
+            let o = rx.recv_timeout(Duration::from_secs(10)).expect("the sync thread reports progress");
+            if o >= end {
+                break;
+            }
+        }
+        assert!(log.durable_offset() >= end);
+        assert!(log.synced_offset() >= end);
+        log.close().unwrap();
+        while rx.try_recv().is_ok() {}
+    }
+    // Never: everything written is durable for the policy; nothing is flushed until asked.
+    let mut log = Log::open(tmp.path().join("never"), config(1 << 20, FsyncPolicy::Never)).unwrap();
+    let start = log.synced_offset();
+    log.append(b"one").unwrap();
+    assert_eq!(log.durable_offset(), log.end_offset());
+    assert_eq!(log.synced_offset(), start);
+    assert!(log.wait_durable(log.end_offset(), Duration::from_secs(10)).unwrap());
+    assert_eq!(log.synced_offset(), log.end_offset());
+}
+
+#[test]
+fn compaction_moves_live_records_and_frees_segments() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let cfg = config(4096, FsyncPolicy::Interval(Duration::from_millis(1)));
+    let mut log = Log::open(dir, cfg.clone()).unwrap();
+    let mut live = std::collections::BTreeMap::new();
+    for i in 0..120 {
+        let p = payload(i, 150);
+        let o = log.append(&p).unwrap();
+        if i % 5 == 0 {
+            live.insert(o, p);
+        } else {
+            log.ack(o).unwrap();
+        }
+    }
+    let before = log.stats();
+    assert!(before.segments > 3);
+    let mut moves = Vec::new();
+    let stats = log.compact(0.5, |old, new| moves.push((old, new))).unwrap();
+    assert!(stats.segments_compacted >= before.segments - 2, "{stats:?} {before:?}");
+    assert_eq!(stats.records_moved as usize, moves.len());
+    for (old, new) in &moves {
+        assert!(new > old);
+        let p = live.remove(old).expect("only live records move");
+        live.insert(*new, p);
+    }
+    assert!(log.stats().segments < before.segments);
+    let got: Vec<(Offset, Vec<u8>)> =
+        log.iter_from(Offset(0)).map(|r| r.map(|(o, p)| (o, p.to_vec())).unwrap()).collect();
+    let want: Vec<(Offset, Vec<u8>)> = live.iter().map(|(o, p)| (*o, p.clone())).collect();
+    assert_eq!(got, want);
+    log.close().unwrap();
+    // After reopening, the live records are there once: the compacted segments are gone. (The
+    // consumed records of the segment that was active during compaction come back as live, as
+    // consumption is not persistent.)
+    let log = Log::open(dir, cfg).unwrap();
+    let got: Vec<Offset> = log.iter_from(Offset(0)).map(|r| r.unwrap().0).collect();
+    for (old, _) in &moves {
+        assert!(matches!(log.read(*old), Err(Error::NoRecord { .. })), "old copy {old:?} still stored");
+    }
+    for (o, p) in &live {
+        assert!(got.contains(o));
+        assert_eq!(log.read(*o).unwrap(), &p[..]);
+    }
+}
+
+#[test]
+fn shared_records_outlive_the_deletion_of_their_segment() {
+    fn assert_send_sync<T: Send + Sync + 'static>() {}
+    assert_send_sync::<Record>();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut log = Log::open(tmp.path(), config(4096, FsyncPolicy::Never)).unwrap();
+    let first = log.append(b"kept alive by its Record").unwrap();
+    let record = log.read_shared(first).unwrap();
+    assert_eq!(record.offset(), first);
+    assert_eq!(log.read(first).unwrap().as_ptr() as usize % 8, 0, "payloads are 8-byte aligned");
+    log.ack(first).unwrap();
+    for _ in 0..100 {
+        if log.read(first).is_err() {
+            break;
+        }
+        let o = log.append(&[7u8; 500]).unwrap();
+        log.ack(o).unwrap();
+    }
+    // The first segment was consumed and deleted; the record still reads from its mapping, also
+    // from another thread.
+    assert!(matches!(log.read(first), Err(Error::NoRecord { .. })));
+    log.close().unwrap();
+    let text = std::thread::spawn(move || record.to_vec()).join().unwrap();
+    assert_eq!(text, b"kept alive by its Record");
+}
