@@ -58,7 +58,7 @@ struct Rec {
 
 const SEGMENT_BYTES: u64 = 8192;
 const RECORD_MAX_BYTES: u32 = 1024;
-const BUDGET_SEGMENTS: u64 = 10;
+const BUDGET_SEGMENTS: u64 = 5;
 
 fn config(policy: FsyncPolicy) -> Config {
     Config {
@@ -120,7 +120,23 @@ fn check_all(log: &Log, model: &BTreeMap<Offset, Rec>, ctx: &str) {
     assert!(stats.allocated_bytes <= SEGMENT_BYTES * BUDGET_SEGMENTS, "{ctx}: over budget");
 }
 
-fn run(seed: u64, ops: usize) {
+/// How often each interesting event happened, summed over seeds, so the test can show (and
+/// assert) that the random operations reached every path.
+#[derive(Debug, Default)]
+struct Coverage {
+    appends: u64,
+    acks: u64,
+    crashes: u64,
+    damaged_crashes: u64,
+    torn_tails_reported: u64,
+    records_lost_to_damage: u64,
+    records_moved: u64,
+    budget_refusals: u64,
+    too_large: u64,
+    acked_records_back_after_crash: u64,
+}
+
+fn run(seed: u64, ops: usize, cov: &mut Coverage) {
     let mut rng = Rng(seed);
     let policy = match seed % 3 {
         0 => FsyncPolicy::Always,
@@ -146,13 +162,16 @@ fn run(seed: u64, ops: usize) {
                             "{ctx}: offset not increasing"
                         );
                         model.insert(o, Rec { payload: p, acked: false });
+                        cov.appends += 1;
                     }
                     Err(Error::RecordTooLarge { .. }) => {
-                        assert!(p.len() > RECORD_MAX_BYTES as usize, "{ctx}")
+                        assert!(p.len() > RECORD_MAX_BYTES as usize, "{ctx}");
+                        cov.too_large += 1;
                     }
                     Err(Error::DiskBudgetExceeded { .. }) => {
                         let s = log.stats();
                         assert!(s.allocated_bytes + SEGMENT_BYTES > SEGMENT_BYTES * BUDGET_SEGMENTS, "{ctx}");
+                        cov.budget_refusals += 1;
                     }
                     Err(e) => panic!("{ctx}: append failed: {e}"),
                 }
@@ -171,7 +190,8 @@ fn run(seed: u64, ops: usize) {
                     }
                 }
             }
-            55..=76 => {
+            // Odd seeds consume slowly, so their logs fill the disk budget.
+            55..=76 if seed % 2 == 0 || rng.chance(30) => {
                 let live: Vec<Offset> = model.iter().filter(|(_, r)| !r.acked).map(|(o, _)| *o).collect();
                 // Ack mostly in order (like a queue), sometimes anywhere.
                 let pick = if rng.chance(70) {
@@ -182,6 +202,7 @@ fn run(seed: u64, ops: usize) {
                 if let Some(&o) = live.get(pick as usize) {
                     assert!(log.ack(o).expect(&ctx), "{ctx}: ack {o:?}");
                     model.get_mut(&o).unwrap().acked = true;
+                    cov.acks += 1;
                     if rng.chance(10) {
                         // A second ack is harmless, unless the segment is gone.
                         match log.ack(o) {
@@ -205,6 +226,7 @@ fn run(seed: u64, ops: usize) {
                 let ratio = [0.25, 0.5, 0.75][rng.below(3) as usize];
                 let mut moves = Vec::new();
                 let result = log.compact(ratio, |old, new| moves.push((old, new)));
+                cov.records_moved += moves.len() as u64;
                 for (old, new) in moves {
                     let rec = model.remove(&old).unwrap_or_else(|| panic!("{ctx}: moved unknown {old:?}"));
                     assert!(!rec.acked, "{ctx}: moved a consumed record {old:?}");
@@ -223,7 +245,7 @@ fn run(seed: u64, ops: usize) {
                 assert!(log.durable_offset() >= end, "{ctx}: durable after sync");
                 assert!(log.synced_offset() >= end, "{ctx}: synced after sync");
             }
-            91..=95 => check_all(&log, &model, &ctx),
+            55..=76 | 91..=96 => check_all(&log, &model, &ctx),
             _ => {
                 let synced = log.synced_offset();
                 let end = log.end_offset();
@@ -264,8 +286,13 @@ fn run(seed: u64, ops: usize) {
                     }
                 }
                 log = Log::open(&dir, config(policy)).unwrap_or_else(|e| panic!("{ctx}: reopen failed: {e}"));
+                cov.crashes += 1;
                 if let Some(p) = cut {
+                    cov.damaged_crashes += 1;
+                    let before = model.len();
                     model.retain(|o, r| o.0 < base || frame_end(o.0, base, r.payload.len()) <= p);
+                    cov.records_lost_to_damage += (before - model.len()) as u64;
+                    cov.torn_tails_reported += log.recovery().torn_tail.is_some() as u64;
                     let lost = log.recovery().torn_tail.is_some();
                     let expected_end = model.iter().next_back().map_or(Offset(0), |(o, r)| {
                         Offset(o.0 + (8 + r.payload.len()).next_multiple_of(8) as u64)
@@ -290,6 +317,7 @@ fn run(seed: u64, ops: usize) {
                                 "{ctx}: acked record {o:?} came back changed"
                             );
                             assert!(log.ack(o).expect(&ctx), "{ctx}");
+                            cov.acked_records_back_after_crash += 1;
                         }
                         Err(Error::NoRecord { .. }) => {
                             model.remove(&o);
@@ -317,14 +345,25 @@ fn run(seed: u64, ops: usize) {
 #[test]
 fn random_operations_against_a_model() {
     if let Ok(seed) = std::env::var("STORAGE_SEED") {
-        run(seed.parse().expect("STORAGE_SEED is a number"), 600);
+        run(seed.parse().expect("STORAGE_SEED is a number"), 600, &mut Coverage::default());
         return;
     }
     let seeds: u64 = std::env::var("STORAGE_SEEDS").ok().and_then(|s| s.parse().ok()).unwrap_or(48);
+    let mut cov = Coverage::default();
     for seed in 0..seeds {
-        if let Err(panic) = std::panic::catch_unwind(|| run(seed, 600)) {
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(seed, 600, &mut cov)));
+        if let Err(panic) = result {
             eprintln!("model test failed with seed {seed}; rerun with STORAGE_SEED={seed}");
             std::panic::resume_unwind(panic);
         }
+    }
+    eprintln!("{seeds} seeds x 600 operations: {cov:?}");
+    if seeds >= 48 {
+        assert!(
+            cov.damaged_crashes > 20 && cov.records_lost_to_damage > 0 && cov.torn_tails_reported > 0,
+            "{cov:?}"
+        );
+        assert!(cov.records_moved > 0 && cov.budget_refusals > 0 && cov.too_large > 0, "{cov:?}");
+        assert!(cov.acked_records_back_after_crash > 0, "{cov:?}");
     }
 }
