@@ -8,3 +8,6 @@ cargo clippy --workspace --all-targets -- -D warnings
 cargo test --workspace --all-targets
 # Doc tests are not covered by --all-targets.
 cargo test --workspace --doc
+# The cargo-fuzz target is its own workspace (it needs nightly to *run*); check that it still
+# compiles against the codec, on the stable toolchain.
+cargo check --quiet --manifest-path protocol/fuzz/Cargo.toml --bins

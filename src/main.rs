@@ -222,7 +222,9 @@ fn serve(mut args: ServeArgs) -> Result<()> {
     let (cfg, log) = merge(args, file)?;
     let filter =
         tracing_subscriber::EnvFilter::try_new(&log).with_context(|| format!("bad --log filter {log:?}"))?;
-    tracing_subscriber::fmt().with_env_filter(filter).with_target(false).init();
+    // Colour only on a terminal: log files and pipes get plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
+    tracing_subscriber::fmt().with_env_filter(filter).with_target(false).with_ansi(ansi).init();
     let mut signals = Signals::new([SIGINT, SIGTERM]).context("cannot install signal handlers")?;
     let cores = cfg.cores;
     let broker = shardmq_shards::start(cfg).context("cannot start the broker")?;
