@@ -22,10 +22,13 @@
 //!
 //! Page faults: segments are preallocated with `posix_fallocate` and written through a shared
 //! mapping, so a write touches page cache only (a minor fault on the first write to each 4 KiB page,
-//! never a read from disk, never a SIGBUS on a full disk). What still runs on the owner's thread:
-//! creating the next segment when the active one is full (file creation, `fallocate`, a header
-//! write and two `fsync`s, once per segment, 64 MiB by default). Moving that to the sync thread
-//! (a pre-created spare segment) is the known next step; see `BENCH.md`.
+//! never a read from disk, never a SIGBUS on a full disk). The next segment is prepared ahead by
+//! the sync thread (a preallocated `spare.tmp` with a synced placeholder header), so a roll on the
+//! owner's thread is a 64-byte `pwrite`, a `rename` and an `mmap`, with no `fsync`: the sync thread
+//! makes the new header and name durable before it calls any record in the segment durable. Only
+//! when the spare is missing (the budget had no room for it, or preparing it failed) does a roll
+//! create the file on the owner's thread. Recovery (`Log::open`) blocks, and is meant to run
+//! before the shard's loop starts.
 //!
 //! # Record encoding
 //! Records are opaque bytes. Every record's payload starts at an 8-byte aligned address of the

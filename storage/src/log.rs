@@ -52,6 +52,9 @@ pub struct RecoveryReport {
     pub torn_tail: Option<TornTail>,
     /// Leftover temporary files (segments whose creation did not finish) that were removed.
     pub removed_temporary_files: usize,
+    /// Files under a segment's name that still had a spare's header: a roll whose header never
+    /// became durable, so nothing in them was ever durable. They were removed.
+    pub discarded_unfinished_segments: usize,
 }
 
 /// A torn tail found and truncated by recovery: the last segment's records end at `position`.
@@ -71,6 +74,7 @@ pub struct TornTail {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct LogStats {
     pub segments: usize,
+    /// Bytes of segment files, plus the spare segment prepared ahead of the next roll.
     pub allocated_bytes: u64,
     /// Bytes of record frames stored (live or consumed).
     pub used_bytes: u64,
@@ -219,6 +223,8 @@ pub struct Log {
     allocated_bytes: u64,
     syncer: Syncer,
     recovery: RecoveryReport,
+    /// Whether a spare segment is asked of the sync thread (its size is in `allocated_bytes`).
+    spare_reserved: bool,
 }
 
 fn validate(config: &Config) -> Result<()> {
@@ -268,7 +274,9 @@ impl Log {
             let entry = entry.map_err(|e| Error::io(&dir, e))?;
             let name = entry.file_name();
             let Some(name) = name.to_str() else { continue };
-            if name.ends_with(".seg.tmp") {
+            if name == segment::SPARE_FILE_NAME {
+                fs::remove_file(entry.path()).map_err(|e| Error::io(entry.path(), e))?;
+            } else if name.ends_with(".seg.tmp") {
                 fs::remove_file(entry.path()).map_err(|e| Error::io(entry.path(), e))?;
                 report.removed_temporary_files += 1;
             } else if let Some(id) = segment::parse_file_name(name) {
@@ -279,10 +287,21 @@ impl Log {
         let record_len_max = config.record_len_max_bytes as usize;
         let mut segments: VecDeque<SegState> = VecDeque::with_capacity(ids.len() + 1);
         let mut allocated_bytes = 0u64;
-        for (i, &id) in ids.iter().enumerate() {
-            let last = i + 1 == ids.len();
+        let mut opened = Vec::with_capacity(ids.len());
+        for &id in &ids {
             let path = dir.join(segment::file_name(id));
-            let seg = Segment::open(&path, id)?;
+            match Segment::open(&path, id)? {
+                Some(seg) => opened.push((path, seg)),
+                None => {
+                    fs::remove_file(&path).map_err(|e| Error::io(&path, e))?;
+                    report.discarded_unfinished_segments += 1;
+                }
+            }
+        }
+        let count = opened.len();
+        for (i, (path, seg)) in opened.into_iter().enumerate() {
+            let last = i + 1 == count;
+            let id = seg.id;
             let (scan, dirty_end) = {
                 let data = seg.bytes_for_recovery();
                 let scan = format::scan(data, last, record_len_max);
@@ -338,7 +357,16 @@ impl Log {
         let syncer =
             Syncer::start(config.fsync, dir.clone(), active.end_offset(), active, config.on_durable.clone())?;
         report.elapsed = started.elapsed();
-        let mut log = Log { dir, config, segments, next_id, allocated_bytes, syncer, recovery: report };
+        let mut log = Log {
+            dir,
+            config,
+            segments,
+            next_id,
+            allocated_bytes,
+            syncer,
+            recovery: report,
+            spare_reserved: false,
+        };
         // Segments other than the last with no records (left by a crash just after a roll, or
         // empty from the start) are deleted like any fully consumed segment.
         let mut i = 0;
@@ -349,7 +377,19 @@ impl Log {
                 i += 1;
             }
         }
+        log.reserve_spare();
         Ok(log)
+    }
+
+    /// Asks the sync thread to prepare the next segment, if the budget has room for it. Its bytes
+    /// count in `allocated_bytes` from now on.
+    fn reserve_spare(&mut self) {
+        let size = self.config.segment_size_bytes;
+        if !self.spare_reserved && self.allocated_bytes + size <= self.config.disk_budget_bytes {
+            self.allocated_bytes += size;
+            self.spare_reserved = true;
+            self.syncer.request_spare(size as usize);
+        }
     }
 
     /// What recovery found when this log was opened.
@@ -402,23 +442,39 @@ impl Log {
     /// Starts a new active segment.
     fn roll(&mut self) -> Result<()> {
         let size = self.config.segment_size_bytes;
-        if self.allocated_bytes + size > self.config.disk_budget_bytes {
-            return Err(Error::DiskBudgetExceeded {
-                budget_bytes: self.config.disk_budget_bytes,
-                allocated_bytes: self.allocated_bytes,
-                needed_bytes: size,
-            });
-        }
         let base = self.active().seg.end_offset();
-        let seg = Arc::new(Segment::create(&self.dir, self.next_id, base, size as usize)?);
+        let seg = if self.spare_reserved {
+            // The usual case: the sync thread prepared the file; no blocking call here.
+            self.spare_reserved = false;
+            match self.syncer.take_spare().and_then(|f| Segment::from_spare(f, &self.dir, self.next_id, base))
+            {
+                Ok(seg) => seg,
+                Err(e) => {
+                    self.allocated_bytes -= size;
+                    return Err(e);
+                }
+            }
+        } else {
+            if self.allocated_bytes + size > self.config.disk_budget_bytes {
+                return Err(Error::DiskBudgetExceeded {
+                    budget_bytes: self.config.disk_budget_bytes,
+                    allocated_bytes: self.allocated_bytes,
+                    needed_bytes: size,
+                });
+            }
+            let seg = Segment::create(&self.dir, self.next_id, base, size as usize)?;
+            self.allocated_bytes += size;
+            seg
+        };
+        let seg = Arc::new(seg);
         self.next_id = SegmentId(self.next_id.0 + 1);
-        self.allocated_bytes += size;
         self.syncer.add_segment(Arc::clone(&seg));
         self.segments.push_back(SegState::new(seg, Vec::new()));
         let old = self.segments.len() - 2;
         if self.segments[old].all_consumed() {
             self.delete_segment(old, Offset(0));
         }
+        self.reserve_spare();
         Ok(())
     }
 
@@ -429,6 +485,7 @@ impl Log {
         let state = self.segments.remove(i).expect("segment index in range");
         self.allocated_bytes -= state.seg.capacity() as u64;
         self.syncer.delete_after(state.seg, after);
+        self.reserve_spare();
     }
 
     /// Finds the segment and record index of the record at `offset`.
@@ -547,7 +604,8 @@ impl Log {
                 .iter()
                 .map(|&ord| self.segments[i].frame_end(ord) - self.segments[i].records[ord] as usize)
                 .collect();
-            let needed_segments = self.segments_needed(&frames);
+            // The spare, if reserved, is already counted in `allocated_bytes`.
+            let needed_segments = self.segments_needed(&frames).saturating_sub(self.spare_reserved as u64);
             let needed_bytes = needed_segments * self.config.segment_size_bytes;
             if self.allocated_bytes + needed_bytes > self.config.disk_budget_bytes {
                 return Err(Error::DiskBudgetExceeded {
@@ -636,6 +694,14 @@ impl Log {
     pub fn close(mut self) -> Result<()> {
         self.sync()?;
         Ok(())
+    }
+
+    /// Stops the log as a crash of the process would: nothing more is flushed (deletions already
+    /// flushed for are applied). Returns the end of what was flushed: after a power loss, records
+    /// below it survive and later ones may not. For crash tests; a shard stops with `close`.
+    pub fn abandon(mut self) -> Offset {
+        self.syncer.stop();
+        self.syncer.synced()
     }
 
     /// The log's counters. Walks the segments (not the records): cheap, but not per message.

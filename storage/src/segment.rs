@@ -23,7 +23,7 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use memmap2::{MmapOptions, MmapRaw};
 
@@ -45,6 +45,12 @@ pub(crate) fn parse_file_name(name: &str) -> Option<SegmentId> {
     digits.parse().ok().map(SegmentId)
 }
 
+/// The name of the spare segment file that the sync thread prepares ahead of a roll.
+pub(crate) const SPARE_FILE_NAME: &str = "spare.tmp";
+/// The id in a spare's header: never a real segment's (ids start at 1). A file under a segment's
+/// name with this header is a spare whose roll did not become durable (see [`Segment::from_spare`]).
+pub(crate) const SPARE_ID: SegmentId = SegmentId(0);
+
 /// Syncs a directory, so that creations, renames and deletions in it are durable.
 pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
     File::open(dir).and_then(|d| d.sync_all()).map_err(|e| Error::io(dir, e))
@@ -61,9 +67,11 @@ pub(crate) struct Segment {
     /// The published end of the records (a file position).
     len: AtomicUsize,
     map: MmapRaw,
-    /// Kept open for the segment's life (the mapping does not need it, but it documents ownership
-    /// and keeps the descriptor for future `fdatasync` use).
-    _file: File,
+    /// Kept open for the segment's life, to sync its header and size ([`Segment::sync_meta`]).
+    file: File,
+    /// Whether the header and the file's name are known durable. False only for a segment made
+    /// from a spare until the sync thread's first flush of it.
+    meta_synced: AtomicBool,
 }
 
 impl Segment {
@@ -119,8 +127,81 @@ impl Segment {
             capacity: size_bytes,
             len: AtomicUsize::new(SEGMENT_HEADER_LEN_BYTES),
             map,
-            _file: file,
+            file,
+            meta_synced: AtomicBool::new(true),
         })
+    }
+
+    /// Prepares a spare segment file in `dir` (on the sync thread): preallocated to `size_bytes`,
+    /// with a spare header (id 0) written and synced. [`Segment::from_spare`] turns it into a
+    /// segment without any blocking call.
+    pub(crate) fn create_spare(dir: &Path, size_bytes: usize) -> Result<File> {
+        let path = dir.join(SPARE_FILE_NAME);
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .map_err(|e| Error::io(&path, e))?;
+        let result = (|| {
+            let len = libc::off_t::try_from(size_bytes)
+                .map_err(|_| Error::Config(format!("segment size {size_bytes} does not fit off_t")))?;
+            // SAFETY: `posix_fallocate` only reads its integer arguments; the descriptor is open and
+            // owned by `file` for the duration of the call.
+            let rc = unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, len) };
+            if rc == libc::ENOSPC {
+                return Err(Error::DiskFull { path: path.clone() });
+            }
+            if rc != 0 {
+                return Err(Error::io(&path, io::Error::from_raw_os_error(rc)));
+            }
+            let header = format::encode_header(SegmentHeader { id: SPARE_ID, base: Offset(0) });
+            file.write_all_at(&header, 0).map_err(|e| Error::io(&path, e))?;
+            file.sync_all().map_err(|e| Error::io(&path, e))
+        })();
+        if let Err(e) = result {
+            let _ = fs::remove_file(&path);
+            return Err(e);
+        }
+        Ok(file)
+    }
+
+    /// Makes segment `id` (records from `base`) out of a spare from [`Segment::create_spare`]:
+    /// writes the real header over the spare's, renames the file and maps it. No `fsync` here
+    /// (this runs on the owner's thread): the header and the rename become durable when the sync
+    /// thread first flushes the segment ([`Segment::sync_meta`]), before any record in it is
+    /// called durable. A crash before that leaves either `spare.tmp` (removed on open) or a file
+    /// under the segment's name with the spare header (holding nothing durable, discarded on open).
+    pub(crate) fn from_spare(file: File, dir: &Path, id: SegmentId, base: Offset) -> Result<Segment> {
+        let spare = dir.join(SPARE_FILE_NAME);
+        let path = dir.join(file_name(id));
+        let capacity = file.metadata().map_err(|e| Error::io(&spare, e))?.len() as usize;
+        let header = format::encode_header(SegmentHeader { id, base });
+        file.write_all_at(&header, 0).map_err(|e| Error::io(&spare, e))?;
+        fs::rename(&spare, &path).map_err(|e| Error::io(&path, e))?;
+        let map = MmapOptions::new().len(capacity).map_raw(&file).map_err(|e| Error::io(&path, e))?;
+        Ok(Segment {
+            id,
+            base,
+            path,
+            capacity,
+            len: AtomicUsize::new(SEGMENT_HEADER_LEN_BYTES),
+            map,
+            file,
+            meta_synced: AtomicBool::new(false),
+        })
+    }
+
+    /// Makes the header and the file's name durable if they may not be yet. Blocking: sync thread.
+    pub(crate) fn sync_meta(&self, dir: &Path) -> Result<()> {
+        if self.meta_synced.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        self.file.sync_all().map_err(|e| Error::io(&self.path, e))?;
+        sync_dir(dir)?;
+        self.meta_synced.store(true, Ordering::Release);
+        Ok(())
     }
 
     /// Opens and maps an existing segment and checks its header (including that its id matches
@@ -130,7 +211,9 @@ impl Segment {
     /// A file whose length is not a multiple of the record alignment (only an external truncation
     /// makes one) is extended with zeros to the next multiple, so that every record boundary
     /// within it is aligned.
-    pub(crate) fn open(path: &Path, id: SegmentId) -> Result<Segment> {
+    ///
+    /// Returns `None` for a file with a spare's header: a roll that did not become durable.
+    pub(crate) fn open(path: &Path, id: SegmentId) -> Result<Option<Segment>> {
         let file = OpenOptions::new().read(true).write(true).open(path).map_err(|e| Error::io(path, e))?;
         let mut len = file.metadata().map_err(|e| Error::io(path, e))?.len();
         let corrupt = |reason: String| Error::CorruptHeader { path: path.to_path_buf(), reason };
@@ -159,7 +242,8 @@ impl Segment {
             capacity,
             len: AtomicUsize::new(SEGMENT_HEADER_LEN_BYTES),
             map,
-            _file: file,
+            file,
+            meta_synced: AtomicBool::new(true),
         };
         let header = match format::decode_header(seg.bytes_for_recovery()) {
             Ok(h) => h,
@@ -172,10 +256,13 @@ impl Segment {
             }
             Err(e) => return Err(corrupt(format!("{e:?}"))),
         };
+        if header.id == SPARE_ID {
+            return Ok(None);
+        }
         if header.id != id {
             return Err(corrupt(format!("header says segment {} but the file name says {}", header.id, id)));
         }
-        Ok(Segment { base: header.base, ..seg })
+        Ok(Some(Segment { base: header.base, ..seg }))
     }
 
     /// The whole mapped file, for the recovery scan.
@@ -313,7 +400,7 @@ mod tests {
         drop(seg);
 
         let path = dir.path().join(file_name(SegmentId(3)));
-        let seg = Segment::open(&path, SegmentId(3)).unwrap();
+        let seg = Segment::open(&path, SegmentId(3)).unwrap().unwrap();
         assert_eq!(seg.base, Offset(4096));
         let scan = format::scan(seg.bytes_for_recovery(), true, 1 << 20);
         assert_eq!(scan.records, vec![SEGMENT_HEADER_LEN_BYTES as u32]);
@@ -322,10 +409,36 @@ mod tests {
         unsafe { seg.recovered(scan.end, 1000) }.unwrap();
         assert_eq!(seg.bytes(at + 8, payload.len()), payload);
         drop(seg);
-        let seg = Segment::open(&path, SegmentId(3)).unwrap();
+        let seg = Segment::open(&path, SegmentId(3)).unwrap().unwrap();
         let data = seg.bytes_for_recovery();
         assert!(data[SEGMENT_HEADER_LEN_BYTES + frame..].iter().all(|&b| b == 0));
         assert!(matches!(Segment::open(&path, SegmentId(4)), Err(Error::CorruptHeader { .. })));
+    }
+
+    /// A spare becomes a segment without a sync; until its first flush it reads back as a spare.
+    #[test]
+    fn spares_become_segments() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = Segment::create_spare(dir.path(), 8192).unwrap();
+        let seg = Segment::from_spare(file, dir.path(), SegmentId(5), Offset(100)).unwrap();
+        assert!(!dir.path().join(SPARE_FILE_NAME).exists());
+        assert!(!seg.meta_synced.load(Ordering::Relaxed));
+        let payload = b"in a former spare";
+        // SAFETY: this test is the only writer of the segment.
+        unsafe { seg.append(&encode_frame_header(payload), payload, frame_len(payload.len())) };
+        seg.sync_meta(dir.path()).unwrap();
+        seg.flush(0, seg.len()).unwrap();
+        drop(seg);
+        let path = dir.path().join(file_name(SegmentId(5)));
+        let seg = Segment::open(&path, SegmentId(5)).unwrap().unwrap();
+        assert_eq!(seg.base, Offset(100));
+        assert_eq!(format::scan(seg.bytes_for_recovery(), true, 1 << 20).records.len(), 1);
+        drop(seg);
+        // A spare under a segment's name (the rename was durable, the header was not).
+        let file = Segment::create_spare(dir.path(), 8192).unwrap();
+        drop(file);
+        fs::rename(dir.path().join(SPARE_FILE_NAME), &path).unwrap();
+        assert!(Segment::open(&path, SegmentId(5)).unwrap().is_none());
     }
 
     #[test]

@@ -2,7 +2,8 @@
 //!
 //! Owner: one [`Syncer`] per [`crate::Log`], created by it and stopped (joined) when it drops. The
 //! thread is the only place where the log waits on the disk for durability: `msync` of written
-//! ranges, file deletion and directory `fsync`. The log's owner talks to it through atomics and
+//! ranges, file deletion and directory `fsync`, and the preparation of the next segment (a
+//! preallocated spare file, so that a roll on the owner's thread is a header write and a rename). The log's owner talks to it through atomics and
 //! an unpark, never waits for it (except in the explicitly blocking [`Syncer::sync_now`] and
 //! [`Syncer::wait_durable`]).
 //!
@@ -12,6 +13,8 @@
 //! - A segment is unlinked only once `synced` has reached the offset its deletion waits for
 //!   (compaction: the end of the copies of its live records), and deletions are applied in the
 //!   order they were requested, each batch followed by a directory `fsync`.
+//! - A segment made from a spare has its header and name synced before any of its bytes are
+//!   flushed, so no record in it is called durable before the segment itself is.
 //! - After a failed flush or deletion, `failed` is set for good: the kernel may have dropped the
 //!   dirty pages, so nothing written after can be called durable. The log refuses appends.
 //!
@@ -19,6 +22,7 @@
 //! rolled since the last flush (normally one or two); the deletion queue holds at most the log's
 //! segment count.
 
+use std::fs::File;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -41,6 +45,11 @@ struct Inner {
     wanted: u64,
     shutdown: bool,
     error: Option<String>,
+    /// The size of the spare segment the log asked for (0: none wanted), the spare once prepared,
+    /// or the error that preparing it met (handed to the log, which then creates segments itself).
+    spare_size_bytes: usize,
+    spare: Option<File>,
+    spare_error: Option<Error>,
 }
 
 struct Shared {
@@ -81,6 +90,8 @@ impl Shared {
             let lo = from.max(seg.base.0);
             let hi = target.min(seg.end_offset().0);
             if lo < hi {
+                // A segment made from a spare: its header and name first, then its records.
+                seg.sync_meta(&self.dir)?;
                 let at = |o: u64| SEGMENT_HEADER_LEN_BYTES + (o - seg.base.0) as usize;
                 seg.flush(at(lo), at(hi))?;
             }
@@ -130,6 +141,12 @@ impl Shared {
             let inner = self.lock();
             (inner.shutdown, inner.wanted, inner.deletes.iter().map(|(at, _)| *at).max().unwrap_or(0))
         };
+        if shutdown {
+            // Stopping is a crash as far as durability goes: flush nothing more, apply only the
+            // deletions whose flush already happened.
+            self.apply_deletes()?;
+            return Ok(true);
+        }
         let written = self.written.load(Ordering::Acquire);
         let mut target = wanted.max(delete_at).min(written);
         match self.policy {
@@ -145,7 +162,27 @@ impl Shared {
         }
         self.flush_to(target)?;
         self.apply_deletes()?;
+        self.prepare_spare();
         Ok(shutdown)
+    }
+
+    /// Prepares the spare segment the log asked for, if there is none yet.
+    fn prepare_spare(&self) {
+        let size = {
+            let inner = self.lock();
+            let wanted = inner.spare_size_bytes > 0 && inner.spare.is_none() && inner.spare_error.is_none();
+            if !wanted || inner.shutdown {
+                return;
+            }
+            inner.spare_size_bytes
+        };
+        let result = Segment::create_spare(&self.dir, size);
+        let mut inner = self.lock();
+        match result {
+            Ok(file) => inner.spare = Some(file),
+            Err(e) => inner.spare_error = Some(e),
+        }
+        self.progress.notify_all();
     }
 }
 
@@ -254,6 +291,35 @@ impl Syncer {
         self.unpark();
     }
 
+    /// Asks the sync thread to prepare a spare segment of `size_bytes` for the next roll. Never
+    /// blocks.
+    pub(crate) fn request_spare(&self, size_bytes: usize) {
+        self.shared.lock().spare_size_bytes = size_bytes;
+        self.unpark();
+    }
+
+    /// Takes the spare asked for with [`Syncer::request_spare`]. Blocks only if the sync thread has
+    /// not finished preparing it (it had a whole segment's worth of appends to do so).
+    pub(crate) fn take_spare(&self) -> Result<File> {
+        let mut inner = self.shared.lock();
+        loop {
+            if let Some(file) = inner.spare.take() {
+                inner.spare_size_bytes = 0;
+                return Ok(file);
+            }
+            if let Some(e) = inner.spare_error.take() {
+                inner.spare_size_bytes = 0;
+                return Err(e);
+            }
+            if self.shared.failed.load(Ordering::Acquire) || inner.spare_size_bytes == 0 {
+                drop(inner);
+                self.check()?;
+                return Err(Error::SyncFailed("no spare segment was requested".into()));
+            }
+            inner = self.shared.progress.wait(inner).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
     /// The end of what the policy treats as durable: what was flushed, or under `Never`
     /// everything written.
     pub(crate) fn durable(&self) -> Offset {
@@ -316,16 +382,22 @@ impl Syncer {
     }
 }
 
-impl Drop for Syncer {
-    /// Stops the thread after it has applied the deletions already asked for (each after the flush
-    /// it waits for). Does not flush anything else: dropping a log without `close` is a crash as
-    /// far as durability goes, and the tests use it as one.
-    fn drop(&mut self) {
+impl Syncer {
+    /// Stops the thread after it has applied the deletions whose flush already happened. Flushes
+    /// nothing: stopping without a prior `sync_now` is a crash as far as durability goes (the
+    /// tests use it as one). Idempotent.
+    pub(crate) fn stop(&mut self) {
         self.shared.lock().shutdown = true;
         self.unpark();
         if let Some(t) = self.thread.take() {
             // A panic on the sync thread is a broken invariant; it was already reported there.
             let _ = t.join();
         }
+    }
+}
+
+impl Drop for Syncer {
+    fn drop(&mut self) {
+        self.stop();
     }
 }

@@ -1,13 +1,13 @@
 //! Seeded random operations on a real log against a simple in-memory model.
 //!
-//! Operations: append (sometimes too large), read, ack, iterate, compact, sync, and crash: drop
-//! the log without a sync, then optionally damage the last segment beyond what was flushed
+//! Operations: append (sometimes too large), read, ack, iterate, compact, sync, and crash: stop
+//! the log without a sync (`Log::abandon`), then optionally damage the last segment beyond what was flushed
 //! (truncate the file, zero its tail as lost pages would, or flip a bit of its last record),
 //! then reopen.
 //!
 //! What the model expects after a crash, under every policy:
 //! - A crash alone (the process dies; the page cache survives) loses nothing that was appended.
-//! - Damage is only ever applied at or after `synced_offset()` read just before the crash: the
+//! - Damage is only ever applied at or after the flushed end that `abandon` returns: the
 //!   bytes a power loss could lose. Under `Always` and `Interval` that is `durable_offset()`, so
 //!   nothing the owner could have acknowledged is damaged; under `Never` `durable_offset()` is
 //!   everything written and the policy accepts the loss.
@@ -53,7 +53,11 @@ impl Rng {
 #[derive(Clone, Debug)]
 struct Rec {
     payload: Vec<u8>,
+    /// Not live: consumed by the owner, or moved by compaction (then `moved_to` says where).
     acked: bool,
+    /// Compaction copied the record to this offset. The old copy stays on disk until the old
+    /// segment is deleted; after a crash that lost the new copy it is the live one again.
+    moved_to: Option<Offset>,
 }
 
 const SEGMENT_BYTES: u64 = 8192;
@@ -110,7 +114,17 @@ fn check_all(log: &Log, model: &BTreeMap<Offset, Rec>, ctx: &str) {
         log.iter_from(Offset(0)).map(|r| r.map(|(o, p)| (o, p.to_vec())).expect(ctx)).collect();
     let expected: Vec<(Offset, Vec<u8>)> =
         model.iter().filter(|(_, r)| !r.acked).map(|(o, r)| (*o, r.payload.clone())).collect();
-    assert_eq!(live.len(), expected.len(), "{ctx}: live record count");
+    if live.len() != expected.len() {
+        let got: std::collections::BTreeSet<Offset> = live.iter().map(|(o, _)| *o).collect();
+        let want: std::collections::BTreeSet<Offset> = expected.iter().map(|(o, _)| *o).collect();
+        panic!(
+            "{ctx}: live record count {} != {}: only in the log {:?}, only in the model {:?}",
+            live.len(),
+            expected.len(),
+            got.difference(&want).collect::<Vec<_>>(),
+            want.difference(&got).collect::<Vec<_>>()
+        );
+    }
     for (a, b) in live.iter().zip(&expected) {
         assert_eq!(a.0, b.0, "{ctx}: live offsets differ");
         assert_eq!(a.1, b.1, "{ctx}: payload at {:?} differs", a.0);
@@ -134,6 +148,7 @@ struct Coverage {
     budget_refusals: u64,
     too_large: u64,
     acked_records_back_after_crash: u64,
+    moved_records_restored_after_crash: u64,
 }
 
 fn run(seed: u64, ops: usize, cov: &mut Coverage) {
@@ -150,7 +165,12 @@ fn run(seed: u64, ops: usize, cov: &mut Coverage) {
     let mut serial = 0u64;
     for step in 0..ops {
         let ctx = format!("seed {seed} step {step} ({policy:?})");
-        match rng.below(100) {
+        let trace = std::env::var("STORAGE_TRACE").is_ok();
+        let op = rng.below(100);
+        if trace {
+            eprintln!("step {step} op {op} end {:?} model {}", log.end_offset(), model.len());
+        }
+        match op {
             0..=39 => {
                 serial += 1;
                 let p = payload(&mut rng, serial);
@@ -161,7 +181,7 @@ fn run(seed: u64, ops: usize, cov: &mut Coverage) {
                             model.keys().next_back().is_none_or(|last| *last < o),
                             "{ctx}: offset not increasing"
                         );
-                        model.insert(o, Rec { payload: p, acked: false });
+                        model.insert(o, Rec { payload: p, acked: false, moved_to: None });
                         cov.appends += 1;
                     }
                     Err(Error::RecordTooLarge { .. }) => {
@@ -227,10 +247,16 @@ fn run(seed: u64, ops: usize, cov: &mut Coverage) {
                 let mut moves = Vec::new();
                 let result = log.compact(ratio, |old, new| moves.push((old, new)));
                 cov.records_moved += moves.len() as u64;
+                if trace {
+                    eprintln!("compact {ratio}: {result:?} moves {moves:?}");
+                }
                 for (old, new) in moves {
-                    let rec = model.remove(&old).unwrap_or_else(|| panic!("{ctx}: moved unknown {old:?}"));
+                    let rec = model.get_mut(&old).unwrap_or_else(|| panic!("{ctx}: moved unknown {old:?}"));
                     assert!(!rec.acked, "{ctx}: moved a consumed record {old:?}");
-                    assert!(model.insert(new, rec).is_none(), "{ctx}: moved onto {new:?}");
+                    rec.acked = true;
+                    rec.moved_to = Some(new);
+                    let copy = Rec { payload: rec.payload.clone(), acked: false, moved_to: None };
+                    assert!(model.insert(new, copy).is_none(), "{ctx}: moved onto {new:?}");
                 }
                 match result {
                     Ok(_) | Err(Error::DiskBudgetExceeded { .. }) => {}
@@ -247,9 +273,8 @@ fn run(seed: u64, ops: usize, cov: &mut Coverage) {
             }
             55..=76 | 91..=96 => check_all(&log, &model, &ctx),
             _ => {
-                let synced = log.synced_offset();
                 let end = log.end_offset();
-                drop(log);
+                let synced = log.abandon();
                 let (path, base) = last_segment(&dir);
                 let floor = SEGMENT_HEADER_LEN_BYTES as u64 + synced.0.max(base) - base;
                 let data_end = SEGMENT_HEADER_LEN_BYTES as u64 + end.0.max(base) - base;
@@ -287,11 +312,19 @@ fn run(seed: u64, ops: usize, cov: &mut Coverage) {
                 }
                 log = Log::open(&dir, config(policy)).unwrap_or_else(|e| panic!("{ctx}: reopen failed: {e}"));
                 cov.crashes += 1;
+                let mut lost: std::collections::BTreeSet<Offset> = std::collections::BTreeSet::new();
+                if trace {
+                    eprintln!(
+                        "crash: synced {synced:?} end {end:?} cut {cut:?} base {base} {:?}",
+                        log.recovery()
+                    );
+                }
                 if let Some(p) = cut {
                     cov.damaged_crashes += 1;
-                    let before = model.len();
-                    model.retain(|o, r| o.0 < base || frame_end(o.0, base, r.payload.len()) <= p);
-                    cov.records_lost_to_damage += (before - model.len()) as u64;
+                    let kept = |o: &Offset, r: &Rec| o.0 < base || frame_end(o.0, base, r.payload.len()) <= p;
+                    lost = model.iter().filter(|(o, r)| !kept(o, r)).map(|(o, _)| *o).collect();
+                    model.retain(|o, r| kept(o, r));
+                    cov.records_lost_to_damage += lost.len() as u64;
                     cov.torn_tails_reported += log.recovery().torn_tail.is_some() as u64;
                     let lost = log.recovery().torn_tail.is_some();
                     let expected_end = model.iter().next_back().map_or(Offset(0), |(o, r)| {
@@ -310,6 +343,14 @@ fn run(seed: u64, ops: usize, cov: &mut Coverage) {
                 let acked: Vec<Offset> = model.iter().filter(|(_, r)| r.acked).map(|(o, _)| *o).collect();
                 for o in acked {
                     match log.read(o) {
+                        Ok(_) if model[&o].moved_to.is_some_and(|n| lost.contains(&n)) => {
+                            // Compaction's copy was lost with the tail: the old copy, still
+                            // stored, is the record again.
+                            let r = model.get_mut(&o).unwrap();
+                            r.acked = false;
+                            r.moved_to = None;
+                            cov.moved_records_restored_after_crash += 1;
+                        }
                         Ok(p) => {
                             assert_eq!(
                                 p,
@@ -328,10 +369,9 @@ fn run(seed: u64, ops: usize, cov: &mut Coverage) {
                 check_all(&log, &model, &ctx);
             }
         }
-        // Forget acked records whose segment is gone, so the model stays small.
-        if step % 50 == 49 {
-            model.retain(|o, r| !r.acked || log.read(*o).is_ok());
-        }
+        // Acked records are kept in the model even when their segment is gone from the log:
+        // until the sync thread has unlinked the file (and synced the directory), a crash can
+        // bring them back. They are forgotten only when a reopen does not find them.
     }
     check_all(&log, &model, &format!("seed {seed} end"));
     log.close().unwrap();
