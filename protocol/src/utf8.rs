@@ -91,30 +91,24 @@ pub(crate) enum TopicBytesError {
 /// (string, then wildcard) would.
 #[inline]
 pub(crate) fn topic_name_from_bytes(bytes: Bytes) -> Result<Utf8, TopicBytesError> {
-    const LOW: u64 = 0x0101_0101_0101_0101;
-    const HIGH: u64 = 0x8080_8080_8080_8080;
+    // `+` (0x2B) and `#` (0x23) differ only in bit 3: clearing it and XOR-ing with 0x23 maps both,
+    // and only them, to a zero byte.
     const CLEAR_BIT3: u64 = !0x0808_0808_0808_0808;
     const HASH: u64 = 0x2323_2323_2323_2323;
     let mut null = false;
     let mut wildcard = false;
     let mut ascii = true;
-    let mut chunks = bytes.chunks_exact(8);
-    for chunk in &mut chunks {
-        let mut word = [0u8; 8];
-        word.copy_from_slice(chunk);
-        let word = u64::from_le_bytes(word);
+    let (words, tail) = words(&bytes);
+    for word in words {
         if word & HIGH != 0 {
             ascii = false;
             break;
         }
-        // No byte has its high bit set, so both tests are exact "some byte is zero" tests:
-        // of the word itself (NUL), and of the word with `+` and `#` mapped to zero.
-        null |= word.wrapping_sub(LOW) & !word & HIGH != 0;
-        let masked = (word & CLEAR_BIT3) ^ HASH;
-        wildcard |= masked.wrapping_sub(LOW) & !masked & HIGH != 0;
+        null |= has_zero_byte(word);
+        wildcard |= has_zero_byte((word & CLEAR_BIT3) ^ HASH);
     }
     if ascii {
-        for &byte in chunks.remainder() {
+        for &byte in tail {
             if byte >= 0x80 {
                 ascii = false;
                 break;
@@ -139,6 +133,28 @@ pub(crate) fn topic_name_from_bytes(bytes: Bytes) -> Result<Utf8, TopicBytesErro
     }
 }
 
+const LOW: u64 = 0x0101_0101_0101_0101;
+const HIGH: u64 = 0x8080_8080_8080_8080;
+
+/// The little-endian 8-byte words of `bytes`, and the tail shorter than a word.
+#[inline]
+fn words(bytes: &[u8]) -> (impl Iterator<Item = u64> + '_, &[u8]) {
+    let chunks = bytes.chunks_exact(8);
+    let tail = chunks.remainder();
+    let words = chunks.map(|chunk| {
+        let mut word = [0u8; 8];
+        word.copy_from_slice(chunk);
+        u64::from_le_bytes(word)
+    });
+    (words, tail)
+}
+
+/// "Some byte of `word` is zero", exact when no byte has its high bit set.
+#[inline]
+fn has_zero_byte(word: u64) -> bool {
+    word.wrapping_sub(LOW) & !word & HIGH != 0
+}
+
 /// The outcome of [`ascii_scan`].
 #[derive(Debug, PartialEq, Eq)]
 enum AsciiScan {
@@ -153,23 +169,17 @@ enum AsciiScan {
 /// Checks eight bytes at a time whether `bytes` are ASCII without NUL.
 #[inline]
 fn ascii_scan(bytes: &[u8]) -> AsciiScan {
-    const LOW: u64 = 0x0101_0101_0101_0101;
-    const HIGH: u64 = 0x8080_8080_8080_8080;
-    let mut chunks = bytes.chunks_exact(8);
-    for chunk in &mut chunks {
-        let mut word = [0u8; 8];
-        word.copy_from_slice(chunk);
-        let word = u64::from_le_bytes(word);
+    let (words, tail) = words(bytes);
+    for word in words {
         if word & HIGH != 0 {
             return AsciiScan::NonAscii;
         }
-        // With no high bit set, this is exactly "some byte of `word` is zero".
-        if word.wrapping_sub(LOW) & !word & HIGH != 0 {
+        if has_zero_byte(word) {
             return AsciiScan::Null;
         }
     }
     let mut null = false;
-    for &byte in chunks.remainder() {
+    for &byte in tail {
         if byte >= 0x80 {
             return AsciiScan::NonAscii;
         }

@@ -58,6 +58,23 @@ pub struct ConnShared {
 }
 
 impl ConnShared {
+    fn new(id: ConnId, fd: RawFd, version: ProtocolVersion, shard: &ShardCell) -> Rc<ConnShared> {
+        let shard = Rc::downgrade(shard);
+        Rc::new_cyclic(|this| ConnShared {
+            id,
+            fd,
+            version,
+            closing: Cell::new(None),
+            last_read: Cell::new(Instant::now()),
+            idle_max: Cell::new(None),
+            pending: Cell::new(false),
+            idle_writer: RefCell::new(None),
+            session: Cell::new(None),
+            this: this.clone(),
+            shard,
+        })
+    }
+
     /// Asks the connection to close; the first request's reason wins.
     pub fn close(&self, reason: Option<shardmq_protocol::ReasonCode>) {
         if self.closing.get().is_none() {
@@ -273,20 +290,7 @@ fn start(cell: ShardCell, stream: TcpStream, connect: Box<Connect>, buf: BytesMu
         let mut shard = cell.borrow_mut();
         (shard.new_conn_id(), shard.cfg.packet_size_bytes_max)
     };
-    let shard_weak = Rc::downgrade(&cell);
-    let shared = Rc::new_cyclic(|this| ConnShared {
-        id: conn_id,
-        fd,
-        version,
-        closing: Cell::new(None),
-        last_read: Cell::new(Instant::now()),
-        idle_max: Cell::new(None),
-        pending: Cell::new(false),
-        idle_writer: RefCell::new(None),
-        session: Cell::new(None),
-        this: this.clone(),
-        shard: shard_weak,
-    });
+    let shared = ConnShared::new(conn_id, fd, version, &cell);
     let outcome = cell.borrow_mut().connect(*connect, shared.clone(), Instant::now());
     let (key, keepalive_secs) = match outcome {
         ConnectOutcome::Accepted { session, keepalive_secs } => (session, keepalive_secs),
@@ -491,20 +495,7 @@ mod tests {
                 Default::default(),
             );
             let cell: ShardCell = Rc::new(RefCell::new(shard));
-            let shard_weak = Rc::downgrade(&cell);
-            let shared = Rc::new_cyclic(|this| ConnShared {
-                id: ConnId(1),
-                fd: 0,
-                version: ProtocolVersion::V5,
-                closing: Cell::new(None),
-                last_read: Cell::new(Instant::now()),
-                idle_max: Cell::new(None),
-                pending: Cell::new(false),
-                idle_writer: RefCell::new(None),
-                session: Cell::new(None),
-                this: this.clone(),
-                shard: shard_weak,
-            });
+            let shared = ConnShared::new(ConnId(1), 0, ProtocolVersion::V5, &cell);
             let key = SessionKey { index: 0, generation: 0 };
             let (reader, writer) = stream.into_split();
             let read = read_loop(&cell, &shared, key, reader, BytesMut::new(), 1024);
