@@ -333,4 +333,95 @@ mod tests {
                 .collect::<Vec<_>>()
         );
     }
+
+    mod model {
+        //! The trie against a naive model: a list of (filter, value) matched one by one with
+        //! `shardmq_protocol::topic::matches`, under random inserts, removals and lookups.
+
+        use std::collections::BTreeMap;
+
+        use proptest::prelude::*;
+        use shardmq_protocol::topic;
+
+        use super::super::TopicTrie;
+
+        /// Small alphabets so that filters and topics collide often.
+        fn level() -> impl Strategy<Value = String> {
+            prop_oneof![
+                Just("a".to_string()),
+                Just("b".to_string()),
+                Just(String::new()),
+                Just("$s".to_string())
+            ]
+        }
+
+        fn topic_name() -> impl Strategy<Value = String> {
+            prop::collection::vec(level(), 1..5)
+                .prop_map(|levels| levels.join("/"))
+                .prop_filter("a valid topic name", |name| topic::validate_topic_name(name).is_ok())
+        }
+
+        fn filter() -> impl Strategy<Value = String> {
+            let filter_level = prop_oneof![3 => level(), 1 => Just("+".to_string())];
+            (prop::collection::vec(filter_level, 1..5), any::<bool>())
+                .prop_map(|(levels, hash)| {
+                    let mut filter = levels.join("/");
+                    if hash {
+                        filter.push_str("/#");
+                    }
+                    filter
+                })
+                .prop_filter("a valid filter", |filter| topic::validate_topic_filter(filter).is_ok())
+        }
+
+        #[derive(Debug, Clone)]
+        enum Op {
+            Insert(String, u32),
+            Remove(String),
+            Match(String),
+        }
+
+        fn op() -> impl Strategy<Value = Op> {
+            prop_oneof![
+                3 => (prop_oneof![filter(), Just("#".to_string())], 0u32..100).prop_map(|(f, v)| Op::Insert(f, v)),
+                1 => filter().prop_map(Op::Remove),
+                3 => topic_name().prop_map(Op::Match),
+            ]
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+            #[test]
+            fn trie_agrees_with_naive_matching(ops in prop::collection::vec(op(), 1..60)) {
+                let mut trie: TopicTrie<(String, u32)> = TopicTrie::new();
+                let mut model: BTreeMap<String, u32> = BTreeMap::new();
+                for op in ops {
+                    match op {
+                        Op::Insert(filter, value) => {
+                            prop_assert!(topic::validate_topic_filter(&filter).is_ok(), "{}", filter);
+                            *trie.get_or_insert_with(&filter, || (filter.clone(), 0)) = (filter.clone(), value);
+                            model.insert(filter, value);
+                        }
+                        Op::Remove(filter) => {
+                            let removed = trie.remove_if(&filter, |_| true);
+                            prop_assert_eq!(removed, model.remove(&filter).is_some());
+                        }
+                        Op::Match(topic_name) => {
+                            let mut found = Vec::new();
+                            trie.for_each_match(&topic_name, |(filter, value)| found.push((filter.clone(), *value)));
+                            found.sort();
+                            let expected: Vec<(String, u32)> = model
+                                .iter()
+                                .filter(|(filter, _)| topic::matches(filter, &topic_name))
+                                .map(|(filter, value)| (filter.clone(), *value))
+                                .collect();
+                            prop_assert_eq!(found, expected, "topic {:?}", topic_name);
+                        }
+                    }
+                    prop_assert_eq!(trie.filter_count(), model.len());
+                }
+            }
+        }
+    }
 }
