@@ -58,7 +58,7 @@ pub struct ConnShared {
 }
 
 impl ConnShared {
-    fn new(id: ConnId, fd: RawFd, version: ProtocolVersion, shard: &ShardCell) -> Rc<ConnShared> {
+    pub(crate) fn new(id: ConnId, fd: RawFd, version: ProtocolVersion, shard: &ShardCell) -> Rc<ConnShared> {
         let shard = Rc::downgrade(shard);
         Rc::new_cyclic(|this| ConnShared {
             id,

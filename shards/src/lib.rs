@@ -19,5 +19,8 @@ pub mod session;
 pub mod shard;
 pub mod trie;
 
+#[cfg(test)]
+mod routing_tests;
+
 pub use config::{BrokerConfig, IoDriver, QueueFullPolicy};
 pub use runtime::{start, Broker};
