@@ -8,6 +8,8 @@
 //!   the time includes the flushes: under `always` that is group commit, one `msync` for every
 //!   append that arrived during the previous one.
 //! - `append/<size>/baseline_vec`: the same bytes framed into a `Vec` (memory only), the floor.
+//! - `append_stall/64B/<policy>` (printed first): the longest single append over three segment
+//!   rolls, the figure that says whether the shard's loop stalls on the log.
 //! - `recovery/<size>`: `Log::open` of a closed 256 MiB log (page cache warm: the case after a
 //!   process crash), which maps, scans and checksums every record. Throughput in bytes of log.
 
@@ -20,7 +22,44 @@ fn config(policy: FsyncPolicy) -> Config {
     Config { fsync: policy, record_len_max_bytes: 4096, ..Config::default() }
 }
 
+/// The longest single append (a shard's stall) over enough 64-byte appends to roll three 64 MiB
+/// segments, per policy. Printed, not a criterion figure: criterion reports means.
+fn stall_report() {
+    for (name, policy) in [("never", FsyncPolicy::Never), ("always", FsyncPolicy::Always)] {
+        let tmp = tempfile::tempdir().expect("temporary directory");
+        let mut log = Log::open(tmp.path(), config(policy)).expect("open");
+        let payload = [0x3Cu8; 64];
+        let count = 3_000_000u32;
+        let mut lat_ns: Vec<u32> = Vec::with_capacity(count as usize);
+        let (mut roll_max_ns, mut other_max_ns) = (0u32, 0u32);
+        for _ in 0..count {
+            let segments = log.stats().segments;
+            let t = Instant::now();
+            log.append(&payload).expect("append");
+            let ns = t.elapsed().as_nanos().min(u32::MAX as u128) as u32;
+            lat_ns.push(ns);
+            if log.stats().segments != segments {
+                roll_max_ns = roll_max_ns.max(ns);
+            } else {
+                other_max_ns = other_max_ns.max(ns);
+            }
+        }
+        println!("append_stall/64B/{name}: max of an append that rolled {roll_max_ns} ns, of one that did not {other_max_ns} ns");
+        lat_ns.sort_unstable();
+        let at = |q: f64| lat_ns[((lat_ns.len() - 1) as f64 * q) as usize];
+        println!(
+            "append_stall/64B/{name}: {count} appends, {} segments: p50 {} ns, p99.9 {} ns, p99.99 {} ns, max {} ns",
+            log.stats().segments,
+            at(0.5),
+            at(0.999),
+            at(0.9999),
+            lat_ns[lat_ns.len() - 1]
+        );
+    }
+}
+
 fn append(c: &mut Criterion) {
+    stall_report();
     let mut group = c.benchmark_group("append");
     for size in [64usize, 1024] {
         let payload = vec![0xA5u8; size];
