@@ -101,6 +101,9 @@ struct ServeArgs {
     #[arg(long)]
     #[serde(default)]
     queue_qos0_offline: bool,
+    /// Subscriptions one session may hold. Default: 1000.
+    #[arg(long)]
+    max_subscriptions_per_session: Option<usize>,
     /// Retained messages kept. Default: 1000000.
     #[arg(long)]
     max_retained_messages: Option<usize>,
@@ -194,6 +197,12 @@ fn merge(flags: ServeArgs, file: ServeArgs) -> Result<(BrokerConfig, String)> {
         };
     }
     cfg.queue_qos0_offline = flags.queue_qos0_offline || file.queue_qos0_offline;
+    if let Some(count) = pick!(max_subscriptions_per_session) {
+        if count == 0 {
+            bail!("--max-subscriptions-per-session must be at least 1");
+        }
+        cfg.subscriptions_per_session_max = count;
+    }
     if let Some(count) = pick!(max_retained_messages) {
         cfg.retained_messages_max = count;
     }

@@ -64,6 +64,8 @@ pub struct BrokerConfig {
     pub queue_full_policy: QueueFullPolicy,
     /// Queue QoS 0 messages for offline persistent sessions (like Mosquitto's queue_qos0_messages).
     pub queue_qos0_offline: bool,
+    /// Subscriptions one session may hold; more are refused (v5 SUBACK 0x97, 3.x 0x80).
+    pub subscriptions_per_session_max: usize,
     /// Topic filters no client may subscribe to or publish on (matched with MQTT wildcards).
     pub denied_topic_filters: Vec<String>,
     /// Retained messages kept, across all shards' partitions (per shard: this / cores).
@@ -96,6 +98,7 @@ impl Default for BrokerConfig {
             queued_messages_max: 10_000,
             queue_full_policy: QueueFullPolicy::DropOldest,
             queue_qos0_offline: false,
+            subscriptions_per_session_max: 1000,
             denied_topic_filters: Vec::new(),
             retained_messages_max: 1_000_000,
             read_buffer_bytes_min: 128,

@@ -55,6 +55,8 @@ pub struct ConnShared {
     session: Cell<Option<SessionKey>>,
     this: std::rc::Weak<ConnShared>,
     shard: std::rc::Weak<RefCell<Shard>>,
+    /// The reader, when it waits for the writer to drain the session's control queue.
+    reader_waker: RefCell<Option<std::task::Waker>>,
 }
 
 impl ConnShared {
@@ -72,7 +74,15 @@ impl ConnShared {
             session: Cell::new(None),
             this: this.clone(),
             shard,
+            reader_waker: RefCell::new(None),
         })
+    }
+
+    /// Wakes the reader if it waits for the writer to make progress.
+    fn wake_reader(&self) {
+        if let Some(waker) = self.reader_waker.borrow_mut().take() {
+            waker.wake();
+        }
     }
 
     /// Asks the connection to close; the first request's reason wins.
@@ -367,6 +377,7 @@ async fn read_loop(
             }
         }
         wait_for_mesh_room(cell).await;
+        wait_for_writer(cell, shared, key).await;
         let (result, back) = read_more(&mut reader, buf, packet_size_max as usize).await;
         buf = back;
         match result {
@@ -390,6 +401,30 @@ async fn yield_now() {
             cx.waker().wake_by_ref();
             Poll::Pending
         }
+    })
+    .await
+}
+
+/// Control packets (acks, PINGRESP, SUBACK...) a session may have waiting for its writer before the
+/// reader stops reading: a client that sends without reading its answers gets TCP back-pressure
+/// instead of an ever-growing queue in the broker.
+const CONTROL_BACKLOG_MAX: usize = 4096;
+
+/// Waits while the session's control queue is over its bound (the writer wakes the reader).
+async fn wait_for_writer(cell: &ShardCell, shared: &ConnShared, key: SessionKey) {
+    let mut counted = false;
+    poll_fn(|cx| {
+        let shard = cell.borrow();
+        let backlog = shard.sessions.get(key).map_or(0, |session| session.control.len());
+        if backlog <= CONTROL_BACKLOG_MAX || shared.closing().is_some() {
+            return Poll::Ready(());
+        }
+        if !counted {
+            counted = true;
+            shard.stats.reader_backpressure_waits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        *shared.reader_waker.borrow_mut() = Some(cx.waker().clone());
+        Poll::Pending
     })
     .await
 }
@@ -428,6 +463,7 @@ async fn write_task(
             }
             let (result, back) = writer.write_all(out).await;
             out = back;
+            shared.wake_reader();
             if result.is_err() {
                 if shared.closing.get().is_none() {
                     shared.closing.set(Some(None));
@@ -452,6 +488,7 @@ async fn write_task(
             unsafe {
                 libc::shutdown(shared.fd, libc::SHUT_RDWR);
             }
+            shared.wake_reader();
             return;
         }
         if !shared.pending.get() {

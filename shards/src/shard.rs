@@ -115,6 +115,10 @@ pub struct ShardStats {
     pub malformed_packets: AtomicU64,
     pub protocol_errors: AtomicU64,
     pub mesh_backlog_max: AtomicU64,
+    /// Times a reader stopped reading because its client did not read the broker's answers.
+    pub reader_backpressure_waits: AtomicU64,
+    /// Subscriptions refused because the session had `subscriptions_per_session_max` already.
+    pub subscriptions_refused_quota: AtomicU64,
 }
 
 fn bump(counter: &AtomicU64, by: u64) {
@@ -822,6 +826,13 @@ impl Shard {
             }
             let entry = SubEntry { options: subscription.options, subscription_id };
             let session = self.sessions.get_mut(key).expect("caller checked");
+            if session.subscriptions.len() >= self.cfg.subscriptions_per_session_max
+                && !session.subscriptions.contains_key(filter)
+            {
+                bump(&self.stats.subscriptions_refused_quota, 1);
+                reasons.push(if v5 { ReasonCode::QuotaExceeded } else { ReasonCode::UnspecifiedError });
+                continue;
+            }
             let existed = session.subscriptions.insert(filter.into(), entry.clone()).is_some();
             self.slice_add(key, filter, entry.clone(), &mut changes);
             let wants_retained = shared.is_none()
