@@ -23,11 +23,17 @@ fn config(policy: FsyncPolicy) -> Config {
 }
 
 /// The longest single append (a shard's stall) over enough 64-byte appends to roll three 64 MiB
-/// segments, per policy. Printed, not a criterion figure: criterion reports means.
+/// segments, per policy, with and without the sync thread's prefaulting (the baseline). Printed, not a criterion figure: criterion reports means.
 fn stall_report() {
-    for (name, policy) in [("never", FsyncPolicy::Never), ("always", FsyncPolicy::Always)] {
+    for (name, policy, prefault_window_bytes) in [
+        ("never", FsyncPolicy::Never, 4 << 20),
+        ("never_no_prefault", FsyncPolicy::Never, 0),
+        ("always", FsyncPolicy::Always, 4 << 20),
+        ("always_no_prefault", FsyncPolicy::Always, 0),
+    ] {
         let tmp = tempfile::tempdir().expect("temporary directory");
-        let mut log = Log::open(tmp.path(), config(policy)).expect("open");
+        let mut log =
+            Log::open(tmp.path(), Config { prefault_window_bytes, ..config(policy) }).expect("open");
         let payload = [0x3Cu8; 64];
         let count = 3_000_000u32;
         let mut lat_ns: Vec<u32> = Vec::with_capacity(count as usize);

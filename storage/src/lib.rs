@@ -21,8 +21,10 @@
 //! - the shard reads [`Log::durable_offset`] (one atomic load) and acknowledges the records below it.
 //!
 //! Page faults: segments are preallocated with `posix_fallocate` and written through a shared
-//! mapping, so a write touches page cache only (a minor fault on the first write to each 4 KiB page,
-//! never a read from disk, never a SIGBUS on a full disk). The next segment is prepared ahead by
+//! mapping, so a write touches page cache only (never a read from disk, never a SIGBUS on a full
+//! disk). The sync thread write-faults the active segment's pages 4 MiB ahead of the owner's
+//! writes (`MADV_POPULATE_WRITE`), so the page-cache allocation and the kernel's dirty-page
+//! throttling fall on it; `BENCH.md` has the remaining stall figures. The next segment is prepared ahead by
 //! the sync thread (a preallocated `spare.tmp` with a synced placeholder header), so a roll on the
 //! owner's thread is a 64-byte `pwrite`, a `rename` and an `mmap`, with no `fsync`: the sync thread
 //! makes the new header and name durable before it calls any record in the segment durable. Only
@@ -157,6 +159,10 @@ pub struct Config {
     pub record_len_max_bytes: u32,
     /// Optional wake-up for the owner when the durable offset advances.
     pub on_durable: Option<DurableNotify>,
+    /// How far ahead of the owner's writes the sync thread write-faults the active segment's
+    /// pages (`MADV_POPULATE_WRITE`); 0 turns it off. Default 4 MiB. See `BENCH.md` for what it
+    /// does to the longest append.
+    pub prefault_window_bytes: usize,
 }
 
 impl Default for Config {
@@ -167,6 +173,7 @@ impl Default for Config {
             fsync: FsyncPolicy::Interval(Duration::from_millis(5)),
             record_len_max_bytes: 1024 * 1024,
             on_durable: None,
+            prefault_window_bytes: 4 << 20,
         }
     }
 }
@@ -179,6 +186,7 @@ impl fmt::Debug for Config {
             .field("fsync", &self.fsync)
             .field("record_len_max_bytes", &self.record_len_max_bytes)
             .field("on_durable", &self.on_durable.as_ref().map(|_| "Fn(Offset)"))
+            .field("prefault_window_bytes", &self.prefault_window_bytes)
             .finish()
     }
 }

@@ -354,8 +354,14 @@ impl Log {
             next_id = SegmentId(next_id.0 + 1);
         }
         let active = segments.back().map(|s| Arc::clone(&s.seg)).expect("a log has an active segment");
-        let syncer =
-            Syncer::start(config.fsync, dir.clone(), active.end_offset(), active, config.on_durable.clone())?;
+        let syncer = Syncer::start(
+            config.fsync,
+            config.prefault_window_bytes,
+            dir.clone(),
+            active.end_offset(),
+            active,
+            config.on_durable.clone(),
+        )?;
         report.elapsed = started.elapsed();
         let mut log = Log {
             dir,
@@ -436,6 +442,9 @@ impl Log {
         state.live_bytes += frame as u64;
         let offset = state.offset_of(at);
         self.syncer.written(state.seg.end_offset());
+        if state.seg.wants_prefault(self.config.prefault_window_bytes) {
+            self.syncer.nudge();
+        }
         Ok(offset)
     }
 

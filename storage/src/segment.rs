@@ -25,7 +25,7 @@ use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
-use memmap2::{MmapOptions, MmapRaw};
+use memmap2::{Advice, MmapOptions, MmapRaw};
 
 use crate::error::{Error, Result};
 use crate::format::{self, SegmentHeader, SEGMENT_HEADER_LEN_BYTES};
@@ -72,6 +72,9 @@ pub(crate) struct Segment {
     /// Whether the header and the file's name are known durable. False only for a segment made
     /// from a spare until the sync thread's first flush of it.
     meta_synced: AtomicBool,
+    /// File position up to which pages were write-faulted by [`Segment::prefault`]; `usize::MAX`
+    /// once prefaulting is found unsupported (so the owner stops asking).
+    prefaulted: AtomicUsize,
 }
 
 impl Segment {
@@ -129,6 +132,7 @@ impl Segment {
             map,
             file,
             meta_synced: AtomicBool::new(true),
+            prefaulted: AtomicUsize::new(0),
         })
     }
 
@@ -190,7 +194,36 @@ impl Segment {
             map,
             file,
             meta_synced: AtomicBool::new(false),
+            prefaulted: AtomicUsize::new(0),
         })
+    }
+
+    /// Whether the owner's writes have come within half a window of the prefaulted pages, so the
+    /// sync thread should be woken to fault more. One relaxed load: called on every append.
+    pub(crate) fn wants_prefault(&self, window_bytes: usize) -> bool {
+        let done = self.prefaulted.load(Ordering::Relaxed);
+        window_bytes > 0 && done < self.capacity && self.len.load(Ordering::Relaxed) + window_bytes / 2 > done
+    }
+
+    /// Write-faults the pages from the records' end to a window ahead (`MADV_POPULATE_WRITE`,
+    /// Linux 5.14+), on the sync thread: the page-cache allocation, the dirtying of the page and
+    /// any dirty-page throttling the kernel applies then happen here instead of in the owner's
+    /// first write to each page. It changes no byte of the file. Best effort: if the kernel
+    /// refuses, prefaulting stops for this segment and the owner takes its own faults.
+    pub(crate) fn prefault(&self, window_bytes: usize) {
+        let done = self.prefaulted.load(Ordering::Relaxed);
+        if done == usize::MAX {
+            return;
+        }
+        let from = done.max(self.len());
+        let to = (self.len() + window_bytes).min(self.capacity);
+        if to <= from {
+            return;
+        }
+        match self.map.advise_range(Advice::PopulateWrite, from, to - from) {
+            Ok(()) => self.prefaulted.store(to, Ordering::Relaxed),
+            Err(_) => self.prefaulted.store(usize::MAX, Ordering::Relaxed),
+        }
     }
 
     /// Makes the header and the file's name durable if they may not be yet. Blocking: sync thread.
@@ -244,6 +277,7 @@ impl Segment {
             map,
             file,
             meta_synced: AtomicBool::new(true),
+            prefaulted: AtomicUsize::new(0),
         };
         let header = match format::decode_header(seg.bytes_for_recovery()) {
             Ok(h) => h,

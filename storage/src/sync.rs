@@ -3,7 +3,8 @@
 //! Owner: one [`Syncer`] per [`crate::Log`], created by it and stopped (joined) when it drops. The
 //! thread is the only place where the log waits on the disk for durability: `msync` of written
 //! ranges, file deletion and directory `fsync`, and the preparation of the next segment (a
-//! preallocated spare file, so that a roll on the owner's thread is a header write and a rename). The log's owner talks to it through atomics and
+//! preallocated spare file, so that a roll on the owner's thread is a header write and a rename),
+//! and the write-faulting of the active segment's pages a window ahead of the owner's writes. The log's owner talks to it through atomics and
 //! an unpark, never waits for it (except in the explicitly blocking [`Syncer::sync_now`] and
 //! [`Syncer::wait_durable`]).
 //!
@@ -54,6 +55,7 @@ struct Inner {
 
 struct Shared {
     policy: FsyncPolicy,
+    prefault_window_bytes: usize,
     dir: PathBuf,
     /// The end of what the log has written (published by the owner after each append).
     written: AtomicU64,
@@ -163,6 +165,10 @@ impl Shared {
         self.flush_to(target)?;
         self.apply_deletes()?;
         self.prepare_spare();
+        let active = self.lock().segments.last().cloned();
+        if let (Some(seg), true) = (active, self.prefault_window_bytes > 0) {
+            seg.prefault(self.prefault_window_bytes);
+        }
         Ok(shutdown)
     }
 
@@ -239,6 +245,7 @@ impl Syncer {
     /// (it was just recovered or created), with `segments` (in order) possibly receiving appends.
     pub(crate) fn start(
         policy: FsyncPolicy,
+        prefault_window_bytes: usize,
         dir: PathBuf,
         end: Offset,
         active: Arc<Segment>,
@@ -246,6 +253,7 @@ impl Syncer {
     ) -> Result<Syncer> {
         let shared = Arc::new(Shared {
             policy,
+            prefault_window_bytes,
             dir: dir.clone(),
             written: AtomicU64::new(end.0),
             synced: AtomicU64::new(end.0),
@@ -277,9 +285,16 @@ impl Syncer {
         }
     }
 
-    /// Registers a new active segment (before anything is written to it).
+    /// Registers a new active segment (before anything is written to it), and wakes the thread
+    /// to prefault its first pages.
     pub(crate) fn add_segment(&self, seg: Arc<Segment>) {
         self.shared.lock().segments.push(seg);
+        self.unpark();
+    }
+
+    /// Wakes the thread to prefault more of the active segment. Never blocks.
+    pub(crate) fn nudge(&self) {
+        self.unpark();
     }
 
     /// Asks for `seg` to be unlinked once everything below `after` is flushed. Never blocks.

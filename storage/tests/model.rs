@@ -71,6 +71,7 @@ fn config(policy: FsyncPolicy) -> Config {
         fsync: policy,
         record_len_max_bytes: RECORD_MAX_BYTES,
         on_durable: None,
+        prefault_window_bytes: 4096,
     }
 }
 
