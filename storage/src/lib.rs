@@ -22,9 +22,11 @@
 //!
 //! Page faults: segments are preallocated with `posix_fallocate` and written through a shared
 //! mapping, so a write touches page cache only (never a read from disk, never a SIGBUS on a full
-//! disk). The sync thread write-faults the active segment's pages 4 MiB ahead of the owner's
-//! writes (`MADV_POPULATE_WRITE`), so the page-cache allocation and the kernel's dirty-page
-//! throttling fall on it; `BENCH.md` has the remaining stall figures. The next segment is prepared ahead by
+//! disk). What is *not* off the owner's thread: the first write to each page faults (page-cache
+//! allocation), and the kernel may make that fault wait (dirty-page throttling, a page under
+//! writeback); `BENCH.md` measures the resulting stalls (p99.99 tens of µs, worst case several
+//! ms). [`Config::prefault_window_bytes`] lets the sync thread write-fault pages ahead of the
+//! owner (`MADV_POPULATE_WRITE`); it is off by default because it made the worst case worse. The next segment is prepared ahead by
 //! the sync thread (a preallocated `spare.tmp` with a synced placeholder header), so a roll on the
 //! owner's thread is a 64-byte `pwrite`, a `rename` and an `mmap`, with no `fsync`: the sync thread
 //! makes the new header and name durable before it calls any record in the segment durable. Only
@@ -160,8 +162,9 @@ pub struct Config {
     /// Optional wake-up for the owner when the durable offset advances.
     pub on_durable: Option<DurableNotify>,
     /// How far ahead of the owner's writes the sync thread write-faults the active segment's
-    /// pages (`MADV_POPULATE_WRITE`); 0 turns it off. Default 4 MiB. See `BENCH.md` for what it
-    /// does to the longest append.
+    /// pages (`MADV_POPULATE_WRITE`); 0 turns it off. Default 0 (off): measured, it halves the
+    /// 99.9th and 99.99th percentile append under `Never` but made the longest append worse
+    /// (`BENCH.md`), so it stays off until that is understood.
     pub prefault_window_bytes: usize,
 }
 
@@ -173,7 +176,7 @@ impl Default for Config {
             fsync: FsyncPolicy::Interval(Duration::from_millis(5)),
             record_len_max_bytes: 1024 * 1024,
             on_durable: None,
-            prefault_window_bytes: 4 << 20,
+            prefault_window_bytes: 0,
         }
     }
 }
