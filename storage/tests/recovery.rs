@@ -420,3 +420,36 @@ fn shared_records_outlive_the_deletion_of_their_segment() {
     let text = std::thread::spawn(move || record.to_vec()).join().unwrap();
     assert_eq!(text, b"kept alive by its Record");
 }
+
+#[test]
+fn a_roll_that_never_became_durable_is_discarded_on_open() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let cfg = config(4096, FsyncPolicy::Always);
+    let records = three_segments(dir, &cfg);
+    // What a crash can leave after a roll whose header never reached the disk but whose rename
+    // did: a file under the next segment's name with the spare's placeholder header (id 0).
+    let mut header = [0u8; 64];
+    header[0..8].copy_from_slice(b"SHMQSEG\0");
+    header[8..12].copy_from_slice(&1u32.to_le_bytes());
+    header[12..16].copy_from_slice(&64u32.to_le_bytes());
+    let crc = crc32c::crc32c(&header[0..32]);
+    header[32..36].copy_from_slice(&crc.to_le_bytes());
+    let mut file = header.to_vec();
+    file.resize(4096, 0);
+    let unfinished = dir.join("00000000000000000004.seg");
+    fs::write(&unfinished, &file).unwrap();
+    let mut log = Log::open(dir, cfg.clone()).unwrap();
+    assert_eq!(log.recovery().discarded_unfinished_segments, 1);
+    assert!(!unfinished.exists());
+    for (i, (o, len)) in records.iter().enumerate() {
+        assert_eq!(log.read(*o).unwrap(), &payload(i, *len)[..]);
+    }
+    // The log goes on; ids are never reused, so its next segment is 5.
+    while log.stats().segments == 3 {
+        log.append(&payload(0, 300)).unwrap();
+    }
+    log.close().unwrap();
+    assert!(!unfinished.exists() && dir.join("00000000000000000005.seg").exists());
+    assert_eq!(Log::open(dir, cfg).unwrap().recovery().discarded_unfinished_segments, 0);
+}
