@@ -20,20 +20,37 @@
 //!   publishes the durable end through another atomic and calls [`Config::on_durable`];
 //! - the shard reads [`Log::durable_offset`] (one atomic load) and acknowledges the records below it.
 //!
+//! Segment rolls: the next segment is prepared ahead by the sync thread (a preallocated
+//! `spare.tmp` with a synced placeholder header), so a roll on the owner's thread is a 64-byte
+//! `pwrite`, a `rename` and an `mmap`, with no `fsync`; the sync thread makes the new header and
+//! name durable before it calls any record in the segment durable. Only when the spare is missing
+//! (the budget had no room for it, or preparing it failed) does a roll create the file on the
+//! owner's thread. Recovery ([`Log::open`]) blocks, and is meant to run before the shard's loop.
+//!
 //! Page faults: segments are preallocated with `posix_fallocate` and written through a shared
 //! mapping, so a write touches page cache only (never a read from disk, never a SIGBUS on a full
 //! disk). What is *not* off the owner's thread: the first write to each page faults (page-cache
 //! allocation), and the kernel may make that fault wait (dirty-page throttling, a page under
-//! writeback); `BENCH.md` measures the resulting stalls (p99.99 tens of µs, worst case several
+//! writeback). `BENCH.md` measures the resulting stalls (p99.99 tens of µs, worst case several
 //! ms). [`Config::prefault_window_bytes`] lets the sync thread write-fault pages ahead of the
-//! owner (`MADV_POPULATE_WRITE`); it is off by default because it made the worst case worse. The next segment is prepared ahead by
-//! the sync thread (a preallocated `spare.tmp` with a synced placeholder header), so a roll on the
-//! owner's thread is a 64-byte `pwrite`, a `rename` and an `mmap`, with no `fsync`: the sync thread
-//! makes the new header and name durable before it calls any record in the segment durable. Only
-//! when the spare is missing (the budget had no room for it, or preparing it failed) does a roll
-//! create the file on the owner's thread. Recovery (`Log::open`) blocks, and is meant to run
-//! before the shard's loop starts.
+//! owner (`MADV_POPULATE_WRITE`); it is off by default because it made the worst case worse.
 //!
+//! # Crashes and recovery
+//! - A process crash (`kill -9`) loses nothing appended: the page cache keeps it, and
+//!   [`Log::open`] flushes what it recovers before it reports it durable.
+//! - A power loss keeps every record below the durable offset under `Always` and `Interval`.
+//!   Under `Never` the policy accepts losing what the kernel had not written back.
+//! - On open every record's crc32c is checked. Only the last segment may end in a torn write (a
+//!   bad record, or stray bytes, with no valid record after them): it is cut there, zeroed, and
+//!   reported in [`RecoveryReport::torn_tail`]. Anything else (a bad record followed by valid
+//!   ones, damage in an earlier segment, a bad header, an unknown format version, two consecutive
+//!   segments that do not join) is an [`Error`] naming the file, and the log does not open.
+//! - Limits: a whole segment file removed by hand between two surviving ones is not detected
+//!   (there is no manifest; ids are allowed to skip because consumed segments are deleted). After
+//!   a power loss under `Never`, an earlier segment with lost pages makes open fail rather than
+//!   lose records silently. A crash inside compaction can leave a record at both its old and new
+//!   offset (see [`Log::compact`]).
+
 //! # Record encoding
 //! Records are opaque bytes. Every record's payload starts at an 8-byte aligned address of the
 //! mapping, so a caller that encodes with rkyv can access an archived value in place, without a
