@@ -82,6 +82,49 @@ pub use error::{Error, Result};
 pub use format::{FORMAT_VERSION, RECORD_ALIGN_BYTES, SEGMENT_HEADER_LEN_BYTES};
 pub use log::{CompactStats, Iter, Log, LogStats, Record, RecordLocation, RecoveryReport, TornTail};
 
+/// Entry points for the fuzz target in `storage/fuzz`, over the log reader's pure functions. Not
+/// part of the API.
+#[doc(hidden)]
+pub mod fuzzing {
+    use crate::format;
+
+    /// What a scan of one segment's bytes found.
+    #[derive(Debug)]
+    pub struct ScanOutcome {
+        /// File positions of the valid records, in order.
+        pub records: Vec<u32>,
+        /// Where the valid records end.
+        pub end: usize,
+        /// Whether the tail would be truncated (torn) or refused (corrupt).
+        pub torn: bool,
+        pub corrupt: bool,
+    }
+
+    /// Scans `data` as a whole segment file (header included), as recovery does.
+    pub fn scan_segment(data: &[u8], last: bool, record_len_max: usize) -> ScanOutcome {
+        let scan = format::scan(data, last, record_len_max);
+        ScanOutcome {
+            torn: matches!(scan.tail, format::Tail::Torn { .. }),
+            corrupt: matches!(scan.tail, format::Tail::Corrupt { .. }),
+            records: scan.records,
+            end: scan.end,
+        }
+    }
+
+    /// Whether the record frame at `at` is valid, and its payload length.
+    pub fn valid_frame(data: &[u8], at: usize) -> Option<usize> {
+        match format::check_frame(data, at) {
+            format::Frame::Valid { payload_len } => Some(payload_len),
+            _ => None,
+        }
+    }
+
+    /// Decodes a segment header: `Some((id, base))` if valid.
+    pub fn decode_header(data: &[u8]) -> Option<(u64, u64)> {
+        format::decode_header(data).ok().map(|h| (h.id.0, h.base.0))
+    }
+}
+
 use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
