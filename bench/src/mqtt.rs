@@ -222,6 +222,11 @@ impl Conn {
     /// read our acknowledgements is not read from either, which is what bounds the write buffer
     /// of a subscriber (each PUBLISH read queues a PUBACK / PUBREC). Cancel-safe, so it can sit in
     /// a `select!` beside timers.
+    ///
+    /// The interest is taken from the buffer now, not from why the caller stopped: a producer that
+    /// stopped on a backlog which [`Conn::try_write`] has since taken must not call this to wait
+    /// for "the socket", because with the buffer under its high-water mark only readability is
+    /// awaited, and a QoS 0 publisher has nothing to read.
     pub async fn ready(&self) -> io::Result<Ready> {
         let interest = if self.write_backlogged() {
             Interest::WRITABLE

@@ -540,9 +540,10 @@ impl InflightIds {
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Blocked {
     Nothing,
-    /// The per-turn batch is full: yield, then continue.
-    Batch,
-    /// The write buffer is over its high-water mark: wait for the socket.
+    /// Nothing to wait for, but this turn is over (the batch is full, or the socket took the
+    /// backlog that stopped it): yield so the thread's other tasks run, then continue.
+    Yield,
+    /// The write buffer is over its high-water mark: wait for the socket to take more.
     Socket,
     /// The window is full: wait for acknowledgements or receipts.
     Window,
@@ -636,7 +637,7 @@ async fn run_publisher(
                     break;
                 }
                 if batch == BATCH_MAX {
-                    blocked = Blocked::Batch;
+                    blocked = Blocked::Yield;
                     break;
                 }
                 if conn.write_backlogged() {
@@ -682,6 +683,12 @@ async fn run_publisher(
             }
         }
         conn.try_write()?;
+        if blocked == Blocked::Socket && !conn.write_backlogged() {
+            // The write above took the backlog. Waiting now would wait for nothing: with the
+            // buffer under its high-water mark `ready` awaits readability only, and a QoS 0
+            // publisher reads nothing, so it would sleep until the run ends.
+            blocked = Blocked::Yield;
+        }
         if !producing && !conn.has_pending_writes() && inflight.count == 0 {
             break;
         }
@@ -691,6 +698,13 @@ async fn run_publisher(
             _ => Instant::now(),
         };
         let waiting_for_receipts = receipt_window && blocked == Blocked::Window;
+        // Every wait below has something that ends it: a socket wait needs a backlog (so `ready`
+        // awaits writability), a window wait needs an acknowledgement or a receipt to come.
+        debug_assert!(blocked != Blocked::Socket || conn.write_backlogged(), "socket wait without a backlog");
+        debug_assert!(
+            blocked != Blocked::Window || waiting_for_receipts || inflight.count > 0,
+            "window wait with nothing in flight"
+        );
         tokio::select! {
             biased;
             changed = phase.changed() => {
@@ -713,7 +727,7 @@ async fn run_publisher(
                 written_off += 1;
                 local.window_stalls.set(local.window_stalls.get() + 1);
             }
-            _ = tokio::task::yield_now(), if blocked == Blocked::Batch => {}
+            _ = tokio::task::yield_now(), if blocked == Blocked::Yield => {}
             _ = keep_alive.tick() => conn.queue(&Packet::PingReq)?,
         }
     }

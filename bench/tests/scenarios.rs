@@ -209,6 +209,59 @@ fn pubsub_open_loop_holds_the_rate() {
     assert_eq!(n(&results, "loss"), 0, "{results}");
 }
 
+/// Closed-loop window of the large-payload runs below: a stalled publisher sends exactly this.
+const LARGE_PAYLOAD_WINDOW: u64 = 16;
+
+/// Runs a closed-loop `pubsub` for one second and checks that the publishers kept sending until
+/// the end (not one window and then silence) and that every copy arrived exactly once.
+fn check_closed_loop_keeps_sending(broker: &Mosquitto, mode: &str, pubs: u64, qos: &str, payload: &str) {
+    let subs: u64 = 2;
+    let line = format!(
+        "pubsub --mode {mode} --pubs {pubs} --subs {subs} --qos {qos} --payload {payload} \
+         --window {LARGE_PAYLOAD_WINDOW} --duration 1"
+    );
+    let results = run_scenario(broker, &line.split_whitespace().collect::<Vec<_>>());
+    let context = format!("{mode} qos {qos} payload {payload}: {results}");
+    let sent = n(&results, "sent");
+    // A publisher that stops after its first window sends `pubs * window`; loopback carries
+    // thousands of 16 KiB messages a second even from a debug build, so ten windows per
+    // publisher is far below a working run and far above a stalled one.
+    assert!(sent >= 10 * LARGE_PAYLOAD_WINDOW * pubs, "only {sent} sent: {context}");
+    // The last send is at the end of the second, not at its start.
+    let send_secs = results["send_secs"].as_f64().expect("send_secs");
+    assert!(send_secs >= 0.5, "last send at {send_secs} s of 1 s: {context}");
+    let copies = if mode == "fan-out" { subs } else { 1 };
+    assert_eq!(n(&results, "expected"), sent * copies, "{context}");
+    assert_eq!(n(&results, "delivered"), sent * copies, "{context}");
+    assert_eq!(n(&results, "loss"), 0, "{context}");
+    assert_eq!(n(&results, "duplicates"), 0, "{context}");
+    assert_eq!(n(&results, "window_stalls"), 0, "{context}");
+    if qos != "0" {
+        assert_eq!(n(&results, "acked"), sent, "{context}");
+    }
+}
+
+/// Regression: with 16 KiB payloads one window filled the write buffer to its high-water mark, the
+/// socket took it all at once, and the QoS 0 publisher then waited for readability (nothing
+/// comes back at QoS 0) until the run ended: exactly one window sent.
+#[test]
+fn pubsub_qos0_large_payloads_keep_the_closed_loop_going() {
+    let broker = start_mosquitto();
+    for payload in ["1024", "16384"] {
+        check_closed_loop_keeps_sending(&broker, "fan-out", 1, "0", payload);
+        check_closed_loop_keeps_sending(&broker, "pairs", 2, "0", payload);
+    }
+}
+
+#[test]
+fn pubsub_qos1_and_qos2_large_payloads_keep_the_closed_loop_going() {
+    let broker = start_mosquitto();
+    for qos in ["1", "2"] {
+        check_closed_loop_keeps_sending(&broker, "fan-out", 1, qos, "16384");
+        check_closed_loop_keeps_sending(&broker, "pairs", 2, qos, "16384");
+    }
+}
+
 #[test]
 fn conn_connects_all_and_reports_broker_memory() {
     let broker = start_mosquitto();
