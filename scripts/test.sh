@@ -11,3 +11,4 @@ cargo test --workspace --doc
 # The cargo-fuzz target is its own workspace (it needs nightly to *run*); check that it still
 # compiles against the codec, on the stable toolchain.
 cargo check --quiet --manifest-path protocol/fuzz/Cargo.toml --bins
+cargo check --quiet --manifest-path storage/fuzz/Cargo.toml --bins
