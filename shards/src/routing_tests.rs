@@ -37,7 +37,7 @@ struct World {
 }
 
 impl World {
-    fn new(shard_count: usize, client_count: usize) -> World {
+    fn new(shard_count: usize, client_count: usize, tenant_count: u32) -> World {
         let cfg = Arc::new(BrokerConfig { cores: shard_count, ..BrokerConfig::default() });
         let mesh = Mesh::new(shard_count, 1024);
         let shards: Vec<ShardCell> = (0..shard_count)
@@ -48,8 +48,10 @@ impl World {
             .collect();
         let mut world = World { mesh, shards, clients: Vec::new() };
         for client in 0..client_count {
-            let id = format!("client-{client}");
-            let home = home_shard(TenantId::default(), &id, shard_count).index();
+            // Client ids repeat across tenants on purpose: the same id in two tenants is two sessions.
+            let id = format!("client-{}", client / tenant_count as usize);
+            let tenant = tenant_of(client, tenant_count);
+            let home = home_shard(tenant, &id, shard_count).index();
             let cell = world.shards[home].clone();
             let conn_id = cell.borrow_mut().new_conn_id();
             let conn = ConnShared::new(conn_id, -1, ProtocolVersion::V5, &cell);
@@ -63,7 +65,7 @@ impl World {
                 username: None,
                 password: None,
             };
-            let outcome = cell.borrow_mut().connect(connect, conn.clone(), Instant::now());
+            let outcome = cell.borrow_mut().connect_as(tenant, connect, conn.clone(), Instant::now());
             let ConnectOutcome::Accepted { session, .. } = outcome else { panic!("connect refused") };
             world.clients.push((home, session, conn));
         }
@@ -106,6 +108,10 @@ impl World {
         let session = shard.sessions.get(*key).expect("session");
         session.queue.iter().map(|d| (d.msg.topic.to_string(), d.msg.payload.clone(), d.qos)).collect()
     }
+}
+
+fn tenant_of(client: usize, tenant_count: u32) -> TenantId {
+    TenantId((client % tenant_count as usize) as u32)
 }
 
 #[derive(Debug, Clone)]
@@ -157,14 +163,15 @@ proptest! {
     #[test]
     fn routing_across_shards_matches_the_model(
         shard_count in 1usize..5,
+        tenant_count in 1u32..3,
         ops in prop::collection::vec(op(6), 1..40),
     ) {
         let clients = 6;
-        let world = World::new(shard_count, clients);
+        let world = World::new(shard_count, clients, tenant_count);
         // Plain subscriptions per client: full filter -> (qos, no_local).
         let mut plain: Vec<BTreeMap<String, (u8, bool)>> = vec![BTreeMap::new(); clients];
-        // Share groups: (group, filter) -> members.
-        let mut groups: BTreeMap<(u8, String), BTreeSet<usize>> = BTreeMap::new();
+        // Share groups: (tenant, group, filter) -> members.
+        let mut groups: BTreeMap<(u32, u8, String), BTreeSet<usize>> = BTreeMap::new();
         // Expected plain deliveries per client, and shared deliveries per message.
         let mut expected: Vec<Vec<(String, Bytes, QoS)>> = vec![Vec::new(); clients];
         let mut shared_expected: Vec<(Bytes, Vec<BTreeSet<usize>>)> = Vec::new();
@@ -189,7 +196,9 @@ proptest! {
                     next_packet_id += 1;
                     world.packet(client, Packet::Subscribe(subscribe));
                     match group {
-                        Some(g) => { groups.entry((g, filter)).or_default().insert(client); }
+                        Some(g) => {
+                            groups.entry((tenant_of(client, tenant_count).0, g, filter)).or_default().insert(client);
+                        }
                         None => { plain[client].insert(filter, (qos, no_local)); }
                     }
                 }
@@ -206,7 +215,11 @@ proptest! {
                         payload: payload.clone(),
                     };
                     world.packet(client, Packet::Publish(publish));
+                    let publisher_tenant = tenant_of(client, tenant_count);
                     for (subscriber, subs) in plain.iter().enumerate() {
+                        if tenant_of(subscriber, tenant_count) != publisher_tenant {
+                            continue; // tenants never see each other's messages
+                        }
                         let matching: Vec<ModelSub> = subs
                             .iter()
                             .filter(|(filter, _)| topic::matches(filter, &topic_name))
@@ -220,7 +233,9 @@ proptest! {
                     }
                     let member_sets: Vec<BTreeSet<usize>> = groups
                         .iter()
-                        .filter(|((_, filter), members)| !members.is_empty() && topic::matches(filter, &topic_name))
+                        .filter(|((tenant, _, filter), members)| {
+                            *tenant == publisher_tenant.0 && !members.is_empty() && topic::matches(filter, &topic_name)
+                        })
                         .map(|(_, members)| members.clone())
                         .collect();
                     shared_expected.push((payload, member_sets));

@@ -79,6 +79,7 @@ pub struct Handoff {
 /// The interest of one shard in one filter (or share group on a filter) began or ended.
 #[derive(Debug, Clone)]
 pub struct InterestChange {
+    pub tenant: TenantId,
     pub filter: Arc<str>,
     pub group: Option<Arc<str>>,
     pub add: bool,
@@ -88,6 +89,8 @@ pub struct InterestChange {
 pub struct SubscribeSync {
     pub token: u64,
     pub changes: Vec<InterestChange>,
+    /// The subscriber's tenant: its retained-message queries see only that tenant's messages.
+    pub tenant: TenantId,
     /// Filters whose retained messages the subscriber wants.
     pub retain_queries: Vec<Arc<str>>,
 }
@@ -264,9 +267,11 @@ pub struct Shard {
     pub cfg: Arc<BrokerConfig>,
     pub stats: Arc<ShardStats>,
     pub sessions: SessionTable,
-    slice: TopicTrie<SliceEntry>,
-    interest: TopicTrie<Interest>,
-    retained: HashMap<Box<str>, Arc<Message>>,
+    /// Per tenant: a topic in one tenant never meets a filter of another (isolation by construction).
+    slice: HashMap<TenantId, TopicTrie<SliceEntry>>,
+    interest: HashMap<TenantId, TopicTrie<Interest>>,
+    retained: HashMap<TenantId, HashMap<Box<str>, Arc<Message>>>,
+    retained_count: usize,
     pub outbox: Outbox,
     timers: BinaryHeap<Reverse<TimerEntry>>,
     pending_subscribes: HashMap<u64, PendingSubscribe>,
@@ -311,9 +316,10 @@ impl Shard {
             cfg,
             stats,
             sessions: SessionTable::default(),
-            slice: TopicTrie::new(),
-            interest: TopicTrie::new(),
+            slice: HashMap::new(),
+            interest: HashMap::new(),
             retained: HashMap::new(),
+            retained_count: 0,
             outbox: Outbox::new(id, mesh),
             timers: BinaryHeap::new(),
             pending_subscribes: HashMap::new(),
@@ -351,6 +357,18 @@ impl Shard {
         conn: Rc<crate::conn::ConnShared>,
         now: Instant,
     ) -> ConnectOutcome {
+        self.connect_as(TenantId::default(), connect, conn, now)
+    }
+
+    /// Handles a CONNECT for a client of `tenant` (the auth provider's answer; the default tenant
+    /// until authentication arrives). Everything the session does stays inside its tenant.
+    pub fn connect_as(
+        &mut self,
+        tenant: TenantId,
+        connect: Connect,
+        conn: Rc<crate::conn::ConnShared>,
+        now: Instant,
+    ) -> ConnectOutcome {
         let version = connect.protocol;
         let refuse = |reason: ReasonCode| {
             let connack = ConnAck { session_present: false, reason, properties: Properties::default() };
@@ -382,8 +400,8 @@ impl Shard {
             // candidate in `cores` fits; the bound makes a miss astronomically unlikely.
             let shard_count = self.shard_count();
             let fits = |id: &String| {
-                home_shard(TenantId::default(), id, shard_count) == self.id
-                    && self.sessions.find(TenantId::default(), &Utf8::new(id).expect("ASCII id")).is_none()
+                home_shard(tenant, id, shard_count) == self.id
+                    && self.sessions.find(tenant, &Utf8::new(id).expect("ASCII id")).is_none()
             };
             let candidates_max = 64 * SHARDS_MAX as u32;
             let Some(generated) =
@@ -404,7 +422,6 @@ impl Shard {
                 return refuse(ReasonCode::NotAuthorized);
             }
         }
-        let tenant = TenantId::default();
         let cfg = self.cfg.clone();
         let requested_expiry = if version.is_v5() {
             connect.properties.session_expiry_interval.unwrap_or(0)
@@ -552,7 +569,7 @@ impl Shard {
         }
         let mut changes = Vec::new();
         for filter in session.subscriptions.keys() {
-            self.slice_remove(key, filter, &mut changes);
+            self.slice_remove(session.tenant, key, filter, &mut changes);
         }
         self.broadcast_interest(changes);
     }
@@ -797,6 +814,7 @@ impl Shard {
     fn on_subscribe(&mut self, key: SessionKey, conn: ConnId, subscribe: Subscribe, now: Instant) {
         let session = self.sessions.get_mut(key).expect("caller checked");
         let v5 = session.version.is_v5();
+        let tenant = session.tenant;
         let subscription_id = subscribe.properties.subscription_identifiers.first().copied();
         let mut reasons = Vec::with_capacity(subscribe.subscriptions.len());
         let mut changes = Vec::new();
@@ -834,7 +852,7 @@ impl Shard {
                 continue;
             }
             let existed = session.subscriptions.insert(filter.into(), entry.clone()).is_some();
-            self.slice_add(key, filter, entry.clone(), &mut changes);
+            self.slice_add(tenant, key, filter, entry.clone(), &mut changes);
             let wants_retained = shared.is_none()
                 && match entry.options.retain_handling {
                     RetainHandling::SendAtSubscribe => true,
@@ -853,7 +871,7 @@ impl Shard {
         let suback = SubAck { packet_id: subscribe.packet_id, properties: Properties::default(), reasons };
         let mut retained = Vec::new();
         for (index, (filter, _)) in queries.iter().enumerate() {
-            self.collect_retained(filter, now, |msg| retained.push((index, msg)));
+            self.collect_retained(tenant, filter, now, |msg| retained.push((index, msg)));
         }
         let others = self.shard_count() - 1;
         let mut pending = PendingSubscribe { session: key, conn, suback, waiting: others, queries, retained };
@@ -868,8 +886,12 @@ impl Shard {
             if to == self.id.index() {
                 continue;
             }
-            let sync =
-                SubscribeSync { token, changes: changes.clone(), retain_queries: retain_queries.clone() };
+            let sync = SubscribeSync {
+                token,
+                changes: changes.clone(),
+                tenant,
+                retain_queries: retain_queries.clone(),
+            };
             self.outbox.send(ShardId(to as u16), MeshMsg::Subscribe(Box::new(sync)));
         }
         self.pending_subscribes.insert(token, pending);
@@ -906,8 +928,9 @@ impl Shard {
         let mut changes = Vec::new();
         for filter in &unsubscribe.filters {
             let session = self.sessions.get_mut(key).expect("caller checked");
+            let tenant = session.tenant;
             if session.subscriptions.remove(filter.as_str()).is_some() {
-                self.slice_remove(key, filter, &mut changes);
+                self.slice_remove(tenant, key, filter, &mut changes);
                 reasons.push(ReasonCode::Success);
             } else {
                 reasons.push(ReasonCode::NoSubscriptionExisted);
@@ -926,6 +949,7 @@ impl Shard {
     /// interest change if the slice entry (or share group) was empty on this shard.
     fn slice_add(
         &mut self,
+        tenant: TenantId,
         key: SessionKey,
         filter: &str,
         entry: SubEntry,
@@ -933,7 +957,7 @@ impl Shard {
     ) {
         let shared = topic::parse_shared(filter).ok().flatten();
         let inner = shared.map(|s| s.filter).unwrap_or(filter);
-        let slot = self.slice.get_or_insert_with(inner, || SliceEntry {
+        let slot = self.slice.entry(tenant).or_default().get_or_insert_with(inner, || SliceEntry {
             filter: Arc::from(inner),
             direct: Vec::new(),
             shared: Vec::new(),
@@ -946,7 +970,7 @@ impl Shard {
                     Some(existing) => existing.1 = entry,
                     None => slot.direct.push((key, entry)),
                 }
-                was_empty.then_some(InterestChange { filter: filter_arc, group: None, add: true })
+                was_empty.then_some(InterestChange { tenant, filter: filter_arc, group: None, add: true })
             }
             Some(shared) => {
                 let group = match slot.shared.iter_mut().position(|g| &*g.group == shared.group) {
@@ -966,6 +990,7 @@ impl Shard {
                     None => group.members.push((key, entry)),
                 }
                 was_empty.then(|| InterestChange {
+                    tenant,
                     filter: filter_arc,
                     group: Some(group.group.clone()),
                     add: true,
@@ -980,18 +1005,29 @@ impl Shard {
 
     /// Removes session `key`'s subscription to `filter` from the slice; records an interest change
     /// when the entry (or group) becomes empty on this shard.
-    fn slice_remove(&mut self, key: SessionKey, filter: &str, changes: &mut Vec<InterestChange>) {
+    fn slice_remove(
+        &mut self,
+        tenant: TenantId,
+        key: SessionKey,
+        filter: &str,
+        changes: &mut Vec<InterestChange>,
+    ) {
         let shared = topic::parse_shared(filter).ok().flatten();
         let inner = shared.map(|s| s.filter).unwrap_or(filter);
         let mut change = None;
-        self.slice.remove_if(inner, |slot| {
+        let Some(trie) = self.slice.get_mut(&tenant) else { return };
+        trie.remove_if(inner, |slot| {
             match shared {
                 None => {
                     let before = slot.direct.len();
                     slot.direct.retain(|(k, _)| *k != key);
                     if before > 0 && slot.direct.is_empty() {
-                        change =
-                            Some(InterestChange { filter: slot.filter.clone(), group: None, add: false });
+                        change = Some(InterestChange {
+                            tenant,
+                            filter: slot.filter.clone(),
+                            group: None,
+                            add: false,
+                        });
                     }
                 }
                 Some(shared) => {
@@ -1001,6 +1037,7 @@ impl Shard {
                         if group.members.is_empty() {
                             let group = slot.shared.swap_remove(index);
                             change = Some(InterestChange {
+                                tenant,
                                 filter: slot.filter.clone(),
                                 group: Some(group.group),
                                 add: false,
@@ -1011,6 +1048,9 @@ impl Shard {
             }
             slot.direct.is_empty() && slot.shared.is_empty()
         });
+        if trie.filter_count() == 0 {
+            self.slice.remove(&tenant);
+        }
         if let Some(change) = change {
             self.apply_interest(self.id, &change);
             changes.push(change);
@@ -1032,7 +1072,8 @@ impl Shard {
     fn apply_interest(&mut self, from: ShardId, change: &InterestChange) {
         let bit = 1u64 << from.index();
         if change.add {
-            let entry = self.interest.get_or_insert_with(&change.filter, || Interest {
+            let trie = self.interest.entry(change.tenant).or_default();
+            let entry = trie.get_or_insert_with(&change.filter, || Interest {
                 filter: change.filter.clone(),
                 shards: 0,
                 shared: Vec::new(),
@@ -1045,7 +1086,8 @@ impl Shard {
                 },
             }
         } else {
-            self.interest.remove_if(&change.filter, |entry| {
+            let Some(trie) = self.interest.get_mut(&change.tenant) else { return };
+            trie.remove_if(&change.filter, |entry| {
                 match &change.group {
                     None => entry.shards &= !bit,
                     Some(group) => {
@@ -1057,6 +1099,9 @@ impl Shard {
                 }
                 entry.shards == 0 && entry.shared.is_empty()
             });
+            if trie.filter_count() == 0 {
+                self.interest.remove(&change.tenant);
+            }
         }
     }
 
@@ -1066,7 +1111,8 @@ impl Shard {
     pub fn route(&mut self, msg: Arc<Message>, now: Instant) {
         let mut shards = 0u64;
         let mut shared_targets: Vec<(ShardId, Arc<str>, Arc<str>)> = Vec::new();
-        self.interest.for_each_match_mut(&msg.topic, |entry| {
+        let Some(interest) = self.interest.get_mut(&msg.tenant) else { return };
+        interest.for_each_match_mut(&msg.topic, |entry| {
             shards |= entry.shards;
             for (group, mask, cursor) in entry.shared.iter_mut() {
                 // Round-robin over the shards that have members of this group.
@@ -1106,7 +1152,11 @@ impl Shard {
         let mut scratch = std::mem::take(&mut self.scratch);
         scratch.clear();
         let me = self.id;
-        self.slice.for_each_match(&msg.topic, |entry| {
+        let Some(slice) = self.slice.get(&msg.tenant) else {
+            self.scratch = scratch;
+            return;
+        };
+        slice.for_each_match(&msg.topic, |entry| {
             for (key, sub) in &entry.direct {
                 if sub.options.no_local && msg.origin == Some(Origin { shard: me, session: *key }) {
                     continue;
@@ -1144,7 +1194,9 @@ impl Shard {
 
     /// Delivers a message to one member (round-robin) of a share group on this shard.
     fn deliver_shared(&mut self, msg: &Arc<Message>, group: &str, filter: &str, _now: Instant) {
-        let Some(slot) = self.slice.get_mut(filter) else { return };
+        let Some(slot) = self.slice.get_mut(&msg.tenant).and_then(|trie| trie.get_mut(filter)) else {
+            return;
+        };
         let Some(members) = slot.shared.iter_mut().find(|g| &*g.group == group) else { return };
         if members.members.is_empty() {
             return;
@@ -1224,29 +1276,54 @@ impl Shard {
     }
 
     fn retain_set(&mut self, msg: Arc<Message>) {
+        let tenant = msg.tenant;
         if msg.payload.is_empty() {
-            self.retained.remove(msg.topic.as_str());
+            if let Some(topics) = self.retained.get_mut(&tenant) {
+                if topics.remove(msg.topic.as_str()).is_some() {
+                    self.retained_count -= 1;
+                }
+                if topics.is_empty() {
+                    self.retained.remove(&tenant);
+                }
+            }
             return;
         }
         let per_shard_max = self.cfg.retained_messages_max.div_ceil(self.shard_count());
-        if self.retained.len() >= per_shard_max && !self.retained.contains_key(msg.topic.as_str()) {
+        let topics = self.retained.entry(tenant).or_default();
+        let replaces = topics.contains_key(msg.topic.as_str());
+        if !replaces && self.retained_count >= per_shard_max {
             bump(&self.stats.dropped_queue_full, 1);
+            if topics.is_empty() {
+                self.retained.remove(&tenant);
+            }
             return;
         }
-        self.retained.insert(msg.topic.as_str().into(), msg);
+        topics.insert(msg.topic.as_str().into(), msg);
+        if !replaces {
+            self.retained_count += 1;
+        }
     }
 
-    fn collect_retained(&mut self, filter: &str, now: Instant, mut found: impl FnMut(Arc<Message>)) {
+    fn collect_retained(
+        &mut self,
+        tenant: TenantId,
+        filter: &str,
+        now: Instant,
+        mut found: impl FnMut(Arc<Message>),
+    ) {
+        let Some(topics) = self.retained.get_mut(&tenant) else { return };
         if !topic::is_wildcard(filter) {
-            if let Some(msg) = self.retained.get(filter) {
+            if let Some(msg) = topics.get(filter) {
                 if !msg.is_expired(now) {
                     found(msg.clone());
                 }
             }
             return;
         }
-        self.retained.retain(|_, msg| !msg.is_expired(now));
-        for (topic_name, msg) in &self.retained {
+        let before = topics.len();
+        topics.retain(|_, msg| !msg.is_expired(now));
+        self.retained_count -= before - topics.len();
+        for (topic_name, msg) in topics.iter() {
             if topic::matches(filter, topic_name) {
                 found(msg.clone());
             }
@@ -1254,7 +1331,7 @@ impl Shard {
     }
 
     pub fn retained_count(&self) -> usize {
-        self.retained.len()
+        self.retained_count
     }
 
     // ----- mesh ------------------------------------------------------------------------------
@@ -1276,7 +1353,7 @@ impl Shard {
                 }
                 let mut retained = Vec::new();
                 for (index, filter) in sync.retain_queries.iter().enumerate() {
-                    self.collect_retained(filter, now, |msg| retained.push((index, msg)));
+                    self.collect_retained(sync.tenant, filter, now, |msg| retained.push((index, msg)));
                 }
                 self.outbox.send(
                     from,
