@@ -264,23 +264,14 @@ mod tests {
     use bytes::Bytes;
 
     use crate::packet::Packet;
+    use crate::test_util::{decode_bytes, encode_bytes};
     use crate::utf8::Utf8;
-    use crate::{decode, encode, encoded_len};
+    use crate::{encode, encoded_len};
 
     use super::*;
 
-    fn decode_bytes(bytes: &[u8], version: ProtocolVersion) -> Result<Packet, DecodeError> {
-        let mut buf = BytesMut::from(bytes);
-        let packet = decode(&mut buf, version, u32::MAX)?.expect("complete frame");
-        assert!(buf.is_empty());
-        Ok(packet)
-    }
-
     fn round_trip(packet: &Packet, version: ProtocolVersion) -> Vec<u8> {
-        let mut buf = BytesMut::new();
-        encode(packet, version, &mut buf).unwrap();
-        assert_eq!(encoded_len(packet, version), Ok(buf.len()));
-        let bytes = buf.to_vec();
+        let bytes = encode_bytes(packet, version);
         assert_eq!(decode_bytes(&bytes, version).as_ref(), Ok(packet));
         bytes
     }

@@ -116,28 +116,15 @@ pub(crate) fn put_auth(buf: &mut BytesMut, auth: &Auth, plan: &Plan) {
 mod tests {
     use bytes::Bytes;
 
+    use crate::encoded_len;
     use crate::packet::Packet;
+    use crate::test_util::{decode_bytes, encode_bytes};
     use crate::utf8::Utf8;
-    use crate::{decode, encode, encoded_len};
 
     use super::*;
 
     const V3: ProtocolVersion = ProtocolVersion::V3_1_1;
     const V5: ProtocolVersion = ProtocolVersion::V5;
-
-    fn decode_bytes(bytes: &[u8], version: ProtocolVersion) -> Result<Packet, DecodeError> {
-        let mut buf = BytesMut::from(bytes);
-        let packet = decode(&mut buf, version, u32::MAX)?.expect("complete frame");
-        assert!(buf.is_empty());
-        Ok(packet)
-    }
-
-    fn encode_bytes(packet: &Packet, version: ProtocolVersion) -> Vec<u8> {
-        let mut buf = BytesMut::new();
-        encode(packet, version, &mut buf).unwrap();
-        assert_eq!(encoded_len(packet, version), Ok(buf.len()));
-        buf.to_vec()
-    }
 
     #[test]
     fn disconnect_forms() {

@@ -28,6 +28,8 @@ mod properties;
 mod publish;
 mod reasons;
 mod subscribe;
+#[cfg(test)]
+mod test_util;
 mod wire;
 
 pub use decode::{decode, frame_len};

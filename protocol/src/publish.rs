@@ -204,26 +204,13 @@ pub(crate) fn put_pub_resp(buf: &mut BytesMut, resp: &PubResp, version: Protocol
 
 #[cfg(test)]
 mod tests {
-    use crate::{decode, encode, encoded_len};
+    use crate::test_util::{decode_bytes, encode_bytes};
+    use crate::{decode, encoded_len};
 
     use super::*;
 
     const V3: ProtocolVersion = ProtocolVersion::V3_1_1;
     const V5: ProtocolVersion = ProtocolVersion::V5;
-
-    fn decode_bytes(bytes: &[u8], version: ProtocolVersion) -> Result<Packet, DecodeError> {
-        let mut buf = BytesMut::from(bytes);
-        let packet = decode(&mut buf, version, u32::MAX)?.expect("complete frame");
-        assert!(buf.is_empty());
-        Ok(packet)
-    }
-
-    fn encode_bytes(packet: &Packet, version: ProtocolVersion) -> Vec<u8> {
-        let mut buf = BytesMut::new();
-        encode(packet, version, &mut buf).unwrap();
-        assert_eq!(encoded_len(packet, version), Ok(buf.len()));
-        buf.to_vec()
-    }
 
     #[test]
     fn qos0_publish_shares_the_frame() {
