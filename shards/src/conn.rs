@@ -391,7 +391,7 @@ async fn read_loop(
 const PACKETS_PER_TURN_MAX: usize = 16;
 
 /// Lets every other ready task of this shard run once before continuing.
-async fn yield_now() {
+pub(crate) async fn yield_now() {
     let mut yielded = false;
     poll_fn(|cx| {
         if yielded {

@@ -91,32 +91,27 @@ fn bind_listener(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
     // read succeeds at once instead of costing a readiness round trip per connection. A socket
     // that sends nothing within the kernel's retries is accepted anyway and meets the connect
     // timeout.
-    socket.set_tcp_defer_accept_if_supported();
+    set_tcp_defer_accept(&socket);
     socket.bind(&addr.into())?;
     socket.listen(4096)?;
     Ok(socket.into())
 }
 
-trait DeferAccept {
-    fn set_tcp_defer_accept_if_supported(&self);
-}
-
-impl DeferAccept for Socket {
-    fn set_tcp_defer_accept_if_supported(&self) {
-        use std::os::fd::AsRawFd;
-        let seconds: libc::c_int = 1;
-        // SAFETY: setsockopt on a socket descriptor we own, with a pointer to a live c_int and its
-        // exact size; the kernel only reads it. Failure is harmless (the option is an optimisation)
-        // and ignored. Exercised by every test that starts a broker.
-        unsafe {
-            libc::setsockopt(
-                self.as_raw_fd(),
-                libc::IPPROTO_TCP,
-                libc::TCP_DEFER_ACCEPT,
-                (&seconds as *const libc::c_int).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            );
-        }
+/// Sets TCP_DEFER_ACCEPT (1 s) where the kernel supports it; a failure only loses the optimisation.
+fn set_tcp_defer_accept(socket: &Socket) {
+    use std::os::fd::AsRawFd;
+    let seconds: libc::c_int = 1;
+    // SAFETY: setsockopt on a socket descriptor we own, with a pointer to a live c_int and its
+    // exact size; the kernel only reads it. Failure is harmless (the option is an optimisation)
+    // and ignored. Exercised by every test that starts a broker.
+    unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_DEFER_ACCEPT,
+            (&seconds as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
     }
 }
 
@@ -297,7 +292,7 @@ async fn mesh_loop(cell: ShardCell, mesh: Arc<Mesh<MeshMsg>>, id: ShardId) {
             monoio::spawn(serve_handoff(cell.clone(), handoff));
         }
         // Let connection tasks run between batches.
-        monoio::spawn(async {}).await;
+        crate::conn::yield_now().await;
     }
 }
 

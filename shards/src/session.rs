@@ -457,9 +457,3 @@ impl SessionTable {
         self.by_client.values().copied().collect()
     }
 }
-
-/// Encodes the v5 properties of a server-built ack with an optional reason string, honouring the
-/// client's request-problem-information flag.
-pub fn ack_with_reason(packet_id: PacketId, reason: ReasonCode) -> PubResp {
-    PubResp { packet_id, reason, properties: Properties::default() }
-}

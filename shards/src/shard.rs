@@ -620,7 +620,7 @@ impl Shard {
         if retain {
             self.retain(msg.clone());
         }
-        self.route(msg, now);
+        self.route(msg);
     }
 
     // ----- packets from clients -------------------------------------------------------------
@@ -759,9 +759,6 @@ impl Shard {
                 return After::Close { reason: Some(ReasonCode::ReceiveMaximumExceeded), will: true };
             }
         }
-        if publish.qos != QoS::AtMostOnce && !v5 && publish.retain && publish.payload.is_empty() {
-            // Nothing special: deleting a retained message is an ordinary publish below.
-        }
         let denied = cfg.denied_topic_filters.iter().any(|d| topic::matches(d, &publish.topic));
         let ack_reason = if denied { ReasonCode::NotAuthorized } else { ReasonCode::Success };
         if denied {
@@ -786,7 +783,7 @@ impl Shard {
             if msg.retain {
                 self.retain(msg.clone());
             }
-            self.route(msg, now);
+            self.route(msg);
         }
         let session = self.sessions.get_mut(key).expect("caller checked");
         let reason = if v5 { ack_reason } else { ReasonCode::Success };
@@ -1108,7 +1105,7 @@ impl Shard {
     // ----- routing ---------------------------------------------------------------------------
 
     /// Routes a message published on this shard to every interested shard (itself included).
-    pub fn route(&mut self, msg: Arc<Message>, now: Instant) {
+    pub fn route(&mut self, msg: Arc<Message>) {
         let mut shards = 0u64;
         let mut shared_targets: Vec<(ShardId, Arc<str>, Arc<str>)> = Vec::new();
         let Some(interest) = self.interest.get_mut(&msg.tenant) else { return };
@@ -1132,14 +1129,14 @@ impl Shard {
             let index = rest.trailing_zeros() as u16;
             rest &= rest - 1;
             if index == self.id.0 {
-                self.deliver_local(&msg, now);
+                self.deliver_local(&msg);
             } else {
                 self.outbox.send(ShardId(index), MeshMsg::Publish(msg.clone()));
             }
         }
         for (shard, group, filter) in shared_targets {
             if shard == self.id {
-                self.deliver_shared(&msg, &group, &filter, now);
+                self.deliver_shared(&msg, &group, &filter);
             } else {
                 self.outbox.send(shard, MeshMsg::SharedPublish { msg: msg.clone(), group, filter });
             }
@@ -1148,7 +1145,7 @@ impl Shard {
 
     /// Delivers a message to this shard's direct subscribers: one delivery per session at the
     /// highest QoS of its matching subscriptions, with all their subscription identifiers.
-    fn deliver_local(&mut self, msg: &Arc<Message>, _now: Instant) {
+    fn deliver_local(&mut self, msg: &Arc<Message>) {
         let mut scratch = std::mem::take(&mut self.scratch);
         scratch.clear();
         let me = self.id;
@@ -1193,7 +1190,7 @@ impl Shard {
     }
 
     /// Delivers a message to one member (round-robin) of a share group on this shard.
-    fn deliver_shared(&mut self, msg: &Arc<Message>, group: &str, filter: &str, _now: Instant) {
+    fn deliver_shared(&mut self, msg: &Arc<Message>, group: &str, filter: &str) {
         let Some(slot) = self.slice.get_mut(&msg.tenant).and_then(|trie| trie.get_mut(filter)) else {
             return;
         };
@@ -1339,8 +1336,8 @@ impl Shard {
     /// Handles one message from another shard.
     pub fn on_mesh(&mut self, from: ShardId, msg: MeshMsg, now: Instant) {
         match msg {
-            MeshMsg::Publish(msg) => self.deliver_local(&msg, now),
-            MeshMsg::SharedPublish { msg, group, filter } => self.deliver_shared(&msg, &group, &filter, now),
+            MeshMsg::Publish(msg) => self.deliver_local(&msg),
+            MeshMsg::SharedPublish { msg, group, filter } => self.deliver_shared(&msg, &group, &filter),
             MeshMsg::Handoff(handoff) => self.handoffs.push(*handoff),
             MeshMsg::Interest(changes) => {
                 for change in changes.iter() {
