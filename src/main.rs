@@ -63,9 +63,27 @@ struct ServeArgs {
     /// with COOP_TASKRUN when the ring can be built, else epoll).
     #[arg(long, value_enum)]
     io_driver: Option<DriverArg>,
-    /// Data directory. Default: ./shardmq-data.
+    /// Data directory: persistent sessions, their queued messages, retained messages.
+    /// Default: ./shardmq-data.
     #[arg(long)]
     data_dir: Option<PathBuf>,
+    /// Keep nothing on disk: sessions and retained messages are lost on restart, and QoS 1/2
+    /// acknowledgements do not wait for the disk.
+    #[arg(long)]
+    #[serde(default)]
+    in_memory: bool,
+    /// When stored messages become durable (and QoS 1/2 PUBLISHes are acknowledged): `always`
+    /// (fsync before every acknowledgement, with group commit), `interval:<ms>` (at most that
+    /// long after), or `never` (a process crash loses nothing; a power loss may). Default: interval:5.
+    #[arg(long)]
+    fsync: Option<String>,
+    /// Size of each log segment file, bytes. Default: 67108864 (64 MiB).
+    #[arg(long)]
+    segment_size: Option<u64>,
+    /// Most bytes of log segments on disk, across all shards; persistent messages beyond it are
+    /// refused (v5: 0x97). Default: unlimited.
+    #[arg(long)]
+    disk_budget: Option<u64>,
     /// Do not pin shard threads to cores.
     #[arg(long)]
     #[serde(default)]
@@ -152,6 +170,26 @@ fn merge(flags: ServeArgs, file: ServeArgs) -> Result<(BrokerConfig, String)> {
     if let Some(dir) = pick!(data_dir) {
         cfg.data_dir = dir;
     }
+    cfg.persistence = !(flags.in_memory || file.in_memory);
+    if let Some(policy) = pick!(fsync) {
+        cfg.fsync = policy.parse().map_err(|e| anyhow::anyhow!("--fsync: {e}"))?;
+    }
+    if let Some(bytes) = pick!(segment_size) {
+        if !(4096..=u32::MAX as u64).contains(&bytes) {
+            bail!("--segment-size must be between 4096 and {} bytes", u32::MAX);
+        }
+        cfg.segment_size_bytes = bytes;
+    }
+    if let Some(bytes) = pick!(disk_budget) {
+        let per_shard = bytes / cfg.cores as u64;
+        if per_shard < 2 * cfg.segment_size_bytes {
+            bail!(
+                "--disk-budget of {bytes} bytes leaves {per_shard} per shard, less than two segments of {} bytes",
+                cfg.segment_size_bytes
+            );
+        }
+        cfg.disk_budget_bytes = Some(bytes);
+    }
     cfg.pin_cores = !(flags.no_pin || file.no_pin);
     if let Some(secs) = pick!(connect_timeout_secs) {
         cfg.connect_timeout = Duration::from_secs(secs);
@@ -236,8 +274,10 @@ fn serve(mut args: ServeArgs) -> Result<()> {
     tracing_subscriber::fmt().with_env_filter(filter).with_target(false).with_ansi(ansi).init();
     let mut signals = Signals::new([SIGINT, SIGTERM]).context("cannot install signal handlers")?;
     let cores = cfg.cores;
+    let data_dir =
+        if cfg.persistence { cfg.data_dir.display().to_string() } else { "(in memory)".to_string() };
     let broker = shardmq_shards::start(cfg).context("cannot start the broker")?;
-    info!(listen = %broker.local_addr, cores, drivers = ?broker.drivers, "shardmq listening");
+    info!(listen = %broker.local_addr, cores, drivers = ?broker.drivers, data_dir = %data_dir, "shardmq listening");
     if let Some(signal) = signals.forever().next() {
         info!(signal, "stopping");
     }

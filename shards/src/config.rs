@@ -7,6 +7,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+pub use shardmq_storage::FsyncPolicy;
+
 /// Which io driver a shard's monoio runtime uses. The default is epoll: on this project's 2-core VMs
 /// (kernel 6.18) monoio's io_uring driver, even with COOP_TASKRUN or DEFER_TASKRUN, delivered about
 /// half the QoS 1 request/ack throughput of epoll and ~15% less QoS 0 fan-in (perf/RESULTS.md),
@@ -43,8 +45,17 @@ pub struct BrokerConfig {
     /// MQTT listener address; every shard binds it with SO_REUSEPORT.
     pub listen: SocketAddr,
     pub io_driver: IoDriver,
-    /// Where stored data lives (used by the storage layer when it arrives).
+    /// Where stored data lives: persistent sessions, their queued messages, retained messages.
     pub data_dir: PathBuf,
+    /// Keep persistent sessions and retained messages on disk (`data_dir`). Off: everything is
+    /// in memory and lost on restart, and acknowledgements do not wait for the disk.
+    pub persistence: bool,
+    /// When stored records become durable; QoS 1/2 PUBLISHes are acknowledged only then.
+    pub fsync: FsyncPolicy,
+    /// Size of each log segment file.
+    pub segment_size_bytes: u64,
+    /// Most bytes of log segments on disk, across all shards (each shard gets an equal share).
+    pub disk_budget_bytes: Option<u64>,
     /// Time a new socket has to send CONNECT.
     pub connect_timeout: Duration,
     /// Largest keep-alive granted; a client asking for more (or for 0) gets this as Server Keep Alive (v5).
@@ -88,6 +99,10 @@ impl Default for BrokerConfig {
             listen: "0.0.0.0:1883".parse().expect("static address"),
             io_driver: IoDriver::Epoll,
             data_dir: PathBuf::from("./shardmq-data"),
+            persistence: true,
+            fsync: FsyncPolicy::Interval(Duration::from_millis(5)),
+            segment_size_bytes: 64 * 1024 * 1024,
+            disk_budget_bytes: None,
             connect_timeout: Duration::from_secs(10),
             keepalive_secs_max: 3600,
             packet_size_bytes_max: 1024 * 1024,

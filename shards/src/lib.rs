@@ -5,7 +5,8 @@
 //! slice and interest table ([`trie`]), retained messages, and the core-to-core mesh ([`mesh`]).
 //!
 //! Does not own: the CLI and config files (the `shardmq` binary), the byte layout of packets
-//! (`shardmq-protocol`), durable storage (the `storage` crate, to come).
+//! (`shardmq-protocol`), the log format (`shardmq-storage`; the
+//! records the broker keeps in it are in [`store`]).
 //!
 //! Architecture invariant: a shard's state is touched only by its own thread; other shards reach
 //! it only through mesh messages.
@@ -17,10 +18,11 @@ pub mod message;
 pub mod runtime;
 pub mod session;
 pub mod shard;
+pub mod store;
 pub mod trie;
 
 #[cfg(test)]
 mod routing_tests;
 
-pub use config::{BrokerConfig, IoDriver, QueueFullPolicy};
+pub use config::{BrokerConfig, FsyncPolicy, IoDriver, QueueFullPolicy};
 pub use runtime::{start, Broker};

@@ -36,6 +36,8 @@ impl ShardId {
 #[derive(Debug, Default)]
 struct Doorbell {
     parked: AtomicBool,
+    /// Set by [`Mesh::poke`]: the receiver has work that is not on a ring (durable storage).
+    poked: AtomicBool,
     waker: AtomicWaker,
 }
 
@@ -75,6 +77,16 @@ impl<T> Mesh<T> {
             bell.waker.wake();
         }
         Ok(())
+    }
+
+    /// Wakes shard `to`'s mesh task without a message (from any thread): its store has become
+    /// durable further. Costs a wake only when the shard is parked.
+    pub fn poke(&self, to: ShardId) {
+        let bell = &self.doorbells[to.index()];
+        bell.poked.store(true, Ordering::SeqCst);
+        if bell.parked.load(Ordering::SeqCst) && bell.parked.swap(false, Ordering::SeqCst) {
+            bell.waker.wake();
+        }
     }
 
     /// Free slots on the ring `from -> to`.
@@ -124,13 +136,13 @@ impl<T> Mesh<T> {
     pub async fn wait(&self, to: ShardId) {
         let bell = &self.doorbells[to.index()];
         poll_fn(|cx| {
-            if self.has_pending(to) {
+            if self.has_pending(to) || bell.poked.swap(false, Ordering::SeqCst) {
                 return Poll::Ready(());
             }
             bell.waker.register(cx.waker());
             bell.parked.store(true, Ordering::SeqCst);
             // Re-check after publishing `parked`: a sender that pushed before seeing it is caught here.
-            if self.has_pending(to) {
+            if self.has_pending(to) || bell.poked.swap(false, Ordering::SeqCst) {
                 bell.parked.store(false, Ordering::SeqCst);
                 return Poll::Ready(());
             }

@@ -66,4 +66,7 @@ pub struct Delivery {
     pub qos: QoS,
     pub retain: bool,
     pub subscription_ids: Vec<u32>,
+    /// Id of the message's `Msg` record in the home shard's store when this delivery is stored
+    /// (QoS 1/2, or offline QoS 0 when configured, for a persistent session); 0 otherwise.
+    pub stored: u64,
 }

@@ -26,7 +26,9 @@ use tracing::{info, warn};
 use crate::config::{BrokerConfig, IoDriver};
 use crate::conn::{serve_accepted, serve_handoff, ShardCell};
 use crate::mesh::{Mesh, ShardId};
-use crate::shard::{MeshMsg, Shard, ShardStats, SHARDS_MAX};
+use crate::shard::{recovered_interest, InterestChange, MeshMsg, Shard, ShardStats, SHARDS_MAX};
+use crate::store::recovery::{self, DataDir, Recovered};
+use shardmq_storage::DurableNotify;
 
 /// Asks one shard to stop. Owner: shared by the broker handle and the shard.
 #[derive(Debug, Default)]
@@ -68,6 +70,8 @@ pub struct Broker {
     pub local_addr: SocketAddr,
     /// The io driver each shard ended up with ("io_uring" or "epoll").
     pub drivers: Vec<&'static str>,
+    /// The locked data directory (None without persistence); released when the broker is dropped.
+    _data_dir: Option<DataDir>,
 }
 
 impl Broker {
@@ -130,6 +134,24 @@ pub fn start(cfg: BrokerConfig) -> io::Result<Broker> {
         listeners.push(bind_listener(local_addr)?);
     }
     let mesh: Arc<Mesh<MeshMsg>> = Mesh::new(cfg.cores, cfg.mesh_ring_capacity);
+    let (data_dir, mut recovered) = if cfg.persistence {
+        let notify = |shard: usize| -> DurableNotify {
+            let mesh = mesh.clone();
+            Arc::new(move |_| mesh.poke(ShardId(shard as u16)))
+        };
+        let (dir, shards) = recovery::open(&cfg, &notify).map_err(io::Error::other)?;
+        (Some(dir), shards.into_iter().map(Some).collect::<Vec<_>>())
+    } else {
+        (None, (0..cfg.cores).map(|_| None).collect())
+    };
+    let interest: Arc<Vec<(ShardId, InterestChange)>> = Arc::new(
+        recovered
+            .iter()
+            .enumerate()
+            .filter_map(|(i, r)| r.as_ref().map(|r| (i, r)))
+            .flat_map(|(i, r)| recovered_interest(r).into_iter().map(move |c| (ShardId(i as u16), c)))
+            .collect(),
+    );
     let core_ids = core_affinity::get_core_ids().unwrap_or_default();
     let (ready_tx, ready_rx) = mpsc::channel::<Result<(usize, &'static str), String>>();
     let mut threads = Vec::new();
@@ -151,6 +173,8 @@ pub fn start(cfg: BrokerConfig) -> io::Result<Broker> {
                 None
             },
             ready: ready_tx.clone(),
+            recovered: recovered[index].take(),
+            interest: interest.clone(),
         };
         let thread =
             std::thread::Builder::new().name(format!("shard-{index}")).spawn(move || run_shard(context))?;
@@ -168,7 +192,7 @@ pub fn start(cfg: BrokerConfig) -> io::Result<Broker> {
             Err(_) => failure = Some("a shard thread died during start-up".to_string()),
         }
     }
-    let broker = Broker { threads, stops, stats, local_addr, drivers };
+    let broker = Broker { threads, stops, stats, local_addr, drivers, _data_dir: data_dir };
     if let Some(message) = failure {
         broker.stop();
         return Err(io::Error::other(message));
@@ -185,6 +209,8 @@ struct ShardContext {
     listener: std::net::TcpListener,
     core: Option<core_affinity::CoreId>,
     ready: mpsc::Sender<Result<(usize, &'static str), String>>,
+    recovered: Option<Recovered>,
+    interest: Arc<Vec<(ShardId, InterestChange)>>,
 }
 
 fn run_shard(context: ShardContext) {
@@ -229,7 +255,7 @@ fn run_shard(context: ShardContext) {
 }
 
 async fn shard_main(context: ShardContext, driver: &'static str) {
-    let ShardContext { id, cfg, mesh, stop, stats, listener, ready, .. } = context;
+    let ShardContext { id, cfg, mesh, stop, stats, listener, ready, recovered, interest, .. } = context;
     let listener = match monoio::net::TcpListener::from_std(listener) {
         Ok(listener) => listener,
         Err(error) => {
@@ -237,7 +263,9 @@ async fn shard_main(context: ShardContext, driver: &'static str) {
             return;
         }
     };
-    let cell: ShardCell = Rc::new(RefCell::new(Shard::new(id, cfg.clone(), mesh.clone(), stats.clone())));
+    let shard = Shard::with_store(id, cfg.clone(), mesh.clone(), stats.clone(), recovered, &interest);
+    drop(interest);
+    let cell: ShardCell = Rc::new(RefCell::new(shard));
     info!(shard = id.0, driver, listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "shard started");
     let _ = ready.send(Ok((id.index(), driver)));
     monoio::spawn(mesh_loop(cell.clone(), mesh.clone(), id));
@@ -264,6 +292,7 @@ async fn shard_main(context: ShardContext, driver: &'static str) {
     while stats.connections.load(Ordering::Relaxed) > 0 && Instant::now() < deadline {
         monoio::time::sleep(Duration::from_millis(5)).await;
     }
+    cell.borrow_mut().close_store();
     info!(shard = id.0, "shard stopped");
 }
 
@@ -285,6 +314,7 @@ async fn mesh_loop(cell: ShardCell, mesh: Arc<Mesh<MeshMsg>>, id: ShardId) {
             let mut shard = cell.borrow_mut();
             let now = Instant::now();
             mesh.drain(id, BATCH_MAX, |from, msg| shard.on_mesh(from, msg, now));
+            shard.poll_durable();
             shard.outbox.flush();
             std::mem::take(&mut shard.handoffs)
         };

@@ -127,6 +127,30 @@ pub struct WillState {
     pub delay_secs: u32,
 }
 
+/// A QoS 1/2 PUBLISH from the client whose PUBACK/PUBREC waits for its message to be durable
+/// (stored for every persistent session it was queued for). Acks leave in arrival order.
+#[derive(Debug)]
+pub struct PendingAck {
+    pub token: u64,
+    pub packet_id: PacketId,
+    pub qos: QoS,
+    /// Answers still to come: one per shard the message was sent to, one for the local store.
+    pub waiting: u32,
+    /// Some store could not take the message (disk budget, full disk): v5 gets 0x97.
+    pub failed: bool,
+    /// The reason when nothing failed (0x87 for a denied topic).
+    pub reason: ReasonCode,
+}
+
+/// What happened to stored deliveries while encoding, for the shard to record in its store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FillEvent {
+    /// The stored message went out with this packet id.
+    Sent { stored: u64, packet_id: PacketId },
+    /// The stored message was dropped (expired, too large for the client).
+    Dropped { stored: u64 },
+}
+
 /// Counters a session's encoder reports back to the shard.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct FillStats {
@@ -171,6 +195,10 @@ pub struct Session {
     /// Per connection: incoming topic aliases (alias -> topic) and outgoing (topic -> alias).
     pub aliases_in: HashMap<u16, Utf8>,
     pub aliases_out: HashMap<Utf8, u16>,
+    /// The session's uid in the home shard's store; 0 when it is not stored.
+    pub store_uid: u64,
+    /// Acknowledgements of client PUBLISHes waiting for durability, in arrival order.
+    pub pending_acks: VecDeque<PendingAck>,
 }
 
 impl Session {
@@ -197,6 +225,8 @@ impl Session {
             request_problem_information: true,
             aliases_in: HashMap::new(),
             aliases_out: HashMap::new(),
+            store_uid: 0,
+            pending_acks: VecDeque::new(),
         }
     }
 
@@ -254,6 +284,7 @@ impl Session {
         budget_bytes: usize,
         inflight_count_max: u16,
         now: Instant,
+        events: &mut Vec<FillEvent>,
     ) -> FillStats {
         let mut stats = FillStats::default();
         let version = self.version;
@@ -285,6 +316,9 @@ impl Session {
                     if self.encode_publish(&delivery, Some(id), true, out, now).is_err() {
                         self.inflight.remove(&id);
                         stats.dropped_too_large += 1;
+                        if delivery.stored != 0 {
+                            events.push(FillEvent::Dropped { stored: delivery.stored });
+                        }
                     }
                 }
             }
@@ -298,6 +332,9 @@ impl Session {
             let Some(delivery) = self.queue.pop_front() else { break };
             if delivery.msg.is_expired(now) {
                 stats.dropped_expired += 1;
+                if delivery.stored != 0 {
+                    events.push(FillEvent::Dropped { stored: delivery.stored });
+                }
                 continue;
             }
             let packet_id = if delivery.qos == QoS::AtMostOnce { None } else { self.allocate_packet_id() };
@@ -309,12 +346,20 @@ impl Session {
                 Ok(()) => {
                     stats.publishes_sent += 1;
                     if let Some(id) = packet_id {
+                        if delivery.stored != 0 {
+                            events.push(FillEvent::Sent { stored: delivery.stored, packet_id: id });
+                        }
                         self.inflight
                             .insert(id, Inflight { delivery, state: InflightState::AwaitAck, sent: true });
                     }
                 }
                 // Larger than the client accepts: discarded as if delivered (MQTT-3.1.2-25).
-                Err(()) => stats.dropped_too_large += 1,
+                Err(()) => {
+                    stats.dropped_too_large += 1;
+                    if delivery.stored != 0 {
+                        events.push(FillEvent::Dropped { stored: delivery.stored });
+                    }
+                }
             }
         }
         stats

@@ -37,9 +37,14 @@ use crate::config::{BrokerConfig, QueueFullPolicy};
 use crate::mesh::{Mesh, ShardId};
 use crate::message::{Delivery, Message, Origin, TenantId};
 use crate::session::{
-    ConnId, Control, FillStats, InflightState, Session, SessionKey, SessionTable, SubEntry, WillState,
+    ConnId, Control, FillEvent, FillStats, Inflight, InflightState, PendingAck, Session, SessionKey,
+    SessionTable, SubEntry, WillState,
 };
+use crate::store::records::{SessionRec, Target};
+use crate::store::recovery::Recovered;
+use crate::store::{Clock, Store};
 use crate::trie::TopicTrie;
+use shardmq_storage::Offset;
 
 /// Most shards a broker runs: the interest table keeps one bit per shard.
 pub const SHARDS_MAX: usize = 64;
@@ -47,14 +52,18 @@ pub const SHARDS_MAX: usize = 64;
 /// A message between shards. Large variants are boxed so a ring slot stays small.
 #[derive(Debug)]
 pub enum MeshMsg {
-    /// Deliver to the receiving shard's direct (non-shared) subscribers.
-    Publish(Arc<Message>),
-    /// Deliver to one member of a share group on the receiving shard.
+    /// Deliver to the receiving shard's direct (non-shared) subscribers. A non-zero token asks
+    /// for a [`MeshMsg::Durable`] answer once what the delivery stored is durable.
+    Publish(Arc<Message>, u64),
+    /// Deliver to one member of a share group on the receiving shard (token as for `Publish`).
     SharedPublish {
         msg: Arc<Message>,
         group: Arc<str>,
         filter: Arc<str>,
+        token: u64,
     },
+    /// Answers to tokens: (token, stored without failure).
+    Durable(Box<Vec<(u64, bool)>>),
     /// A socket whose CONNECT was read by another shard, with the bytes read so far.
     Handoff(Box<Handoff>),
     /// Interest changes that need no answer (unsubscribe, session end).
@@ -62,8 +71,9 @@ pub enum MeshMsg {
     /// Interest changes and retained-message queries of a SUBSCRIBE; answered by `SubscribeDone`.
     Subscribe(Box<SubscribeSync>),
     SubscribeDone(Box<SubscribeDone>),
-    /// Set (or, with an empty payload, delete) the retained message of the message's topic.
-    RetainSet(Arc<Message>),
+    /// Set (or, with an empty payload, delete) the retained message of the message's topic
+    /// (token as for `Publish`).
+    RetainSet(Arc<Message>, u64),
 }
 
 /// A connection handed to its home shard.
@@ -122,6 +132,14 @@ pub struct ShardStats {
     pub reader_backpressure_waits: AtomicU64,
     /// Subscriptions refused because the session had `subscriptions_per_session_max` already.
     pub subscriptions_refused_quota: AtomicU64,
+    /// Records appended to this shard's store, and appends that failed (budget, full disk).
+    pub store_appends: AtomicU64,
+    pub store_append_failures: AtomicU64,
+    /// Client PUBLISHes refused (v5 0x97) or dropped (3.x) because a store could not take them.
+    pub publishes_refused_storage: AtomicU64,
+    /// Stored sessions and messages recovered at start-up.
+    pub recovered_sessions: AtomicU64,
+    pub recovered_messages: AtomicU64,
 }
 
 fn bump(counter: &AtomicU64, by: u64) {
@@ -218,6 +236,23 @@ impl Outbox {
     }
 }
 
+/// Who waits for the store to become durable up to an offset.
+#[derive(Debug, Clone, Copy)]
+enum Waiter {
+    /// A pending acknowledgement on this shard.
+    Local(u64),
+    /// A token of another shard, answered with [`MeshMsg::Durable`].
+    Remote(ShardId, u64),
+}
+
+/// What a delivery did to the store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Persisted {
+    Nothing,
+    Appended,
+    Failed,
+}
+
 /// What the connection task must do after a packet.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum After {
@@ -283,6 +318,17 @@ pub struct Shard {
     pub handoffs: Vec<Handoff>,
     /// Keep-alive deadlines of this shard's connections.
     pub keepalive: crate::conn::KeepaliveQueue,
+    /// The durable inbox and retained partition of this shard (None without persistence).
+    store: Option<Store>,
+    /// Tokens of client PUBLISHes waiting for durability -> their session.
+    ack_tokens: HashMap<u64, SessionKey>,
+    /// Waiting for the store's durable offset to pass an offset, in append order.
+    durable_waiters: VecDeque<(Offset, Waiter)>,
+    /// Answers to other shards' tokens, sent in one mesh message per shard per batch.
+    durable_replies: Vec<Vec<(u64, bool)>>,
+    fill_events: Vec<FillEvent>,
+    /// Reused between publishes: the deliveries of one message on this shard.
+    deliveries: Vec<(SessionKey, Delivery, bool)>,
 }
 
 /// Stable hash used for placement (home shard, retained partition): SipHash with fixed keys.
@@ -291,6 +337,24 @@ fn placement_hash(value: impl Hash) -> u64 {
     let mut hasher = std::hash::SipHasher::new();
     value.hash(&mut hasher);
     hasher.finish()
+}
+
+/// Every subscription of the sessions recovered for one shard, as interest changes (for every
+/// shard's interest table at start-up).
+pub fn recovered_interest(recovered: &Recovered) -> Vec<InterestChange> {
+    let mut changes = Vec::new();
+    for session in &recovered.sessions {
+        for (filter, _) in &session.rec.subscriptions {
+            let shared = topic::parse_shared(filter).ok().flatten();
+            changes.push(InterestChange {
+                tenant: session.rec.tenant,
+                filter: Arc::from(shared.map(|s| s.filter).unwrap_or(filter)),
+                group: shared.map(|s| Arc::from(s.group)),
+                add: true,
+            });
+        }
+    }
+    changes
 }
 
 /// The home shard of a session.
@@ -310,8 +374,22 @@ impl Shard {
         mesh: Arc<Mesh<MeshMsg>>,
         stats: Arc<ShardStats>,
     ) -> Shard {
+        Shard::with_store(id, cfg, mesh, stats, None, &[])
+    }
+
+    /// A shard with its store and the state recovered from it. `interest` is every shard's
+    /// recovered subscriptions (this shard applies the others'; its own come with its sessions).
+    pub fn with_store(
+        id: ShardId,
+        cfg: Arc<BrokerConfig>,
+        mesh: Arc<Mesh<MeshMsg>>,
+        stats: Arc<ShardStats>,
+        recovered: Option<Recovered>,
+        interest: &[(ShardId, InterestChange)],
+    ) -> Shard {
         assert!(mesh.shard_count() <= SHARDS_MAX, "at most {SHARDS_MAX} shards");
-        Shard {
+        let shard_count = mesh.shard_count();
+        let mut shard = Shard {
             id,
             cfg,
             stats,
@@ -328,6 +406,80 @@ impl Shard {
             scratch: Vec::new(),
             handoffs: Vec::new(),
             keepalive: Default::default(),
+            store: None,
+            ack_tokens: HashMap::new(),
+            durable_waiters: VecDeque::new(),
+            durable_replies: vec![Vec::new(); shard_count],
+            fill_events: Vec::new(),
+            deliveries: Vec::new(),
+        };
+        for (from, change) in interest {
+            if *from != id {
+                shard.apply_interest(*from, change);
+            }
+        }
+        if let Some(recovered) = recovered {
+            shard.install(recovered, Instant::now());
+        }
+        shard
+    }
+
+    /// Installs the sessions, queues and retained messages read back from the store.
+    fn install(&mut self, recovered: Recovered, now: Instant) {
+        let Recovered { store, sessions, retained } = recovered;
+        let clock = Clock::now();
+        let mut messages = 0u64;
+        for stored in sessions {
+            let rec = stored.rec;
+            let Ok(client_id) = Utf8::new(&rec.client_id) else { continue };
+            let key = self.sessions.insert(rec.tenant, client_id, rec.version);
+            bump(&self.stats.sessions, 1);
+            let mut changes = Vec::new();
+            for (filter, entry) in &rec.subscriptions {
+                self.slice_add(rec.tenant, key, filter, entry.clone(), &mut changes);
+            }
+            let session = self.sessions.get_mut(key).expect("just inserted");
+            session.store_uid = rec.uid;
+            session.expiry_secs = rec.expiry_secs;
+            session.subscriptions = rec.subscriptions.into_iter().collect();
+            // A session connected at the crash counts as disconnected now.
+            session.expires_at = match rec.expires_at_ms {
+                u64::MAX => None,
+                0 if rec.expiry_secs == u32::MAX => None,
+                0 => Some(now + Duration::from_secs(u64::from(rec.expiry_secs))),
+                ms => Some(clock.to_instant(ms)),
+            };
+            for queued in stored.deliveries {
+                messages += 1;
+                match queued.packet_id {
+                    Some(packet_id) => {
+                        let state =
+                            if queued.released { InflightState::AwaitComp } else { InflightState::AwaitAck };
+                        session
+                            .inflight
+                            .insert(packet_id, Inflight { delivery: queued.delivery, state, sent: false });
+                    }
+                    None => session.queue.push_back(queued.delivery),
+                }
+            }
+            if let Some(at) = session.expires_at {
+                self.timers.push(Reverse(TimerEntry { at, session: key }));
+            }
+        }
+        for msg in retained {
+            self.retain_memory(msg);
+        }
+        bump(&self.stats.recovered_sessions, self.sessions.len() as u64);
+        bump(&self.stats.recovered_messages, messages);
+        self.store = Some(store);
+    }
+
+    /// Flushes and closes the store (shutdown).
+    pub fn close_store(&mut self) {
+        if let Some(store) = self.store.take() {
+            if let Err(error) = store.close() {
+                tracing::warn!(shard = self.id.0, %error, "store: flush at shutdown failed");
+            }
         }
     }
 
@@ -515,6 +667,7 @@ impl Shard {
         // CONNACK goes first; queued and inflight messages follow it (MQTT-4.4.0-1).
         session.control.push_front(Control::from(Packet::ConnAck(connack)));
         session.wake_writer();
+        self.persist_session(key);
         bump(&self.stats.connects_total, 1);
         bump(&self.stats.connections, 1);
         ConnectOutcome::Accepted { session: key, keepalive_secs }
@@ -546,17 +699,78 @@ impl Shard {
             }
         }
         let session = self.sessions.get_mut(key).expect("checked above");
+        session.pending_acks.clear();
         if expiry_secs == 0 {
             self.end_session(key, now);
+            return;
         } else if expiry_secs != u32::MAX {
             let at = now + Duration::from_secs(u64::from(expiry_secs));
             session.expires_at = Some(at);
             self.timers.push(Reverse(TimerEntry { at, session: key }));
         }
+        self.persist_session(key);
+    }
+
+    /// Writes session `key`'s snapshot if it is persistent (and storage is on); a stored session
+    /// that is no longer persistent leaves the store.
+    fn persist_session(&mut self, key: SessionKey) {
+        if self.store.is_none() {
+            return;
+        }
+        let Some(session) = self.sessions.get(key) else { return };
+        if !session.is_persistent() {
+            if session.store_uid != 0 {
+                self.unstore_session(key);
+            }
+            return;
+        }
+        let Some(store) = self.store.as_mut() else { return };
+        let Some(session) = self.sessions.get_mut(key) else { return };
+        if session.store_uid == 0 {
+            session.store_uid = store.new_uid();
+        }
+        let clock = Clock::now();
+        let expires_at_ms = match (&session.conn, session.expires_at) {
+            (Some(_), _) => 0,
+            (None, None) => u64::MAX,
+            (None, Some(at)) => clock.to_unix_ms(at),
+        };
+        let rec = SessionRec {
+            uid: session.store_uid,
+            tenant: session.tenant,
+            version: session.version,
+            expiry_secs: session.expiry_secs,
+            expires_at_ms,
+            client_id: session.client_id.as_str().to_string(),
+            subscriptions: session.subscriptions.iter().map(|(f, e)| (f.clone(), e.clone())).collect(),
+        };
+        if let Err(error) = store.put_session(rec) {
+            tracing::warn!(shard = self.id.0, %error, client_id = %session.client_id.as_str(), "store: session not saved");
+        }
+    }
+
+    /// Takes session `key` out of the store: its snapshot and every message stored for it.
+    fn unstore_session(&mut self, key: SessionKey) {
+        let Some(store) = self.store.as_mut() else { return };
+        let Some(session) = self.sessions.get_mut(key) else { return };
+        let uid = std::mem::take(&mut session.store_uid);
+        if uid == 0 {
+            return;
+        }
+        let queued = session.queue.iter_mut().map(|d| &mut d.stored);
+        let inflight = session.inflight.values_mut().map(|i| &mut i.delivery.stored);
+        for stored in queued.chain(inflight) {
+            if *stored != 0 {
+                store.release(uid, *stored, true);
+                *stored = 0;
+            }
+        }
+        store.session_gone(uid);
     }
 
     /// Removes a session and its subscriptions; publishes a pending delayed will.
     fn end_session(&mut self, key: SessionKey, now: Instant) {
+        self.unstore_session(key);
         let Some(mut session) = self.sessions.remove(key) else { return };
         self.stats.sessions.fetch_sub(1, Ordering::Relaxed);
         if let Some(conn) = session.conn.take() {
@@ -577,6 +791,13 @@ impl Shard {
     /// Runs due timers: delayed wills and session expiry.
     pub fn tick(&mut self, now: Instant) {
         self.keepalive.expire(now);
+        if let Some(store) = self.store.as_mut() {
+            store.maintain();
+            let counters = store.counters;
+            self.stats.store_appends.store(counters.appends, Ordering::Relaxed);
+            self.stats.store_append_failures.store(counters.append_failures, Ordering::Relaxed);
+        }
+        self.poll_durable();
         // Bounded by the number of due entries; stale entries (session gone or rescheduled) are skipped.
         while let Some(Reverse(entry)) = self.timers.peek() {
             if entry.at > now {
@@ -618,9 +839,9 @@ impl Shard {
             origin: Some(Origin { shard: self.id, session: key }),
         });
         if retain {
-            self.retain(msg.clone());
+            self.retain(msg.clone(), 0);
         }
-        self.route(msg);
+        self.route(msg, 0);
     }
 
     // ----- packets from clients -------------------------------------------------------------
@@ -645,8 +866,10 @@ impl Shard {
                 if let Some(inflight) = session.inflight.get(&ack.packet_id) {
                     if inflight.delivery.qos == QoS::AtLeastOnce && inflight.state == InflightState::AwaitAck
                     {
+                        let stored = inflight.delivery.stored;
                         session.inflight.remove(&ack.packet_id);
                         session.wake_writer();
+                        self.store_release(key, stored);
                     }
                 }
                 After::Continue
@@ -655,11 +878,19 @@ impl Shard {
                 let session = self.sessions.get_mut(key).expect("checked above");
                 match session.inflight.get_mut(&rec.packet_id) {
                     Some(inflight) if inflight.delivery.qos == QoS::ExactlyOnce => {
+                        let stored = inflight.delivery.stored;
+                        let uid = session.store_uid;
                         if rec.reason.is_error() {
                             session.inflight.remove(&rec.packet_id);
                             session.wake_writer();
-                        } else {
+                            self.store_release(key, stored);
+                        } else if inflight.state == InflightState::AwaitAck {
                             inflight.state = InflightState::AwaitComp;
+                            session.push_control(Packet::PubRel(PubResp::new(rec.packet_id)));
+                            if let (Some(store), true) = (self.store.as_mut(), stored != 0 && uid != 0) {
+                                store.released(uid, stored);
+                            }
+                        } else {
                             session.push_control(Packet::PubRel(PubResp::new(rec.packet_id)));
                         }
                     }
@@ -675,8 +906,9 @@ impl Shard {
                 let session = self.sessions.get_mut(key).expect("checked above");
                 if session.inflight.get(&comp.packet_id).is_some_and(|i| i.state == InflightState::AwaitComp)
                 {
-                    session.inflight.remove(&comp.packet_id);
+                    let stored = session.inflight.remove(&comp.packet_id).map_or(0, |i| i.delivery.stored);
                     session.wake_writer();
+                    self.store_release(key, stored);
                 }
                 After::Continue
             }
@@ -729,7 +961,6 @@ impl Shard {
         bump(&self.stats.publishes_in, 1);
         let cfg = self.cfg.clone();
         let session = self.sessions.get_mut(key).expect("caller checked");
-        let v5 = session.version.is_v5();
         if let Some(alias) = publish.properties.topic_alias.take() {
             if alias == 0 || alias > cfg.topic_alias_max {
                 bump(&self.stats.protocol_errors, 1);
@@ -750,8 +981,12 @@ impl Shard {
         let packet_id = publish.packet_id.unwrap_or(0);
         if publish.qos == QoS::ExactlyOnce {
             if session.incoming_qos2.contains(&packet_id) {
-                // A re-sent PUBLISH of a message already routed: acknowledge only (exactly once).
-                session.push_control(Packet::PubRec(PubResp::new(packet_id)));
+                // A re-sent PUBLISH of a message already routed: acknowledge only (exactly once),
+                // or, while its first PUBREC still waits for the disk, leave it to that one.
+                if !session.pending_acks.iter().any(|p| p.packet_id == packet_id && p.qos == QoS::ExactlyOnce)
+                {
+                    session.push_control(Packet::PubRec(PubResp::new(packet_id)));
+                }
                 return After::Continue;
             }
             if session.incoming_qos2.len() >= usize::from(cfg.receive_maximum) {
@@ -761,6 +996,10 @@ impl Shard {
         }
         let denied = cfg.denied_topic_filters.iter().any(|d| topic::matches(d, &publish.topic));
         let ack_reason = if denied { ReasonCode::NotAuthorized } else { ReasonCode::Success };
+        let qos = publish.qos;
+        let mut waiting = 0u32;
+        let mut failed = false;
+        let mut token = 0u64;
         if denied {
             bump(&self.stats.dropped_denied, 1);
         } else {
@@ -774,38 +1013,148 @@ impl Shard {
                 tenant,
                 topic: publish.topic,
                 payload: publish.payload,
-                qos: publish.qos,
+                qos,
                 retain: publish.retain,
                 properties,
                 expires_at,
                 origin: Some(Origin { shard: self.id, session: key }),
             });
-            if msg.retain {
-                self.retain(msg.clone());
+            if qos != QoS::AtMostOnce && self.store.is_some() {
+                token = self.next_token;
+                self.next_token += 1;
             }
-            self.route(msg);
+            if msg.retain {
+                let (w, f) = self.retain(msg.clone(), token);
+                waiting += w;
+                failed |= f;
+            }
+            let (w, f) = self.route(msg, token);
+            waiting += w;
+            failed |= f;
+        }
+        if qos == QoS::AtMostOnce {
+            return After::Continue;
         }
         let session = self.sessions.get_mut(key).expect("caller checked");
-        let reason = if v5 { ack_reason } else { ReasonCode::Success };
-        match publish.qos {
-            QoS::AtMostOnce => {}
-            QoS::AtLeastOnce => session.push_control(Packet::PubAck(PubResp {
-                packet_id,
-                reason,
-                properties: Properties::default(),
-            })),
-            QoS::ExactlyOnce => {
-                if !reason.is_error() {
-                    session.incoming_qos2.insert(packet_id);
-                }
-                session.push_control(Packet::PubRec(PubResp {
-                    packet_id,
-                    reason,
-                    properties: Properties::default(),
-                }));
-            }
+        if qos == QoS::ExactlyOnce && !ack_reason.is_error() {
+            session.incoming_qos2.insert(packet_id);
+        }
+        session.pending_acks.push_back(PendingAck {
+            token,
+            packet_id,
+            qos,
+            waiting,
+            failed,
+            reason: ack_reason,
+        });
+        if waiting > 0 {
+            self.ack_tokens.insert(token, key);
+        } else {
+            self.flush_acks(key);
         }
         After::Continue
+    }
+
+    /// Sends the acknowledgements at the front of session `key`'s queue whose messages are durable
+    /// (in arrival order, MQTT-4.6.0-2).
+    fn flush_acks(&mut self, key: SessionKey) {
+        let Some(session) = self.sessions.get_mut(key) else { return };
+        let v5 = session.version.is_v5();
+        while session.pending_acks.front().is_some_and(|p| p.waiting == 0) {
+            let ack = session.pending_acks.pop_front().expect("front checked");
+            let reason = match (ack.failed, v5) {
+                (true, true) => ReasonCode::QuotaExceeded,
+                (false, true) => ack.reason,
+                (_, false) => ReasonCode::Success,
+            };
+            if ack.failed {
+                bump(&self.stats.publishes_refused_storage, 1);
+            }
+            let resp = PubResp { packet_id: ack.packet_id, reason, properties: Properties::default() };
+            if ack.qos == QoS::ExactlyOnce {
+                if reason.is_error() {
+                    session.incoming_qos2.remove(&ack.packet_id);
+                }
+                session.push_control(Packet::PubRec(resp));
+            } else {
+                session.push_control(Packet::PubAck(resp));
+            }
+        }
+    }
+
+    /// One answer for `token` arrived (`ok`: stored without failure).
+    fn answer(&mut self, token: u64, ok: bool) {
+        let Some(&key) = self.ack_tokens.get(&token) else { return };
+        let Some(session) = self.sessions.get_mut(key) else {
+            self.ack_tokens.remove(&token);
+            return;
+        };
+        let Some(pending) = session.pending_acks.iter_mut().find(|p| p.token == token) else {
+            self.ack_tokens.remove(&token);
+            return;
+        };
+        pending.waiting = pending.waiting.saturating_sub(1);
+        pending.failed |= !ok;
+        if pending.waiting == 0 {
+            self.ack_tokens.remove(&token);
+            self.flush_acks(key);
+        }
+    }
+
+    /// Records what a delivery did to the store for `token` (0: nobody waits). Returns
+    /// (answers to wait for, failed) for a local token.
+    fn settle(&mut self, from: ShardId, token: u64, persisted: Persisted) -> (u32, bool) {
+        if token == 0 {
+            return (0, false);
+        }
+        let local = from == self.id;
+        match persisted {
+            Persisted::Appended => {
+                let end = self.store.as_ref().map_or(Offset(0), |s| s.end_offset());
+                let waiter = if local { Waiter::Local(token) } else { Waiter::Remote(from, token) };
+                self.durable_waiters.push_back((end, waiter));
+                (u32::from(local), false)
+            }
+            Persisted::Nothing | Persisted::Failed => {
+                let ok = persisted == Persisted::Nothing;
+                if !local {
+                    self.durable_replies[from.index()].push((token, ok));
+                }
+                (0, !ok)
+            }
+        }
+    }
+
+    /// Answers every waiter whose records are now durable, and sends the batched answers to other
+    /// shards. Called after each mesh batch and on each tick.
+    pub fn poll_durable(&mut self) {
+        if let Some(store) = &self.store {
+            let durable = store.durable_offset();
+            while self.durable_waiters.front().is_some_and(|(end, _)| *end <= durable) {
+                let (_, waiter) = self.durable_waiters.pop_front().expect("front checked");
+                match waiter {
+                    Waiter::Local(token) => self.answer(token, true),
+                    Waiter::Remote(shard, token) => self.durable_replies[shard.index()].push((token, true)),
+                }
+            }
+        }
+        for to in 0..self.durable_replies.len() {
+            if !self.durable_replies[to].is_empty() {
+                let replies = std::mem::take(&mut self.durable_replies[to]);
+                self.outbox.send(ShardId(to as u16), MeshMsg::Durable(Box::new(replies)));
+            }
+        }
+    }
+
+    /// Message `stored` is finished for session `key` (acknowledged or dropped).
+    fn store_release(&mut self, key: SessionKey, stored: u64) {
+        if stored == 0 {
+            return;
+        }
+        let Some(uid) = self.sessions.get(key).map(|s| s.store_uid) else { return };
+        if let (Some(store), true) = (self.store.as_mut(), uid != 0) {
+            store.release(uid, stored, false);
+        }
     }
 
     fn on_subscribe(&mut self, key: SessionKey, conn: ConnId, subscribe: Subscribe, now: Instant) {
@@ -866,6 +1215,7 @@ impl Shard {
             });
         }
         let suback = SubAck { packet_id: subscribe.packet_id, properties: Properties::default(), reasons };
+        self.persist_session(key);
         let mut retained = Vec::new();
         for (index, (filter, _)) in queries.iter().enumerate() {
             self.collect_retained(tenant, filter, now, |msg| retained.push((index, msg)));
@@ -913,10 +1263,11 @@ impl Shard {
                 qos: msg.qos.min(entry.options.qos),
                 retain: true,
                 subscription_ids: entry.subscription_id.into_iter().collect(),
-                msg,
+                msg: msg.clone(),
+                stored: 0,
             };
-            let session = self.sessions.get_mut(pending.session).expect("checked above");
-            Self::enqueue(&self.cfg, &self.stats, session, delivery);
+            self.deliveries.push((pending.session, delivery, false));
+            self.deliver_batch(&msg);
         }
     }
 
@@ -934,6 +1285,7 @@ impl Shard {
             }
         }
         self.broadcast_interest(changes);
+        self.persist_session(key);
         let session = self.sessions.get_mut(key).expect("caller checked");
         let unsuback =
             UnsubAck { packet_id: unsubscribe.packet_id, properties: Properties::default(), reasons };
@@ -1105,10 +1457,12 @@ impl Shard {
     // ----- routing ---------------------------------------------------------------------------
 
     /// Routes a message published on this shard to every interested shard (itself included).
-    pub fn route(&mut self, msg: Arc<Message>) {
+    /// With a token, returns how many durability answers to wait for, and whether the local store
+    /// failed to take the message.
+    pub fn route(&mut self, msg: Arc<Message>, token: u64) -> (u32, bool) {
         let mut shards = 0u64;
         let mut shared_targets: Vec<(ShardId, Arc<str>, Arc<str>)> = Vec::new();
-        let Some(interest) = self.interest.get_mut(&msg.tenant) else { return };
+        let Some(interest) = self.interest.get_mut(&msg.tenant) else { return (0, false) };
         interest.for_each_match_mut(&msg.topic, |entry| {
             shards |= entry.shards;
             for (group, mask, cursor) in entry.shared.iter_mut() {
@@ -1124,34 +1478,45 @@ impl Shard {
                 shared_targets.push((shard, group.clone(), entry.filter.clone()));
             }
         });
+        let mut waiting = 0u32;
+        let mut failed = false;
         let mut rest = shards;
         while rest != 0 {
             let index = rest.trailing_zeros() as u16;
             rest &= rest - 1;
             if index == self.id.0 {
-                self.deliver_local(&msg);
+                let persisted = self.deliver_local(&msg);
+                let (w, f) = self.settle(self.id, token, persisted);
+                waiting += w;
+                failed |= f;
             } else {
-                self.outbox.send(ShardId(index), MeshMsg::Publish(msg.clone()));
+                self.outbox.send(ShardId(index), MeshMsg::Publish(msg.clone(), token));
+                waiting += u32::from(token != 0);
             }
         }
         for (shard, group, filter) in shared_targets {
             if shard == self.id {
-                self.deliver_shared(&msg, &group, &filter);
+                let persisted = self.deliver_shared(&msg, &group, &filter);
+                let (w, f) = self.settle(self.id, token, persisted);
+                waiting += w;
+                failed |= f;
             } else {
-                self.outbox.send(shard, MeshMsg::SharedPublish { msg: msg.clone(), group, filter });
+                self.outbox.send(shard, MeshMsg::SharedPublish { msg: msg.clone(), group, filter, token });
+                waiting += u32::from(token != 0);
             }
         }
+        (waiting, failed)
     }
 
     /// Delivers a message to this shard's direct subscribers: one delivery per session at the
     /// highest QoS of its matching subscriptions, with all their subscription identifiers.
-    fn deliver_local(&mut self, msg: &Arc<Message>) {
+    fn deliver_local(&mut self, msg: &Arc<Message>) -> Persisted {
         let mut scratch = std::mem::take(&mut self.scratch);
         scratch.clear();
         let me = self.id;
         let Some(slice) = self.slice.get(&msg.tenant) else {
             self.scratch = scratch;
-            return;
+            return Persisted::Nothing;
         };
         slice.for_each_match(&msg.topic, |entry| {
             for (key, sub) in &entry.direct {
@@ -1176,27 +1541,88 @@ impl Shard {
                 next += 1;
             }
             index = next;
-            let Some(session) = self.sessions.get_mut(key) else { continue };
+            let Some(session) = self.sessions.get(key) else { continue };
             let delivery = Delivery {
                 msg: msg.clone(),
                 qos: msg.qos.min(qos),
                 // MQTT-3.3.1-9 / -12: retain is cleared on ordinary delivery unless retain-as-published.
                 retain: msg.retain && rap && session.version.is_v5(),
                 subscription_ids: ids,
+                stored: 0,
             };
-            Self::enqueue(&self.cfg, &self.stats, session, delivery);
+            let store = self.wants_store(session, &delivery);
+            self.deliveries.push((key, delivery, store));
         }
         self.scratch = scratch;
+        self.deliver_batch(msg)
+    }
+
+    /// Whether a delivery to `session` is kept in the store: QoS 1/2 (or offline QoS 0 when
+    /// configured) for a persistent session.
+    fn wants_store(&self, session: &Session, delivery: &Delivery) -> bool {
+        self.store.is_some()
+            && session.is_persistent()
+            && (delivery.qos != QoS::AtMostOnce || (session.conn.is_none() && self.cfg.queue_qos0_offline))
+    }
+
+    /// Stores (one `Msg` record for all the persistent sessions among them) and queues the
+    /// deliveries of one message gathered in `self.deliveries`.
+    fn deliver_batch(&mut self, msg: &Arc<Message>) -> Persisted {
+        let mut deliveries = std::mem::take(&mut self.deliveries);
+        let mut persisted = Persisted::Nothing;
+        let targets: Vec<Target> = deliveries
+            .iter()
+            .filter(|(_, _, store)| *store)
+            .filter_map(|(key, d, _)| {
+                let uid = self.sessions.get(*key).map(|s| s.store_uid).filter(|&uid| uid != 0)?;
+                Some(Target {
+                    uid,
+                    qos: d.qos,
+                    retain: d.retain,
+                    subscription_ids: d.subscription_ids.clone(),
+                })
+            })
+            .collect();
+        if !targets.is_empty() {
+            let store = self.store.as_mut().expect("wants_store checked the store");
+            match store.put_msg(msg, targets, &Clock::now()) {
+                Ok(id) => {
+                    persisted = Persisted::Appended;
+                    for (key, delivery, store) in deliveries.iter_mut() {
+                        if *store && self.sessions.get(*key).is_some_and(|s| s.store_uid != 0) {
+                            delivery.stored = id;
+                        }
+                    }
+                }
+                Err(error) => {
+                    persisted = Persisted::Failed;
+                    tracing::debug!(shard = self.id.0, %error, "store: message not stored");
+                }
+            }
+        }
+        for (key, delivery, _) in deliveries.drain(..) {
+            let Some(session) = self.sessions.get_mut(key) else { continue };
+            let uid = session.store_uid;
+            if let Some(dropped) = Self::enqueue(&self.cfg, &self.stats, session, delivery) {
+                if let (Some(store), true) = (self.store.as_mut(), dropped != 0 && uid != 0) {
+                    store.release(uid, dropped, false);
+                }
+            }
+        }
+        self.deliveries = deliveries;
+        persisted
     }
 
     /// Delivers a message to one member (round-robin) of a share group on this shard.
-    fn deliver_shared(&mut self, msg: &Arc<Message>, group: &str, filter: &str) {
+    fn deliver_shared(&mut self, msg: &Arc<Message>, group: &str, filter: &str) -> Persisted {
         let Some(slot) = self.slice.get_mut(&msg.tenant).and_then(|trie| trie.get_mut(filter)) else {
-            return;
+            return Persisted::Nothing;
         };
-        let Some(members) = slot.shared.iter_mut().find(|g| &*g.group == group) else { return };
+        let Some(members) = slot.shared.iter_mut().find(|g| &*g.group == group) else {
+            return Persisted::Nothing;
+        };
         if members.members.is_empty() {
-            return;
+            return Persisted::Nothing;
         }
         // Prefer a connected member; fall back to any (its session queues the message).
         let count = members.members.len();
@@ -1211,47 +1637,58 @@ impl Shard {
             }
         }
         let (key, sub) = chosen;
-        let Some(session) = self.sessions.get_mut(key) else { return };
+        let Some(session) = self.sessions.get(key) else { return Persisted::Nothing };
         let delivery = Delivery {
             msg: msg.clone(),
             qos: msg.qos.min(sub.options.qos),
             retain: msg.retain && sub.options.retain_as_published && session.version.is_v5(),
             subscription_ids: sub.subscription_id.into_iter().collect(),
+            stored: 0,
         };
-        Self::enqueue(&self.cfg, &self.stats, session, delivery);
+        let store = self.wants_store(session, &delivery);
+        self.deliveries.push((key, delivery, store));
+        self.deliver_batch(msg)
     }
 
-    /// Queues a delivery on a session, applying the queue bound and the offline rules.
-    fn enqueue(cfg: &BrokerConfig, stats: &ShardStats, session: &mut Session, delivery: Delivery) {
+    /// Queues a delivery on a session, applying the queue bound and the offline rules. Returns the
+    /// store id of a stored delivery it dropped (the new one or an evicted one), for the caller to
+    /// release; 0 if none.
+    fn enqueue(
+        cfg: &BrokerConfig,
+        stats: &ShardStats,
+        session: &mut Session,
+        delivery: Delivery,
+    ) -> Option<u64> {
         if session.conn.is_none()
             && (!session.is_persistent() || (delivery.qos == QoS::AtMostOnce && !cfg.queue_qos0_offline))
         {
             bump(&stats.dropped_offline_qos0, 1);
-            return;
+            return Some(delivery.stored);
         }
+        let mut evicted = None;
         if session.queue.len() >= cfg.queued_messages_max {
             if delivery.qos == QoS::AtMostOnce {
                 bump(&stats.dropped_queue_full, 1);
-                return;
+                return Some(delivery.stored);
             }
             // QoS 0 messages go first, whatever the policy.
             if let Some(index) = session.queue.iter().position(|d| d.qos == QoS::AtMostOnce) {
-                session.queue.remove(index);
+                evicted = session.queue.remove(index).map(|d| d.stored);
             } else {
                 match cfg.queue_full_policy {
                     QueueFullPolicy::DropNew => {
                         bump(&stats.dropped_queue_full, 1);
-                        return;
+                        return Some(delivery.stored);
                     }
                     QueueFullPolicy::DropOldest => {
-                        session.queue.pop_front();
+                        evicted = session.queue.pop_front().map(|d| d.stored);
                     }
                     QueueFullPolicy::Disconnect => {
                         bump(&stats.dropped_queue_full, 1);
                         if let Some(conn) = &session.conn {
                             conn.close(Some(ReasonCode::QuotaExceeded));
                         }
-                        return;
+                        return Some(delivery.stored);
                     }
                 }
             }
@@ -1259,20 +1696,47 @@ impl Shard {
         }
         session.queue.push_back(delivery);
         session.wake_writer();
+        evicted
     }
 
     // ----- retained messages -----------------------------------------------------------------
 
-    fn retain(&mut self, msg: Arc<Message>) {
+    /// Sets (or deletes) the retained message of `msg`'s topic on its partition's shard. With a
+    /// token, returns (answers to wait for, failed) as [`Shard::route`] does.
+    fn retain(&mut self, msg: Arc<Message>, token: u64) -> (u32, bool) {
         let owner = retain_shard(msg.tenant, &msg.topic, self.shard_count());
         if owner == self.id {
-            self.retain_set(msg);
+            let persisted = self.retain_set(msg);
+            self.settle(self.id, token, persisted)
         } else {
-            self.outbox.send(owner, MeshMsg::RetainSet(msg));
+            self.outbox.send(owner, MeshMsg::RetainSet(msg, token));
+            (u32::from(token != 0), false)
         }
     }
 
-    fn retain_set(&mut self, msg: Arc<Message>) {
+    /// Applies a retained message (or its deletion) to this shard's partition and its store.
+    fn retain_set(&mut self, msg: Arc<Message>) -> Persisted {
+        let kept = self.retain_memory(msg.clone());
+        let Some(store) = self.store.as_mut() else { return Persisted::Nothing };
+        let result = if msg.payload.is_empty() {
+            store.retain_del(msg.tenant, &msg.topic)
+        } else if kept {
+            store.retain_set(&msg, &Clock::now())
+        } else {
+            return Persisted::Failed;
+        };
+        match result {
+            Ok(()) => Persisted::Appended,
+            Err(error) => {
+                tracing::debug!(shard = self.id.0, %error, "store: retained message not stored");
+                Persisted::Failed
+            }
+        }
+    }
+
+    /// Applies a retained message (or its deletion) to the in-memory partition. Returns false when
+    /// the partition is full and the message was not kept.
+    fn retain_memory(&mut self, msg: Arc<Message>) -> bool {
         let tenant = msg.tenant;
         if msg.payload.is_empty() {
             if let Some(topics) = self.retained.get_mut(&tenant) {
@@ -1283,7 +1747,7 @@ impl Shard {
                     self.retained.remove(&tenant);
                 }
             }
-            return;
+            return true;
         }
         let per_shard_max = self.cfg.retained_messages_max.div_ceil(self.shard_count());
         let topics = self.retained.entry(tenant).or_default();
@@ -1293,12 +1757,13 @@ impl Shard {
             if topics.is_empty() {
                 self.retained.remove(&tenant);
             }
-            return;
+            return false;
         }
         topics.insert(msg.topic.as_str().into(), msg);
         if !replaces {
             self.retained_count += 1;
         }
+        true
     }
 
     fn collect_retained(
@@ -1336,8 +1801,19 @@ impl Shard {
     /// Handles one message from another shard.
     pub fn on_mesh(&mut self, from: ShardId, msg: MeshMsg, now: Instant) {
         match msg {
-            MeshMsg::Publish(msg) => self.deliver_local(&msg),
-            MeshMsg::SharedPublish { msg, group, filter } => self.deliver_shared(&msg, &group, &filter),
+            MeshMsg::Publish(msg, token) => {
+                let persisted = self.deliver_local(&msg);
+                self.settle(from, token, persisted);
+            }
+            MeshMsg::SharedPublish { msg, group, filter, token } => {
+                let persisted = self.deliver_shared(&msg, &group, &filter);
+                self.settle(from, token, persisted);
+            }
+            MeshMsg::Durable(answers) => {
+                for (token, ok) in answers.iter() {
+                    self.answer(*token, *ok);
+                }
+            }
             MeshMsg::Handoff(handoff) => self.handoffs.push(*handoff),
             MeshMsg::Interest(changes) => {
                 for change in changes.iter() {
@@ -1366,7 +1842,10 @@ impl Shard {
                     self.finish_subscribe(&mut pending, now);
                 }
             }
-            MeshMsg::RetainSet(msg) => self.retain_set(msg),
+            MeshMsg::RetainSet(msg, token) => {
+                let persisted = self.retain_set(msg);
+                self.settle(from, token, persisted);
+            }
         }
     }
 
@@ -1379,8 +1858,20 @@ impl Shard {
         if session.conn.as_ref().map(|c| c.id) != Some(conn) {
             return false;
         }
+        let mut events = std::mem::take(&mut self.fill_events);
         let FillStats { publishes_sent, dropped_expired, dropped_too_large } =
-            session.fill(out, budget, inflight_max, now);
+            session.fill(out, budget, inflight_max, now, &mut events);
+        let uid = session.store_uid;
+        if let (Some(store), true) = (self.store.as_mut(), uid != 0) {
+            for event in events.drain(..) {
+                match event {
+                    FillEvent::Sent { stored, packet_id } => store.sent(uid, stored, packet_id),
+                    FillEvent::Dropped { stored } => store.release(uid, stored, false),
+                }
+            }
+        }
+        events.clear();
+        self.fill_events = events;
         bump(&self.stats.publishes_out, publishes_sent);
         bump(&self.stats.dropped_expired, dropped_expired);
         bump(&self.stats.dropped_too_large, dropped_too_large);

@@ -55,6 +55,8 @@ pub struct TestBroker {
     broker: Option<Broker>,
     pub addr: SocketAddr,
     pub cores: usize,
+    /// The broker's data directory (removed on drop, after the broker stops).
+    _data: tempfile::TempDir,
 }
 
 impl TestBroker {
@@ -65,10 +67,14 @@ impl TestBroker {
 
     /// A broker with a configuration adjusted by `adjust` (2 cores unless it says otherwise).
     pub fn start_with(adjust: impl FnOnce(&mut BrokerConfig)) -> TestBroker {
+        let data = tempfile::tempdir().expect("temporary data directory");
         let mut cfg = BrokerConfig {
             cores: 2,
             listen: "127.0.0.1:0".parse().expect("static address"),
             pin_cores: false,
+            data_dir: data.path().to_path_buf(),
+            // Small segments: tests create many brokers, each preallocating a segment per shard.
+            segment_size_bytes: 4 * 1024 * 1024,
             ..Default::default()
         };
         // Every test runs at 2 and 4 cores; the io driver follows the core count (epoll at 2,
@@ -78,7 +84,7 @@ impl TestBroker {
         let cores = cfg.cores;
         let broker = shardmq_shards::start(cfg).expect("broker starts");
         let addr = broker.local_addr;
-        TestBroker { broker: Some(broker), addr, cores }
+        TestBroker { broker: Some(broker), addr, cores, _data: data }
     }
 
     /// The sum of one counter over all shards.

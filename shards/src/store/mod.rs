@@ -1,0 +1,372 @@
+//! [`Store`]: a shard's durable inbox and retained partition, as records on its
+//! `shardmq-storage` log.
+//!
+//! Owner: one shard (the one whose sessions and retained partition the log holds), on that
+//! shard's thread. Lifecycle: opened (and replayed) by `recovery.rs` before the shard starts,
+//! closed when the shard stops.
+//!
+//! What is stored: persistent sessions (snapshot records: identity, expiry, subscriptions), the
+//! messages queued for them (`Msg` records: one per message per shard, naming every persistent
+//! session of the shard it is queued for), their progress (`Sent`, `Released`, `Done`), and the
+//! retained messages of the shard's partition. See `records.rs` for the records.
+//!
+//! Consumption: a record is acked (`Log::ack`) once nothing depends on it. The log forgets acks on
+//! a restart: every surviving record is live again and replay re-acks what is dead, so a record
+//! that *negates* an earlier one (a tombstone: `SessionGone`, `RetainDel`, the `Done` records of a
+//! finished message) must survive as long as the earlier record can. A tombstone is therefore
+//! acked only once the log's first stored record lies after its target ("limbo"): every segment
+//! that could hold the target, or an older version of it, is then gone. Superseding records (a
+//! newer snapshot, a newer retained message) need no such wait: the newest version is live, so it
+//! survives, and replay keeps the newest by offset.
+//!
+//! Bounds: the indexes hold one entry per live session, queued message, retained message and
+//! tombstone in limbo; the log holds them on disk within its disk budget. When an append fails
+//! (budget exhausted, disk full, a failed flush) the caller refuses the message (0x97) or counts
+//! the loss; nothing already stored is touched.
+
+pub mod records;
+pub mod recovery;
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use shardmq_storage::{Log, Offset};
+use tracing::warn;
+
+use crate::message::{Message, TenantId};
+use records::{encode_rec, rec_id, stored_publish, Rec, RecId, SessionRec, StoredMessage, Target};
+use records::{KIND_DONE, KIND_RELEASED, KIND_SENT};
+
+pub use shardmq_storage::Error as StorageError;
+
+/// A stored message's place in the log and what still refers to it.
+#[derive(Debug)]
+struct StoredMsg {
+    offset: Offset,
+    /// Targets not yet done.
+    refs: u32,
+    /// `Done`, `Sent` and `Released` records of this message: (kind, session uid, offset).
+    aux: Vec<(u8, u64, Offset)>,
+}
+
+/// Counters of one store, for the shard's statistics.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct StoreCounters {
+    pub appends: u64,
+    pub append_failures: u64,
+    pub compactions: u64,
+}
+
+/// Converts between `Instant` (in memory) and Unix milliseconds (on disk).
+#[derive(Debug, Clone, Copy)]
+pub struct Clock {
+    pub now: Instant,
+    pub unix_ms: u64,
+}
+
+impl Clock {
+    pub fn now() -> Clock {
+        let unix_ms = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+        Clock { now: Instant::now(), unix_ms }
+    }
+
+    /// Unix ms of `at` (0 stays the "never" marker, so the result is at least 1).
+    pub fn to_unix_ms(&self, at: Instant) -> u64 {
+        let ms = if at >= self.now {
+            self.unix_ms + at.duration_since(self.now).as_millis() as u64
+        } else {
+            self.unix_ms.saturating_sub(self.now.duration_since(at).as_millis() as u64)
+        };
+        ms.max(1)
+    }
+
+    /// The `Instant` of Unix ms `ms` (in the past, or up to any future).
+    pub fn to_instant(&self, ms: u64) -> Instant {
+        if ms >= self.unix_ms {
+            self.now + std::time::Duration::from_millis(ms - self.unix_ms)
+        } else {
+            self.now.checked_sub(std::time::Duration::from_millis(self.unix_ms - ms)).unwrap_or(self.now)
+        }
+    }
+}
+
+/// A shard's durable store. See the module docs.
+#[derive(Debug)]
+pub struct Store {
+    log: Log,
+    next_uid: u64,
+    next_msg_id: u64,
+    msgs: HashMap<u64, StoredMsg>,
+    /// Session uid -> offset of its newest snapshot.
+    sessions: HashMap<u64, Offset>,
+    retained: HashMap<(TenantId, Arc<str>), Offset>,
+    /// Tombstones waiting for their target's segment to go: tombstone offset -> target offset.
+    limbo: HashMap<Offset, Offset>,
+    /// The same, ordered by target (lazily: moved tombstones leave stale entries behind).
+    limbo_order: BinaryHeap<Reverse<(Offset, Offset)>>,
+    buf: Vec<u8>,
+    pub counters: StoreCounters,
+}
+
+impl Store {
+    fn empty(log: Log) -> Store {
+        Store {
+            log,
+            next_uid: 1,
+            next_msg_id: 1,
+            msgs: HashMap::new(),
+            sessions: HashMap::new(),
+            retained: HashMap::new(),
+            limbo: HashMap::new(),
+            limbo_order: BinaryHeap::new(),
+            buf: Vec::with_capacity(256),
+            counters: StoreCounters::default(),
+        }
+    }
+
+    pub fn log(&self) -> &Log {
+        &self.log
+    }
+
+    /// The end of the log: records appended so far lie below it.
+    pub fn end_offset(&self) -> Offset {
+        self.log.end_offset()
+    }
+
+    /// Records below this offset are durable under the fsync policy.
+    pub fn durable_offset(&self) -> Offset {
+        self.log.durable_offset()
+    }
+
+    /// Flushes and closes the log (shutdown).
+    pub fn close(self) -> Result<(), StorageError> {
+        self.log.close()
+    }
+
+    fn append(&mut self, rec: &Rec) -> Result<Offset, StorageError> {
+        let mut buf = std::mem::take(&mut self.buf);
+        encode_rec(rec, &mut buf);
+        let result = self.log.append(&buf);
+        self.buf = buf;
+        match &result {
+            Ok(_) => self.counters.appends += 1,
+            Err(_) => self.counters.append_failures += 1,
+        }
+        result
+    }
+
+    fn ack(&mut self, offset: Offset) {
+        // An offset the store tracks is always a record of the log; an error here would be a bug
+        // in the indexes, and costs at most a record kept too long, so it is logged, not fatal.
+        if let Err(error) = self.log.ack(offset) {
+            warn!(%error, "store: ack of a tracked record failed");
+        }
+    }
+
+    fn park_tombstone(&mut self, tomb: Offset, target: Offset) {
+        self.limbo.insert(tomb, target);
+        self.limbo_order.push(Reverse((target, tomb)));
+    }
+
+    /// A new session uid, never used by any record in this log.
+    pub fn new_uid(&mut self) -> u64 {
+        let uid = self.next_uid;
+        self.next_uid += 1;
+        uid
+    }
+
+    /// Writes a session's snapshot; the previous one is consumed.
+    pub fn put_session(&mut self, rec: SessionRec) -> Result<(), StorageError> {
+        let uid = rec.uid;
+        let offset = self.append(&Rec::Session(rec))?;
+        if let Some(old) = self.sessions.insert(uid, offset) {
+            self.ack(old);
+        }
+        Ok(())
+    }
+
+    /// Whether session `uid` has a stored snapshot.
+    pub fn has_session(&self, uid: u64) -> bool {
+        self.sessions.contains_key(&uid)
+    }
+
+    /// The session ended: its snapshot dies, and with it its targets in `Msg` records (the caller
+    /// releases those with [`Store::release`]).
+    pub fn session_gone(&mut self, uid: u64) {
+        let Some(snapshot) = self.sessions.remove(&uid) else { return };
+        self.ack(snapshot);
+        match self.append(&Rec::SessionGone { uid }) {
+            Ok(tomb) => self.park_tombstone(tomb, snapshot),
+            // Without the tombstone the session comes back after a restart (and expires then, or
+            // is resumed): logged, not lost data.
+            Err(error) => warn!(%error, uid, "store: cannot record the end of a session"),
+        }
+    }
+
+    /// Stores a message queued for `targets` and returns its id.
+    pub fn put_msg(
+        &mut self,
+        msg: &Message,
+        targets: Vec<Target>,
+        clock: &Clock,
+    ) -> Result<u64, StorageError> {
+        let id = self.next_msg_id;
+        let refs = targets.len() as u32;
+        let rec = Rec::Msg {
+            id,
+            targets,
+            message: StoredMessage {
+                tenant: msg.tenant,
+                publish: stored_publish(&msg.topic, &msg.payload, msg.qos, msg.retain, &msg.properties),
+                expires_at_ms: msg.expires_at.map_or(0, |at| clock.to_unix_ms(at)),
+            },
+        };
+        let offset = self.append(&rec)?;
+        self.next_msg_id += 1;
+        self.msgs.insert(id, StoredMsg { offset, refs, aux: Vec::new() });
+        Ok(id)
+    }
+
+    fn put_aux(&mut self, kind: u8, rec: Rec, uid: u64, msg: u64) {
+        if !self.msgs.contains_key(&msg) {
+            return;
+        }
+        match self.append(&rec) {
+            Ok(offset) => self.msgs.get_mut(&msg).expect("checked above").aux.push((kind, uid, offset)),
+            Err(error) => warn!(%error, uid, msg, "store: cannot record a message's progress"),
+        }
+    }
+
+    /// Message `msg` went out to session `uid` under `packet_id` (kept across restarts).
+    pub fn sent(&mut self, uid: u64, msg: u64, packet_id: u16) {
+        self.put_aux(KIND_SENT, Rec::Sent { uid, msg, packet_id }, uid, msg);
+    }
+
+    /// Session `uid` acknowledged QoS 2 message `msg` with PUBREC.
+    pub fn released(&mut self, uid: u64, msg: u64) {
+        self.put_aux(KIND_RELEASED, Rec::Released { uid, msg }, uid, msg);
+    }
+
+    /// Message `msg` is finished for session `uid`: a `Done` record is written, unless
+    /// `session_ending` (its `SessionGone` covers it).
+    pub fn release(&mut self, uid: u64, msg: u64, session_ending: bool) {
+        let Some(stored) = self.msgs.get_mut(&msg) else { return };
+        let mut progress = Vec::new();
+        stored.aux.retain(|&(kind, owner, offset)| {
+            let drop = owner == uid && kind != KIND_DONE;
+            if drop {
+                progress.push(offset);
+            }
+            !drop
+        });
+        for offset in progress {
+            self.ack(offset);
+        }
+        if !session_ending {
+            self.put_aux(KIND_DONE, Rec::Done { uid, msg }, uid, msg);
+        }
+        let stored = self.msgs.get_mut(&msg).expect("checked above");
+        stored.refs = stored.refs.saturating_sub(1);
+        if stored.refs > 0 {
+            return;
+        }
+        let stored = self.msgs.remove(&msg).expect("checked above");
+        self.ack(stored.offset);
+        for (kind, _, offset) in stored.aux {
+            if kind == KIND_DONE {
+                self.park_tombstone(offset, stored.offset);
+            } else {
+                self.ack(offset);
+            }
+        }
+    }
+
+    /// Stores the retained message of its topic (the previous one is consumed).
+    pub fn retain_set(&mut self, msg: &Message, clock: &Clock) -> Result<(), StorageError> {
+        let rec = Rec::Retain(StoredMessage {
+            tenant: msg.tenant,
+            publish: stored_publish(&msg.topic, &msg.payload, msg.qos, true, &msg.properties),
+            expires_at_ms: msg.expires_at.map_or(0, |at| clock.to_unix_ms(at)),
+        });
+        let offset = self.append(&rec)?;
+        if let Some(old) = self.retained.insert((msg.tenant, Arc::from(msg.topic.as_str())), offset) {
+            self.ack(old);
+        }
+        Ok(())
+    }
+
+    /// Deletes the stored retained message of a topic, if any.
+    pub fn retain_del(&mut self, tenant: TenantId, topic: &str) -> Result<(), StorageError> {
+        let key = (tenant, Arc::from(topic));
+        let Some(&old) = self.retained.get(&key) else { return Ok(()) };
+        let tomb = self.append(&Rec::RetainDel { tenant, topic: topic.to_string() })?;
+        self.retained.remove(&key);
+        self.ack(old);
+        self.park_tombstone(tomb, old);
+        Ok(())
+    }
+
+    /// Background upkeep, called from the shard's timer: releases tombstones whose targets are
+    /// gone, and compacts segments that are mostly dead. Compaction copies live records on the
+    /// shard's thread; it runs only when a segment is at most a quarter live, so the copying
+    /// costs at most a third of what was written since.
+    pub fn maintain(&mut self) {
+        let start = self.log.stats().start_offset;
+        while let Some(Reverse((target, tomb))) = self.limbo_order.peek().copied() {
+            if target >= start {
+                break;
+            }
+            self.limbo_order.pop();
+            if self.limbo.get(&tomb) == Some(&target) {
+                self.limbo.remove(&tomb);
+                self.ack(tomb);
+            }
+        }
+        let stats = self.log.stats();
+        if stats.segments < 3 || stats.live_bytes * 2 > stats.used_bytes {
+            return;
+        }
+        let mut moves = Vec::new();
+        match self.log.compact(0.25, |old, new| moves.push((old, new))) {
+            Ok(done) if done.segments_compacted > 0 => self.counters.compactions += 1,
+            Ok(_) => {}
+            Err(error) => warn!(%error, "store: compaction stopped"),
+        }
+        for (old, new) in moves {
+            self.moved(old, new);
+        }
+    }
+
+    /// Points whatever index held `old` at `new` (a compaction move).
+    fn moved(&mut self, old: Offset, new: Offset) {
+        if let Some(target) = self.limbo.remove(&old) {
+            self.park_tombstone(new, target);
+            return;
+        }
+        let id = match self.log.read(new).map(rec_id) {
+            Ok(Ok(id)) => id,
+            _ => return,
+        };
+        let slot = match id {
+            RecId::Session(uid) => self.sessions.get_mut(&uid),
+            RecId::Msg(id) => self.msgs.get_mut(&id).map(|m| &mut m.offset),
+            RecId::MsgAux { msg, .. } => {
+                self.msgs.get_mut(&msg).and_then(|m| m.aux.iter_mut().find(|a| a.2 == old).map(|a| &mut a.2))
+            }
+            RecId::Retain(tenant, topic) => self.retained.get_mut(&(tenant, topic)),
+            RecId::SessionGone(_) | RecId::RetainDel(..) => None,
+        };
+        if let Some(slot) = slot {
+            if *slot == old {
+                *slot = new;
+            }
+        }
+    }
+
+    /// Live records and tombstones in limbo, for tests and metrics.
+    pub fn live_counts(&self) -> (usize, usize, usize, usize) {
+        (self.sessions.len(), self.msgs.len(), self.retained.len(), self.limbo.len())
+    }
+}

@@ -1,0 +1,485 @@
+//! Opening the data directory at start-up: the directory layout, the replay of each shard's log
+//! into sessions, queued messages and retained messages, and the re-homing of stored state when
+//! `--cores` changed since the last run.
+//!
+//! Owner: the thread that starts the broker, before any shard runs (so blocking is fine here).
+//!
+//! Layout of `data_dir`:
+//! - `LOCK`: held with `flock` while a broker uses the directory (a second broker is refused).
+//! - `CURRENT`: `gen=<g> cores=<n>`, replaced atomically (write, fsync, rename, fsync dir).
+//! - `gen-<g>/shard-<i>/`: the log of shard `i` of generation `g`, for `i` in `0..n`.
+//!
+//! Re-homing: when `n` differs from `--cores`, every log of generation `g` is replayed, the state
+//! is written into fresh logs of generation `g + 1` partitioned by the new placement (a session's
+//! home shard, a retained topic's shard), those are flushed, `CURRENT` is switched, and
+//! generation `g` is removed. A crash at any point leaves either the old generation current (the
+//! new one is removed at the next start) or the new one complete.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs;
+use std::io::Write;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use shardmq_protocol::PacketId;
+use shardmq_storage::{Config as LogConfig, DurableNotify, Log, Offset};
+use tracing::{info, warn};
+
+use super::records::{decode_rec, Rec, SessionRec, StoredMessage, KIND_DONE, KIND_RELEASED, KIND_SENT};
+use super::{Clock, Store, StoredMsg};
+use crate::config::BrokerConfig;
+use crate::message::{Delivery, Message, TenantId};
+use crate::shard::{home_shard, retain_shard};
+
+/// A queued message of a recovered session, in queue order.
+#[derive(Debug)]
+pub struct RecoveredDelivery {
+    pub delivery: Delivery,
+    /// The packet id it went out with before the restart, if it did.
+    pub packet_id: Option<PacketId>,
+    /// QoS 2: PUBREC was received, PUBREL is owed.
+    pub released: bool,
+}
+
+/// A persistent session read back from the log.
+#[derive(Debug)]
+pub struct RecoveredSession {
+    pub rec: SessionRec,
+    pub deliveries: Vec<RecoveredDelivery>,
+}
+
+/// One shard's state read back from its log.
+#[derive(Debug)]
+pub struct Recovered {
+    pub store: Store,
+    pub sessions: Vec<RecoveredSession>,
+    pub retained: Vec<Arc<Message>>,
+}
+
+/// The data directory, locked for this process.
+#[derive(Debug)]
+pub struct DataDir {
+    /// Holds the `flock` for as long as the broker runs.
+    _lock: fs::File,
+}
+
+fn io_error(path: &Path, what: &str, error: std::io::Error) -> String {
+    format!("{what} {}: {error}", path.display())
+}
+
+fn log_config(cfg: &BrokerConfig, on_durable: Option<DurableNotify>) -> LogConfig {
+    LogConfig {
+        segment_size_bytes: cfg.segment_size_bytes,
+        disk_budget_bytes: cfg.disk_budget_bytes.map_or(u64::MAX, |total| (total / cfg.cores as u64).max(1)),
+        fsync: cfg.fsync,
+        // A stored message is one PUBLISH frame plus its targets: the packet limit plus room, as
+        // far as a segment holds it (a larger message is refused as if the disk were full).
+        record_len_max_bytes: cfg
+            .packet_size_bytes_max
+            .saturating_add(64 * 1024)
+            .min(cfg.segment_size_bytes.saturating_sub(4096).min(u64::from(u32::MAX)) as u32),
+        on_durable,
+        prefault_window_bytes: 0,
+    }
+}
+
+fn shard_dir(data_dir: &Path, generation: u64, shard: usize) -> PathBuf {
+    data_dir.join(format!("gen-{generation}")).join(format!("shard-{shard}"))
+}
+
+fn read_current(data_dir: &Path) -> Result<Option<(u64, usize)>, String> {
+    let path = data_dir.join("CURRENT");
+    let text = match fs::read_to_string(&path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(io_error(&path, "cannot read", e)),
+    };
+    let mut generation = None;
+    let mut cores = None;
+    for word in text.split_whitespace() {
+        match word.split_once('=') {
+            Some(("gen", v)) => generation = v.parse::<u64>().ok(),
+            Some(("cores", v)) => cores = v.parse::<usize>().ok(),
+            _ => {}
+        }
+    }
+    match (generation, cores) {
+        (Some(g), Some(c)) if c > 0 => Ok(Some((g, c))),
+        _ => Err(format!("{}: expected `gen=<g> cores=<n>`, found {text:?}", path.display())),
+    }
+}
+
+fn fsync_dir(dir: &Path) -> Result<(), String> {
+    fs::File::open(dir).and_then(|f| f.sync_all()).map_err(|e| io_error(dir, "cannot fsync", e))
+}
+
+fn write_current(data_dir: &Path, generation: u64, cores: usize) -> Result<(), String> {
+    let tmp = data_dir.join("CURRENT.tmp");
+    let mut file = fs::File::create(&tmp).map_err(|e| io_error(&tmp, "cannot create", e))?;
+    file.write_all(format!("gen={generation} cores={cores}\n").as_bytes())
+        .and_then(|_| file.sync_all())
+        .map_err(|e| io_error(&tmp, "cannot write", e))?;
+    let path = data_dir.join("CURRENT");
+    fs::rename(&tmp, &path).map_err(|e| io_error(&path, "cannot replace", e))?;
+    fsync_dir(data_dir)
+}
+
+fn lock(data_dir: &Path) -> Result<fs::File, String> {
+    let path = data_dir.join("LOCK");
+    let file = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| io_error(&path, "cannot open", e))?;
+    // SAFETY: flock on a descriptor we own for the duration of the call; no memory is passed.
+    // Exercised by every test that starts a broker with storage, and by the second-broker test.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc != 0 {
+        return Err(format!(
+            "data directory {} is in use by another shardmq (lock {} is held)",
+            data_dir.display(),
+            path.display()
+        ));
+    }
+    Ok(file)
+}
+
+/// Opens the data directory for `cfg.cores` shards: locks it, re-homes stored state if the core
+/// count changed, and replays each shard's log. Returns one [`Recovered`] per shard.
+/// `notify(shard)` makes the callback that wakes shard `shard` when its log becomes durable further.
+pub fn open(
+    cfg: &BrokerConfig,
+    notify: &dyn Fn(usize) -> DurableNotify,
+) -> Result<(DataDir, Vec<Recovered>), String> {
+    let data_dir = &cfg.data_dir;
+    fs::create_dir_all(data_dir).map_err(|e| io_error(data_dir, "cannot create data directory", e))?;
+    let lock = lock(data_dir)?;
+    let generation = match read_current(data_dir)? {
+        None => {
+            for shard in 0..cfg.cores {
+                let dir = shard_dir(data_dir, 1, shard);
+                fs::create_dir_all(&dir).map_err(|e| io_error(&dir, "cannot create", e))?;
+            }
+            write_current(data_dir, 1, cfg.cores)?;
+            1
+        }
+        Some((generation, cores)) => {
+            remove_other_generations(data_dir, generation);
+            if cores == cfg.cores {
+                generation
+            } else {
+                rehome(cfg, generation, cores)?
+            }
+        }
+    };
+    let clock = Clock::now();
+    let mut shards = Vec::with_capacity(cfg.cores);
+    for shard in 0..cfg.cores {
+        let dir = shard_dir(data_dir, generation, shard);
+        let log = Log::open(&dir, log_config(cfg, Some(notify(shard))))
+            .map_err(|e| format!("cannot open {}: {e}", dir.display()))?;
+        let report = log.recovery().clone();
+        if let Some(torn) = &report.torn_tail {
+            warn!(path = %torn.path.display(), position = torn.position, reason = torn.reason, "storage: torn tail cut off");
+        }
+        let recovered = replay(log, &clock)?;
+        info!(
+            shard,
+            records = report.records,
+            bytes = report.record_bytes,
+            ms = report.elapsed.as_millis() as u64,
+            sessions = recovered.sessions.len(),
+            retained = recovered.retained.len(),
+            "storage: shard recovered"
+        );
+        shards.push(recovered);
+    }
+    Ok((DataDir { _lock: lock }, shards))
+}
+
+fn remove_other_generations(data_dir: &Path, current: u64) {
+    let Ok(entries) = fs::read_dir(data_dir) else { return };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(generation) =
+            name.to_str().and_then(|n| n.strip_prefix("gen-")).and_then(|g| g.parse::<u64>().ok())
+        else {
+            continue;
+        };
+        if generation != current {
+            // A re-homing that did not finish (newer) or did not clean up (older).
+            if let Err(error) = fs::remove_dir_all(entry.path()) {
+                warn!(path = %entry.path().display(), %error, "storage: cannot remove a stale generation");
+            }
+        }
+    }
+}
+
+/// Moves generation `generation` (written by `old_cores` shards) to `cfg.cores` shards.
+fn rehome(cfg: &BrokerConfig, generation: u64, old_cores: usize) -> Result<u64, String> {
+    let data_dir = &cfg.data_dir;
+    info!(from = old_cores, to = cfg.cores, "storage: core count changed, re-homing stored sessions");
+    let clock = Clock::now();
+    let mut sessions = Vec::new();
+    let mut retained = Vec::new();
+    for shard in 0..old_cores {
+        let dir = shard_dir(data_dir, generation, shard);
+        let log = Log::open(&dir, log_config(cfg, None))
+            .map_err(|e| format!("cannot open {}: {e}", dir.display()))?;
+        let recovered = replay(log, &clock)?;
+        sessions.extend(recovered.sessions);
+        retained.extend(recovered.retained);
+        recovered.store.close().map_err(|e| format!("cannot close {}: {e}", dir.display()))?;
+    }
+    let next = generation + 1;
+    let mut stores = Vec::with_capacity(cfg.cores);
+    for shard in 0..cfg.cores {
+        let dir = shard_dir(data_dir, next, shard);
+        fs::create_dir_all(&dir).map_err(|e| io_error(&dir, "cannot create", e))?;
+        let log = Log::open(&dir, log_config(cfg, None))
+            .map_err(|e| format!("cannot open {}: {e}", dir.display()))?;
+        stores.push(Store::empty(log));
+    }
+    let moved = (sessions.len(), retained.len());
+    for session in sessions {
+        let to = home_shard(session.rec.tenant, &session.rec.client_id, cfg.cores).index();
+        write_session(&mut stores[to], session, &clock).map_err(|e| format!("re-homing: {e}"))?;
+    }
+    for msg in retained {
+        let to = retain_shard(msg.tenant, &msg.topic, cfg.cores).index();
+        stores[to].retain_set(&msg, &clock).map_err(|e| format!("re-homing: {e}"))?;
+    }
+    for store in stores {
+        store.close().map_err(|e| format!("re-homing: cannot flush: {e}"))?;
+    }
+    fsync_dir(&data_dir.join(format!("gen-{next}")))?;
+    write_current(data_dir, next, cfg.cores)?;
+    remove_other_generations(data_dir, next);
+    info!(sessions = moved.0, retained = moved.1, "storage: re-homing finished");
+    Ok(next)
+}
+
+/// Writes one recovered session (with a fresh uid) and its queue into `store`.
+fn write_session(
+    store: &mut Store,
+    session: RecoveredSession,
+    clock: &Clock,
+) -> Result<(), super::StorageError> {
+    let uid = store.new_uid();
+    store.put_session(SessionRec { uid, ..session.rec })?;
+    for queued in session.deliveries {
+        let d = &queued.delivery;
+        let target = super::records::Target {
+            uid,
+            qos: d.qos,
+            retain: d.retain,
+            subscription_ids: d.subscription_ids.clone(),
+        };
+        let msg = store.put_msg(&d.msg, vec![target], clock)?;
+        if let Some(packet_id) = queued.packet_id {
+            store.sent(uid, msg, packet_id);
+        }
+        if queued.released {
+            store.released(uid, msg);
+        }
+    }
+    Ok(())
+}
+
+/// A progress record of a message during replay: (kind, session uid, offset, packet id).
+type AuxRecord = (u8, u64, Offset, Option<PacketId>);
+/// One retained-message record of a topic during replay (`None`: a deletion).
+type RetainVersion = (Offset, Option<StoredMessage>);
+
+fn message_of(stored: StoredMessage, clock: &Clock) -> Arc<Message> {
+    let publish = stored.publish;
+    Arc::new(Message {
+        tenant: stored.tenant,
+        topic: publish.topic,
+        payload: publish.payload,
+        qos: publish.qos,
+        retain: publish.retain,
+        properties: publish.properties,
+        expires_at: (stored.expires_at_ms != 0).then(|| clock.to_instant(stored.expires_at_ms)),
+        origin: None,
+    })
+}
+
+fn expired(expires_at_ms: u64, clock: &Clock) -> bool {
+    expires_at_ms != 0 && expires_at_ms <= clock.unix_ms
+}
+
+/// Replays a log: rebuilds the store's indexes, re-acks every dead record, and returns the live
+/// sessions (with their queues) and retained messages.
+pub fn replay(log: Log, clock: &Clock) -> Result<Recovered, String> {
+    let mut records = Vec::new();
+    for item in log.iter_from(Offset(0)) {
+        let (offset, bytes) = item.map_err(|e| format!("storage: {e}"))?;
+        let rec = decode_rec(bytes).map_err(|e| {
+            let place = log
+                .record_location(offset)
+                .map(|l| format!("{} at file position {}", l.path.display(), l.position))
+                .unwrap_or_else(|_| format!("{} at log offset {offset}", log.dir().display()));
+            format!("storage: {place}: {e}")
+        })?;
+        records.push((offset, rec));
+    }
+    let mut store = Store::empty(log);
+    let mut max_uid = 0u64;
+    let mut max_msg = 0u64;
+    let mut snapshots: HashMap<u64, Vec<(Offset, SessionRec)>> = HashMap::new();
+    let mut gones: Vec<(Offset, u64)> = Vec::new();
+    let mut msgs: BTreeMap<u64, Vec<(Offset, Vec<super::records::Target>, StoredMessage)>> = BTreeMap::new();
+    let mut aux: HashMap<u64, Vec<AuxRecord>> = HashMap::new();
+    let mut retains: HashMap<(TenantId, Arc<str>), Vec<RetainVersion>> = HashMap::new();
+    for (offset, rec) in records {
+        match rec {
+            Rec::Session(s) => {
+                max_uid = max_uid.max(s.uid);
+                snapshots.entry(s.uid).or_default().push((offset, s));
+            }
+            Rec::SessionGone { uid } => {
+                max_uid = max_uid.max(uid);
+                gones.push((offset, uid));
+            }
+            Rec::Msg { id, targets, message } => {
+                max_msg = max_msg.max(id);
+                max_uid = targets.iter().map(|t| t.uid).fold(max_uid, u64::max);
+                msgs.entry(id).or_default().push((offset, targets, message));
+            }
+            Rec::Done { uid, msg } => {
+                max_msg = max_msg.max(msg);
+                aux.entry(msg).or_default().push((KIND_DONE, uid, offset, None));
+            }
+            Rec::Sent { uid, msg, packet_id } => {
+                max_msg = max_msg.max(msg);
+                aux.entry(msg).or_default().push((KIND_SENT, uid, offset, Some(packet_id)));
+            }
+            Rec::Released { uid, msg } => {
+                max_msg = max_msg.max(msg);
+                aux.entry(msg).or_default().push((KIND_RELEASED, uid, offset, None));
+            }
+            Rec::Retain(message) => {
+                let key = (message.tenant, Arc::from(message.publish.topic.as_str()));
+                retains.entry(key).or_default().push((offset, Some(message)));
+            }
+            Rec::RetainDel { tenant, topic } => {
+                retains.entry((tenant, Arc::from(topic.as_str()))).or_default().push((offset, None));
+            }
+        }
+    }
+    store.next_uid = max_uid + 1;
+    store.next_msg_id = max_msg + 1;
+
+    // Sessions: the newest snapshot of each uid wins; a `SessionGone` or a past expiry ends it.
+    let gone: HashMap<u64, Offset> = gones.iter().map(|&(offset, uid)| (uid, offset)).collect();
+    let mut live: HashMap<u64, RecoveredSession> = HashMap::new();
+    for (uid, mut versions) in snapshots {
+        let (newest, rec) = versions.pop().expect("at least one snapshot per entry");
+        for (older, _) in versions {
+            store.ack(older);
+        }
+        if let Some(&tomb) = gone.get(&uid) {
+            store.ack(newest);
+            store.park_tombstone(tomb, newest);
+        } else if rec.expiry_secs == 0 || expired(rec.expires_at_ms, clock) {
+            // Expired while the broker was down (or never persistent): gone. Without a tombstone a
+            // copy may survive a later crash; it is expired then too.
+            store.ack(newest);
+        } else {
+            store.sessions.insert(uid, newest);
+            live.insert(uid, RecoveredSession { rec, deliveries: Vec::new() });
+        }
+    }
+    for (offset, _) in gones {
+        if !store.limbo.contains_key(&offset) {
+            store.ack(offset);
+        }
+    }
+
+    // Messages: targets that are live sessions without a `Done`; the rest is released.
+    for (id, mut copies) in msgs {
+        let (offset, targets, message) = copies.pop().expect("at least one copy per entry");
+        for (older, ..) in copies {
+            store.ack(older);
+        }
+        let records = aux.remove(&id).unwrap_or_default();
+        let done: Vec<u64> = records.iter().filter(|r| r.0 == KIND_DONE).map(|r| r.1).collect();
+        let remaining: Vec<super::records::Target> = if expired(message.expires_at_ms, clock) {
+            Vec::new()
+        } else {
+            targets.into_iter().filter(|t| live.contains_key(&t.uid) && !done.contains(&t.uid)).collect()
+        };
+        if remaining.is_empty() {
+            store.ack(offset);
+            for (kind, _, aux_offset, _) in records {
+                if kind == KIND_DONE {
+                    store.park_tombstone(aux_offset, offset);
+                } else {
+                    store.ack(aux_offset);
+                }
+            }
+            continue;
+        }
+        let mut kept = Vec::new();
+        for (kind, uid, aux_offset, _) in &records {
+            let pending = remaining.iter().any(|t| t.uid == *uid);
+            if *kind == KIND_DONE || pending {
+                kept.push((*kind, *uid, *aux_offset));
+            } else {
+                store.ack(*aux_offset);
+            }
+        }
+        store.msgs.insert(id, StoredMsg { offset, refs: remaining.len() as u32, aux: kept });
+        let msg = message_of(message, clock);
+        for target in remaining {
+            let progress = records.iter().filter(|r| r.1 == target.uid);
+            let packet_id = progress.clone().filter(|r| r.0 == KIND_SENT).filter_map(|r| r.3).next_back();
+            let released = progress.clone().any(|r| r.0 == KIND_RELEASED);
+            let session = live.get_mut(&target.uid).expect("remaining targets are live sessions");
+            session.deliveries.push(RecoveredDelivery {
+                delivery: Delivery {
+                    msg: msg.clone(),
+                    qos: target.qos,
+                    retain: target.retain,
+                    subscription_ids: target.subscription_ids,
+                    stored: id,
+                },
+                packet_id,
+                released,
+            });
+        }
+    }
+    // Progress records of messages that are gone.
+    for (_, records) in aux {
+        for (_, _, offset, _) in records {
+            store.ack(offset);
+        }
+    }
+
+    // Retained: the newest record of each topic decides.
+    let mut retained = Vec::new();
+    for (key, mut versions) in retains {
+        let (newest, last) = versions.pop().expect("at least one record per entry");
+        let older_set = versions.iter().rev().find(|(_, m)| m.is_some()).map(|(o, _)| *o);
+        for (older, _) in versions {
+            store.ack(older);
+        }
+        match last {
+            Some(message) if !expired(message.expires_at_ms, clock) => {
+                store.retained.insert(key, newest);
+                retained.push(message_of(message, clock));
+            }
+            Some(_) => store.ack(newest),
+            None => match older_set {
+                Some(target) => store.park_tombstone(newest, target),
+                None => store.ack(newest),
+            },
+        }
+    }
+    let mut sessions: Vec<RecoveredSession> = live.into_values().collect();
+    sessions.sort_by_key(|s| s.rec.uid);
+    Ok(Recovered { store, sessions, retained })
+}
