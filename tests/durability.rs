@@ -226,7 +226,7 @@ async fn drain(raw: &mut Raw, seen: &mut Seen, until: usize, stop_after: Option<
 
 /// Flush acks eagerly near the end, so the broker's window never starves the last messages.
 fn raw_is_idle_soon(seen: &Seen, until: usize) -> bool {
-    seen.distinct() + 64 >= until || seen.distinct() % 32 == 0
+    seen.distinct() + 64 >= until || seen.distinct().is_multiple_of(32)
 }
 
 /// The whole scenario for one QoS: fill an offline persistent session, kill, restart, drain half,
