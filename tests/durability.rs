@@ -459,3 +459,92 @@ async fn a_second_broker_on_the_same_data_directory_is_refused() {
     })
     .await;
 }
+
+/// Publishes one v5 QoS 1 message and returns the PUBACK's reason.
+async fn publish_v5(raw: &mut Raw, topic: &str, packet_id: u16, payload: &[u8]) -> ReasonCode {
+    raw.send(&Packet::Publish(publish_packet(topic, 1, Some(packet_id), payload))).await;
+    match raw.expect().await {
+        Packet::PubAck(ack) => {
+            assert_eq!(ack.packet_id, packet_id);
+            ack.reason
+        }
+        other => panic!("expected PUBACK, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exhausted_disk_budget_refuses_persistent_messages_and_recovers() {
+    bounded(async {
+        const SEGMENT: u64 = 64 * 1024;
+        let broker = common::TestBroker::start_with(|cfg| {
+            cfg.cores = 1;
+            cfg.segment_size_bytes = SEGMENT;
+            cfg.disk_budget_bytes = Some(4 * SEGMENT);
+            cfg.packet_size_bytes_max = 16 * 1024;
+        });
+        let (mut sub, _) = connect_v5_expiring(broker.addr, "budget-sub", 3600, true).await;
+        assert_eq!(sub.subscribe(1, "full/#", 1).await, vec![1]);
+        sub.send(&Packet::Disconnect(Disconnect::new(ReasonCode::Success))).await;
+        sub.expect_closed().await;
+
+        let (mut v5, _) = connect_v5_expiring(broker.addr, "budget-pub", 0, true).await;
+        let big = vec![b'x'; 1024];
+        let mut accepted = 0u32;
+        let refused = loop {
+            let reason = publish_v5(&mut v5, "full/a", (accepted % 60_000) as u16 + 1, &big).await;
+            if reason != ReasonCode::Success {
+                break reason;
+            }
+            accepted += 1;
+            assert!(accepted < 10_000, "a 256 KiB budget took {accepted} KiB of messages");
+        };
+        assert_eq!(refused, ReasonCode::QuotaExceeded, "v5 publisher is told the quota is exceeded");
+        assert!(accepted > 0);
+
+        // 3.1.1 has no negative PUBACK: the message is acknowledged, dropped and counted.
+        let mut v3 = Raw::connect(broker.addr, V311, "budget-pub-v3").await;
+        let before = broker.stat(|s| &s.publishes_refused_storage);
+        v3.send(&Packet::Publish(publish_packet("full/b", 1, Some(9), &big))).await;
+        assert!(matches!(v3.expect().await, Packet::PubAck(ack) if ack.packet_id == 9));
+        assert!(broker.stat(|s| &s.publishes_refused_storage) > before);
+
+        // Everyone else is served: a clean subscriber gets a message that needs no storage.
+        let mut other = Raw::connect(broker.addr, V311, "budget-other").await;
+        assert_eq!(other.subscribe(1, "free/#", 1).await, vec![1]);
+        assert_eq!(publish_v5(&mut v5, "free/x", 60_001, b"hello").await, ReasonCode::Success);
+        match other.expect().await {
+            Packet::Publish(p) => assert_eq!(&p.payload[..], b"hello"),
+            p => panic!("expected the message, got {p:?}"),
+        }
+
+        // The subscriber drains what was accepted (nothing stored was damaged), which frees the log.
+        let (mut sub, present) = connect_v5_expiring(broker.addr, "budget-sub", 3600, false).await;
+        assert!(present);
+        let mut drained = 0u32;
+        while drained < accepted {
+            match sub.expect().await {
+                Packet::Publish(p) => {
+                    assert_eq!(p.payload.len(), 1024);
+                    sub.send(&Packet::PubAck(PubResp::new(p.packet_id.expect("QoS 1")))).await;
+                    drained += 1;
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        sub.send(&Packet::Disconnect(Disconnect::new(ReasonCode::Success))).await;
+        sub.expect_closed().await;
+        // Space comes back once the store's upkeep (every 100 ms) has freed the drained segments:
+        // poll the observable outcome, bounded.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut packet_id = 100u16;
+        loop {
+            packet_id += 1;
+            if publish_v5(&mut v5, "full/again", packet_id, &big).await == ReasonCode::Success {
+                break;
+            }
+            assert!(Instant::now() < deadline, "the budget never freed after the drain");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+}
