@@ -383,6 +383,32 @@ pub fn decode_rec(bytes: &[u8]) -> Result<Rec, RecError> {
     Ok(rec)
 }
 
+/// The fields of a `Msg` record before its PUBLISH frame: (id, expiry in Unix ms, targets).
+/// Recovery reads these for every message and decodes the frame only of messages still queued.
+pub fn decode_msg_header(bytes: &[u8]) -> Result<(u64, u64, Vec<Target>), RecError> {
+    if peek_kind(bytes)? != KIND_MSG {
+        return Err(RecError::Invalid("not a message record"));
+    }
+    let mut c = Cursor { bytes: &bytes[1..] };
+    let id = c.u64()?;
+    let _tenant = c.u32()?;
+    let expires_at_ms = c.u64()?;
+    let count = c.u32()? as usize;
+    let mut targets = Vec::with_capacity(count.min(4096));
+    for _ in 0..count {
+        let uid = c.u64()?;
+        let flags = c.u8()?;
+        let qos = QoS::from_u8(flags & 3).ok_or(RecError::Invalid("target QoS"))?;
+        let ids = c.u8()? as usize;
+        let mut subscription_ids = Vec::with_capacity(ids);
+        for _ in 0..ids {
+            subscription_ids.push(c.u32()?);
+        }
+        targets.push(Target { uid, qos, retain: flags & 4 != 0, subscription_ids });
+    }
+    Ok((id, expires_at_ms, targets))
+}
+
 /// The identity of a record whose position the store's indexes track.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RecId {

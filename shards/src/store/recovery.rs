@@ -15,7 +15,7 @@
 //! generation `g` is removed. A crash at any point leaves either the old generation current (the
 //! new one is removed at the next start) or the new one complete.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::fs;
 use std::io::Write;
 use std::os::fd::AsRawFd;
@@ -26,7 +26,10 @@ use shardmq_protocol::PacketId;
 use shardmq_storage::{Config as LogConfig, DurableNotify, Log, Offset};
 use tracing::{info, warn};
 
-use super::records::{decode_rec, Rec, SessionRec, StoredMessage, KIND_DONE, KIND_RELEASED, KIND_SENT};
+use super::records::{
+    decode_msg_header, decode_rec, Rec, RecError, SessionRec, StoredMessage, KIND_DONE, KIND_MSG,
+    KIND_RELEASED, KIND_SENT,
+};
 use super::{Clock, Store, StoredMsg};
 use crate::config::BrokerConfig;
 use crate::message::{Delivery, Message, TenantId};
@@ -175,28 +178,53 @@ pub fn open(
         }
     };
     let clock = Clock::now();
-    let mut shards = Vec::with_capacity(cfg.cores);
-    for shard in 0..cfg.cores {
-        let dir = shard_dir(data_dir, generation, shard);
-        let log = Log::open(&dir, log_config(cfg, Some(notify(shard))))
-            .map_err(|e| format!("cannot open {}: {e}", dir.display()))?;
-        let report = log.recovery().clone();
-        if let Some(torn) = &report.torn_tail {
-            warn!(path = %torn.path.display(), position = torn.position, reason = torn.reason, "storage: torn tail cut off");
-        }
-        let recovered = replay(log, &clock)?;
-        info!(
-            shard,
-            records = report.records,
-            bytes = report.record_bytes,
-            ms = report.elapsed.as_millis() as u64,
-            sessions = recovered.sessions.len(),
-            retained = recovered.retained.len(),
-            "storage: shard recovered"
-        );
-        shards.push(recovered);
-    }
+    // One thread per shard: the shards' logs are independent, and start-up time is recovery time.
+    let notifiers: Vec<DurableNotify> = (0..cfg.cores).map(notify).collect();
+    let results: Vec<Result<Recovered, String>> = std::thread::scope(|scope| {
+        let workers: Vec<_> = notifiers
+            .into_iter()
+            .enumerate()
+            .map(|(shard, notify)| scope.spawn(move || open_shard(cfg, generation, shard, notify, &clock)))
+            .collect();
+        workers
+            .into_iter()
+            .map(|worker| worker.join().unwrap_or_else(|_| Err("a recovery thread panicked".to_string())))
+            .collect()
+    });
+    let shards = results.into_iter().collect::<Result<Vec<_>, _>>()?;
     Ok((DataDir { _lock: lock }, shards))
+}
+
+/// Opens and replays one shard's log.
+fn open_shard(
+    cfg: &BrokerConfig,
+    generation: u64,
+    shard: usize,
+    notify: DurableNotify,
+    clock: &Clock,
+) -> Result<Recovered, String> {
+    let started = std::time::Instant::now();
+    let dir = shard_dir(&cfg.data_dir, generation, shard);
+    let log = Log::open(&dir, log_config(cfg, Some(notify)))
+        .map_err(|e| format!("cannot open {}: {e}", dir.display()))?;
+    let report = log.recovery().clone();
+    if let Some(torn) = &report.torn_tail {
+        warn!(path = %torn.path.display(), position = torn.position, reason = torn.reason, "storage: torn tail cut off");
+    }
+    let recovered = replay(log, clock)?;
+    let queued: usize = recovered.sessions.iter().map(|s| s.deliveries.len()).sum();
+    info!(
+        shard,
+        records = report.records,
+        bytes = report.record_bytes,
+        log_scan_ms = report.elapsed.as_millis() as u64,
+        total_ms = started.elapsed().as_millis() as u64,
+        sessions = recovered.sessions.len(),
+        queued,
+        retained = recovered.retained.len(),
+        "storage: shard recovered"
+    );
+    Ok(recovered)
 }
 
 fn remove_other_generations(data_dir: &Path, current: u64) {
@@ -314,24 +342,32 @@ fn expired(expires_at_ms: u64, clock: &Clock) -> bool {
 /// Replays a log: rebuilds the store's indexes, re-acks every dead record, and returns the live
 /// sessions (with their queues) and retained messages.
 pub fn replay(log: Log, clock: &Clock) -> Result<Recovered, String> {
+    let place = |log: &Log, offset: Offset, e: RecError| {
+        let place = log
+            .record_location(offset)
+            .map(|l| format!("{} at file position {}", l.path.display(), l.position))
+            .unwrap_or_else(|_| format!("{} at log offset {offset}", log.dir().display()));
+        format!("storage: {place}: {e}")
+    };
+    // Messages are the bulk of a log: only their headers are read here, and their PUBLISH frames
+    // are decoded (from the mapping, below) only for messages still queued.
     let mut records = Vec::new();
+    let mut msgs: Vec<(u64, Offset, Vec<super::records::Target>, u64)> = Vec::new();
     for item in log.iter_from(Offset(0)) {
         let (offset, bytes) = item.map_err(|e| format!("storage: {e}"))?;
-        let rec = decode_rec(bytes).map_err(|e| {
-            let place = log
-                .record_location(offset)
-                .map(|l| format!("{} at file position {}", l.path.display(), l.position))
-                .unwrap_or_else(|_| format!("{} at log offset {offset}", log.dir().display()));
-            format!("storage: {place}: {e}")
-        })?;
-        records.push((offset, rec));
+        if bytes.first() == Some(&KIND_MSG) {
+            let (id, expires_at_ms, targets) =
+                decode_msg_header(bytes).map_err(|e| place(&log, offset, e))?;
+            msgs.push((id, offset, targets, expires_at_ms));
+            continue;
+        }
+        records.push((offset, decode_rec(bytes).map_err(|e| place(&log, offset, e))?));
     }
     let mut store = Store::empty(log);
     let mut max_uid = 0u64;
     let mut max_msg = 0u64;
     let mut snapshots: HashMap<u64, Vec<(Offset, SessionRec)>> = HashMap::new();
     let mut gones: Vec<(Offset, u64)> = Vec::new();
-    let mut msgs: BTreeMap<u64, Vec<(Offset, Vec<super::records::Target>, StoredMessage)>> = BTreeMap::new();
     let mut aux: HashMap<u64, Vec<AuxRecord>> = HashMap::new();
     let mut retains: HashMap<(TenantId, Arc<str>), Vec<RetainVersion>> = HashMap::new();
     for (offset, rec) in records {
@@ -344,11 +380,7 @@ pub fn replay(log: Log, clock: &Clock) -> Result<Recovered, String> {
                 max_uid = max_uid.max(uid);
                 gones.push((offset, uid));
             }
-            Rec::Msg { id, targets, message } => {
-                max_msg = max_msg.max(id);
-                max_uid = targets.iter().map(|t| t.uid).fold(max_uid, u64::max);
-                msgs.entry(id).or_default().push((offset, targets, message));
-            }
+            Rec::Msg { .. } => unreachable!("messages are read above"),
             Rec::Done { uid, msg } => {
                 max_msg = max_msg.max(msg);
                 aux.entry(msg).or_default().push((KIND_DONE, uid, offset, None));
@@ -369,6 +401,10 @@ pub fn replay(log: Log, clock: &Clock) -> Result<Recovered, String> {
                 retains.entry((tenant, Arc::from(topic.as_str()))).or_default().push((offset, None));
             }
         }
+    }
+    for (id, _, targets, _) in &msgs {
+        max_msg = max_msg.max(*id);
+        max_uid = targets.iter().map(|t| t.uid).fold(max_uid, u64::max);
     }
     store.next_uid = max_uid + 1;
     store.next_msg_id = max_msg + 1;
@@ -400,14 +436,22 @@ pub fn replay(log: Log, clock: &Clock) -> Result<Recovered, String> {
     }
 
     // Messages: targets that are live sessions without a `Done`; the rest is released.
-    for (id, mut copies) in msgs {
-        let (offset, targets, message) = copies.pop().expect("at least one copy per entry");
-        for (older, ..) in copies {
-            store.ack(older);
+    // Queue order is message id order; the newest copy of each id wins.
+    let mut order: Vec<(u64, usize)> = msgs.iter().enumerate().map(|(index, m)| (m.0, index)).collect();
+    order.sort_unstable();
+    let mut newest: Vec<usize> = Vec::with_capacity(order.len());
+    for (position, &(id, index)) in order.iter().enumerate() {
+        match order.get(position + 1) {
+            Some(&(next_id, _)) if next_id == id => store.ack(msgs[index].1),
+            _ => newest.push(index),
         }
+    }
+    for index in newest {
+        let (id, offset, targets, expires_at_ms) = &mut msgs[index];
+        let (id, offset, targets, expires_at_ms) = (*id, *offset, std::mem::take(targets), *expires_at_ms);
         let records = aux.remove(&id).unwrap_or_default();
         let done: Vec<u64> = records.iter().filter(|r| r.0 == KIND_DONE).map(|r| r.1).collect();
-        let remaining: Vec<super::records::Target> = if expired(message.expires_at_ms, clock) {
+        let remaining: Vec<super::records::Target> = if expired(expires_at_ms, clock) {
             Vec::new()
         } else {
             targets.into_iter().filter(|t| live.contains_key(&t.uid) && !done.contains(&t.uid)).collect()
@@ -433,6 +477,12 @@ pub fn replay(log: Log, clock: &Clock) -> Result<Recovered, String> {
             }
         }
         store.msgs.insert(id, StoredMsg { offset, refs: remaining.len() as u32, aux: kept });
+        let message = match store.log.read(offset).map(decode_rec) {
+            Ok(Ok(Rec::Msg { message, .. })) => message,
+            Ok(Ok(_)) => unreachable!("the header said message"),
+            Ok(Err(e)) => return Err(place(&store.log, offset, e)),
+            Err(e) => return Err(format!("storage: {e}")),
+        };
         let msg = message_of(message, clock);
         for target in remaining {
             let progress = records.iter().filter(|r| r.1 == target.uid);
