@@ -548,3 +548,55 @@ async fn exhausted_disk_budget_refuses_persistent_messages_and_recovers() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offline_qos0_is_stored_when_configured_and_delivered_once() {
+    bounded(async {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let flags = ["--queue-qos0-offline"];
+        let broker = Proc::start(dir.path(), 2, &flags);
+        let (mut sub, _) = connect_persistent(broker.addr, "qos0-sub").await;
+        assert_eq!(sub.subscribe(1, "z/#", 0).await, vec![0]);
+        sub.send(&Packet::Disconnect(Disconnect::new(ReasonCode::Success))).await;
+        sub.expect_closed().await;
+        let mut publisher = Raw::connect(broker.addr, V311, "qos0-pub").await;
+        for n in 0..100u32 {
+            publisher.send(&Packet::Publish(publish_packet("z/a", 0, None, &payload(n)))).await;
+        }
+        // A QoS 1 message after them: its PUBACK means it, and everything the shard stored before
+        // it, is durable (the same session's log, in order).
+        publisher.send(&Packet::Publish(publish_packet("z/a", 1, Some(1), &payload(100)))).await;
+        assert!(matches!(publisher.expect().await, Packet::PubAck(_)));
+        broker.kill();
+
+        let broker = Proc::start(dir.path(), 2, &flags);
+        let (mut sub, present) = connect_persistent(broker.addr, "qos0-sub").await;
+        assert!(present);
+        for n in 0..=100u32 {
+            match sub.expect().await {
+                Packet::Publish(p) => {
+                    assert_eq!(p.qos, QoS::AtMostOnce);
+                    assert_eq!(seq_of(&p.payload), n);
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        sub.send(&Packet::PingReq).await;
+        assert!(matches!(sub.expect().await, Packet::PingResp));
+        sub.send(&Packet::Disconnect(Disconnect::new(ReasonCode::Success))).await;
+        sub.expect_closed().await;
+        broker.kill();
+
+        // Sent QoS 0 messages are finished: a further restart does not bring them back.
+        let broker = Proc::start(dir.path(), 2, &flags);
+        let (mut sub, present) = connect_persistent(broker.addr, "qos0-sub").await;
+        assert!(present);
+        sub.send(&Packet::PingReq).await;
+        match sub.expect().await {
+            Packet::PingResp => {}
+            other => panic!("a delivered message came back after a restart: {other:?}"),
+        }
+        drop(broker);
+    })
+    .await;
+}

@@ -147,7 +147,8 @@ pub struct PendingAck {
 pub enum FillEvent {
     /// The stored message went out with this packet id.
     Sent { stored: u64, packet_id: PacketId },
-    /// The stored message was dropped (expired, too large for the client).
+    /// The stored message is finished without an acknowledgement: dropped (expired, too large for
+    /// the client) or sent at QoS 0.
     Dropped { stored: u64 },
 }
 
@@ -345,6 +346,10 @@ impl Session {
             match self.encode_publish(&delivery, packet_id, false, out, now) {
                 Ok(()) => {
                     stats.publishes_sent += 1;
+                    if packet_id.is_none() && delivery.stored != 0 {
+                        // A stored QoS 0 message (offline queueing) is finished once written.
+                        events.push(FillEvent::Dropped { stored: delivery.stored });
+                    }
                     if let Some(id) = packet_id {
                         if delivery.stored != 0 {
                             events.push(FillEvent::Sent { stored: delivery.stored, packet_id: id });

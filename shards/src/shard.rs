@@ -1110,7 +1110,17 @@ impl Shard {
         let local = from == self.id;
         match persisted {
             Persisted::Appended => {
-                let end = self.store.as_ref().map_or(Offset(0), |s| s.end_offset());
+                let (end, durable) = self
+                    .store
+                    .as_ref()
+                    .map_or((Offset(0), Offset(0)), |s| (s.end_offset(), s.durable_offset()));
+                if end <= durable {
+                    // Already durable (`--fsync never`): answer now rather than at the next wake.
+                    if !local {
+                        self.durable_replies[from.index()].push((token, true));
+                    }
+                    return (0, false);
+                }
                 let waiter = if local { Waiter::Local(token) } else { Waiter::Remote(from, token) };
                 self.durable_waiters.push_back((end, waiter));
                 (u32::from(local), false)
