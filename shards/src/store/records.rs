@@ -94,10 +94,15 @@ pub enum Rec {
         uid: u64,
         msg: u64,
     },
-    /// The retained message of its topic in its tenant.
-    Retain(StoredMessage),
-    /// The retained message of the topic was deleted.
+    /// The retained message of its topic in its tenant. `seq` orders the versions of a topic
+    /// (compaction moves records, so offsets do not): the highest wins on replay.
+    Retain {
+        seq: u64,
+        message: StoredMessage,
+    },
+    /// The retained message of the topic was deleted (ordered by `seq` as above).
     RetainDel {
+        seq: u64,
         tenant: TenantId,
         topic: String,
     },
@@ -242,14 +247,16 @@ pub fn encode_rec(rec: &Rec, out: &mut Vec<u8>) {
             out.extend_from_slice(&msg.to_le_bytes());
             out.extend_from_slice(&packet_id.to_le_bytes());
         }
-        Rec::Retain(message) => {
+        Rec::Retain { seq, message } => {
             out.push(KIND_RETAIN);
+            out.extend_from_slice(&seq.to_le_bytes());
             out.extend_from_slice(&message.tenant.0.to_le_bytes());
             out.extend_from_slice(&message.expires_at_ms.to_le_bytes());
             put_publish(out, &message.publish);
         }
-        Rec::RetainDel { tenant, topic } => {
+        Rec::RetainDel { seq, tenant, topic } => {
             out.push(KIND_RETAIN_DEL);
+            out.extend_from_slice(&seq.to_le_bytes());
             out.extend_from_slice(&tenant.0.to_le_bytes());
             put_str(out, topic);
         }
@@ -366,14 +373,16 @@ pub fn decode_rec(bytes: &[u8]) -> Result<Rec, RecError> {
         KIND_RELEASED => Rec::Released { uid: c.u64()?, msg: c.u64()? },
         KIND_SENT => Rec::Sent { uid: c.u64()?, msg: c.u64()?, packet_id: c.u16()? },
         KIND_RETAIN => {
+            let seq = c.u64()?;
             let tenant = TenantId(c.u32()?);
             let expires_at_ms = c.u64()?;
             let publish = c.publish()?;
-            Rec::Retain(StoredMessage { tenant, publish, expires_at_ms })
+            Rec::Retain { seq, message: StoredMessage { tenant, publish, expires_at_ms } }
         }
         KIND_RETAIN_DEL => {
+            let seq = c.u64()?;
             let tenant = TenantId(c.u32()?);
-            Rec::RetainDel { tenant, topic: c.str()?.to_string() }
+            Rec::RetainDel { seq, tenant, topic: c.str()?.to_string() }
         }
         other => return Err(RecError::UnknownKind(other)),
     };
@@ -435,10 +444,13 @@ pub fn rec_id(bytes: &[u8]) -> Result<RecId, RecError> {
         KIND_MSG => RecId::Msg(c.u64()?),
         KIND_DONE | KIND_SENT | KIND_RELEASED => RecId::MsgAux { kind, uid: c.u64()?, msg: c.u64()? },
         KIND_RETAIN => match decode_rec(bytes)? {
-            Rec::Retain(message) => RecId::Retain(message.tenant, Arc::from(message.publish.topic.as_str())),
+            Rec::Retain { message, .. } => {
+                RecId::Retain(message.tenant, Arc::from(message.publish.topic.as_str()))
+            }
             _ => return Err(RecError::Invalid("retain record")),
         },
         KIND_RETAIN_DEL => {
+            let _seq = c.u64()?;
             let tenant = TenantId(c.u32()?);
             RecId::RetainDel(tenant, Arc::from(c.str()?))
         }
@@ -506,8 +518,8 @@ mod tests {
             Rec::Done { uid: 1, msg: 44 },
             Rec::Sent { uid: 1, msg: 44, packet_id: 65_535 },
             Rec::Released { uid: 2, msg: 44 },
-            Rec::Retain(message(QoS::AtLeastOnce)),
-            Rec::RetainDel { tenant: TenantId(2), topic: "x/y".into() },
+            Rec::Retain { seq: 3, message: message(QoS::AtLeastOnce) },
+            Rec::RetainDel { seq: 4, tenant: TenantId(2), topic: "x/y".into() },
         ]
     }
 
@@ -527,10 +539,10 @@ mod tests {
                 | (Rec::Sent { uid, msg, .. }, RecId::MsgAux { kind: KIND_SENT, uid: u, msg: m }) => {
                     assert_eq!((*uid, *msg), (u, m))
                 }
-                (Rec::Retain(m), RecId::Retain(tenant, topic)) => {
+                (Rec::Retain { message: m, .. }, RecId::Retain(tenant, topic)) => {
                     assert_eq!((m.tenant, m.publish.topic.as_str()), (tenant, &*topic))
                 }
-                (Rec::RetainDel { tenant, topic }, RecId::RetainDel(t, got)) => {
+                (Rec::RetainDel { tenant, topic, .. }, RecId::RetainDel(t, got)) => {
                     assert_eq!((*tenant, topic.as_str()), (t, &*got))
                 }
                 (rec, id) => panic!("{rec:?} has identity {id:?}"),

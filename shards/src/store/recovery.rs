@@ -318,8 +318,8 @@ fn write_session(
 
 /// A progress record of a message during replay: (kind, session uid, offset, packet id).
 type AuxRecord = (u8, u64, Offset, Option<PacketId>);
-/// One retained-message record of a topic during replay (`None`: a deletion).
-type RetainVersion = (Offset, Option<StoredMessage>);
+/// One retained-message record of a topic during replay: (seq, offset, `None` for a deletion).
+type RetainVersion = (u64, Offset, Option<StoredMessage>);
 
 fn message_of(stored: StoredMessage, clock: &Clock) -> Arc<Message> {
     let publish = stored.publish;
@@ -366,6 +366,7 @@ pub fn replay(log: Log, clock: &Clock) -> Result<Recovered, String> {
     let mut store = Store::empty(log);
     let mut max_uid = 0u64;
     let mut max_msg = 0u64;
+    let mut max_retain_seq = 0u64;
     let mut snapshots: HashMap<u64, Vec<(Offset, SessionRec)>> = HashMap::new();
     let mut gones: Vec<(Offset, u64)> = Vec::new();
     let mut aux: HashMap<u64, Vec<AuxRecord>> = HashMap::new();
@@ -393,12 +394,14 @@ pub fn replay(log: Log, clock: &Clock) -> Result<Recovered, String> {
                 max_msg = max_msg.max(msg);
                 aux.entry(msg).or_default().push((KIND_RELEASED, uid, offset, None));
             }
-            Rec::Retain(message) => {
+            Rec::Retain { seq, message } => {
+                max_retain_seq = max_retain_seq.max(seq);
                 let key = (message.tenant, Arc::from(message.publish.topic.as_str()));
-                retains.entry(key).or_default().push((offset, Some(message)));
+                retains.entry(key).or_default().push((seq, offset, Some(message)));
             }
-            Rec::RetainDel { tenant, topic } => {
-                retains.entry((tenant, Arc::from(topic.as_str()))).or_default().push((offset, None));
+            Rec::RetainDel { seq, tenant, topic } => {
+                max_retain_seq = max_retain_seq.max(seq);
+                retains.entry((tenant, Arc::from(topic.as_str()))).or_default().push((seq, offset, None));
             }
         }
     }
@@ -408,6 +411,7 @@ pub fn replay(log: Log, clock: &Clock) -> Result<Recovered, String> {
     }
     store.next_uid = max_uid + 1;
     store.next_msg_id = max_msg + 1;
+    store.next_retain_seq = max_retain_seq + 1;
 
     // Sessions: the newest snapshot of each uid wins; a `SessionGone` or a past expiry ends it.
     let gone: HashMap<u64, Offset> = gones.iter().map(|&(offset, uid)| (uid, offset)).collect();
@@ -509,12 +513,14 @@ pub fn replay(log: Log, clock: &Clock) -> Result<Recovered, String> {
         }
     }
 
-    // Retained: the newest record of each topic decides.
+    // Retained: the newest version (highest seq; a compaction copy keeps its original's seq) of
+    // each topic decides.
     let mut retained = Vec::new();
     for (key, mut versions) in retains {
-        let (newest, last) = versions.pop().expect("at least one record per entry");
-        let older_set = versions.iter().rev().find(|(_, m)| m.is_some()).map(|(o, _)| *o);
-        for (older, _) in versions {
+        versions.sort_by_key(|(seq, offset, _)| (*seq, *offset));
+        let (_, newest, last) = versions.pop().expect("at least one record per entry");
+        let older_set = versions.iter().filter(|(_, _, m)| m.is_some()).map(|(_, o, _)| *o).max();
+        for (_, older, _) in versions {
             store.ack(older);
         }
         match last {
