@@ -393,7 +393,7 @@ impl Session {
         // or a later message would use an alias the client never learnt (MQTT-3.3.2-12 ff.).
         let mut new_alias = None;
         if self.version.is_v5() {
-            let mut properties = msg.properties.clone();
+            let mut properties = msg.properties.as_deref().cloned().unwrap_or_default();
             properties.message_expiry_interval = msg.expiry_remaining_secs(now);
             properties.subscription_identifiers = delivery.subscription_ids.clone();
             publish.properties = properties;

@@ -449,6 +449,7 @@ impl Shard {
                 0 => Some(now + Duration::from_secs(u64::from(rec.expiry_secs))),
                 ms => Some(clock.to_instant(ms)),
             };
+            session.queue.reserve(stored.deliveries.len());
             for queued in stored.deliveries {
                 messages += 1;
                 match queued.packet_id {
@@ -834,7 +835,7 @@ impl Shard {
             payload,
             qos,
             retain,
-            properties,
+            properties: Message::boxed_properties(properties),
             expires_at,
             origin: Some(Origin { shard: self.id, session: key }),
         });
@@ -1015,7 +1016,7 @@ impl Shard {
                 payload: publish.payload,
                 qos,
                 retain: publish.retain,
-                properties,
+                properties: Message::boxed_properties(properties),
                 expires_at,
                 origin: Some(Origin { shard: self.id, session: key }),
             });

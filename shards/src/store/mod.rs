@@ -222,7 +222,13 @@ impl Store {
             targets,
             message: StoredMessage {
                 tenant: msg.tenant,
-                publish: stored_publish(&msg.topic, &msg.payload, msg.qos, msg.retain, &msg.properties),
+                publish: stored_publish(
+                    &msg.topic,
+                    &msg.payload,
+                    msg.qos,
+                    msg.retain,
+                    msg.properties.as_deref(),
+                ),
                 expires_at_ms: msg.expires_at.map_or(0, |at| clock.to_unix_ms(at)),
             },
         };
@@ -292,7 +298,7 @@ impl Store {
             seq: self.next_retain_seq,
             message: StoredMessage {
                 tenant: msg.tenant,
-                publish: stored_publish(&msg.topic, &msg.payload, msg.qos, true, &msg.properties),
+                publish: stored_publish(&msg.topic, &msg.payload, msg.qos, true, msg.properties.as_deref()),
                 expires_at_ms: msg.expires_at.map_or(0, |at| clock.to_unix_ms(at)),
             },
         };
@@ -390,7 +396,7 @@ mod tests {
     use std::collections::{BTreeMap, BTreeSet};
 
     use bytes::Bytes;
-    use shardmq_protocol::{Properties, ProtocolVersion, QoS, Utf8};
+    use shardmq_protocol::{ProtocolVersion, QoS, Utf8};
     use shardmq_storage::{Config, FsyncPolicy};
 
     use super::records::{SessionRec, Target};
@@ -413,7 +419,7 @@ mod tests {
             payload: Bytes::copy_from_slice(payload.as_bytes()),
             qos: QoS::AtLeastOnce,
             retain: false,
-            properties: Properties::default(),
+            properties: None,
             expires_at: None,
             origin: None,
         }

@@ -182,7 +182,7 @@ pub fn stored_publish(
     payload: &bytes::Bytes,
     qos: QoS,
     retain: bool,
-    properties: &Properties,
+    properties: Option<&Properties>,
 ) -> Publish {
     Publish {
         dup: false,
@@ -191,7 +191,7 @@ pub fn stored_publish(
         topic: topic.clone(),
         // The codec requires a packet id exactly when QoS > 0; the stored one means nothing.
         packet_id: (qos != QoS::AtMostOnce).then_some(1),
-        properties: properties.clone(),
+        properties: properties.cloned().unwrap_or_default(),
         payload: payload.clone(),
     }
 }
@@ -476,7 +476,7 @@ mod tests {
                 &bytes::Bytes::from_static(b"payload"),
                 qos,
                 true,
-                &properties,
+                Some(&properties),
             ),
             expires_at_ms: 1_234,
         }

@@ -329,7 +329,7 @@ fn message_of(stored: StoredMessage, clock: &Clock) -> Arc<Message> {
         payload: publish.payload,
         qos: publish.qos,
         retain: publish.retain,
-        properties: publish.properties,
+        properties: Message::boxed_properties(publish.properties),
         expires_at: (stored.expires_at_ms != 0).then(|| clock.to_instant(stored.expires_at_ms)),
         origin: None,
     })
@@ -450,6 +450,7 @@ pub fn replay(log: Log, clock: &Clock) -> Result<Recovered, String> {
             _ => newest.push(index),
         }
     }
+    store.msgs.reserve(newest.len());
     for index in newest {
         let (id, offset, targets, expires_at_ms) = &mut msgs[index];
         let (id, offset, targets, expires_at_ms) = (*id, *offset, std::mem::take(targets), *expires_at_ms);
