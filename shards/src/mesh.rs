@@ -16,7 +16,7 @@
 //! Invariant: messages from shard i to shard j are received in the order i sent them.
 
 use std::future::poll_fn;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::task::Poll;
 
@@ -48,6 +48,9 @@ pub struct Mesh<T> {
     /// Ring from i to j at `i * shard_count + j`. The diagonal is unused (a shard calls itself directly).
     rings: Vec<ArrayQueue<T>>,
     doorbells: Vec<Doorbell>,
+    /// Per shard: how many of its sessions are stored and subscribed. A publisher asks a shard
+    /// for a durability answer only when this is non-zero (written by the shard, read by all).
+    pub stored_subscribers: Vec<AtomicU32>,
 }
 
 impl<T> Mesh<T> {
@@ -56,7 +59,8 @@ impl<T> Mesh<T> {
         assert!(shard_count > 0 && capacity > 0);
         let rings = (0..shard_count * shard_count).map(|_| ArrayQueue::new(capacity)).collect();
         let doorbells = (0..shard_count).map(|_| Doorbell::default()).collect();
-        Arc::new(Mesh { shard_count, rings, doorbells })
+        let stored_subscribers = (0..shard_count).map(|_| AtomicU32::new(0)).collect();
+        Arc::new(Mesh { shard_count, rings, doorbells, stored_subscribers })
     }
 
     pub fn shard_count(&self) -> usize {

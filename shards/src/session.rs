@@ -198,6 +198,8 @@ pub struct Session {
     pub aliases_out: HashMap<Utf8, u16>,
     /// The session's uid in the home shard's store; 0 when it is not stored.
     pub store_uid: u64,
+    /// Counted in the mesh's `stored_subscribers` of its shard (stored and subscribed).
+    pub counted_stored: bool,
     /// Acknowledgements of client PUBLISHes waiting for durability, in arrival order.
     pub pending_acks: VecDeque<PendingAck>,
 }
@@ -227,6 +229,7 @@ impl Session {
             aliases_in: HashMap::new(),
             aliases_out: HashMap::new(),
             store_uid: 0,
+            counted_stored: false,
             pending_acks: VecDeque::new(),
         }
     }

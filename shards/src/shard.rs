@@ -466,6 +466,7 @@ impl Shard {
             if let Some(at) = session.expires_at {
                 self.timers.push(Reverse(TimerEntry { at, session: key }));
             }
+            self.recount_stored(key);
         }
         for msg in retained {
             self.retain_memory(msg);
@@ -748,6 +749,7 @@ impl Shard {
         if let Err(error) = store.put_session(rec) {
             tracing::warn!(shard = self.id.0, %error, client_id = %session.client_id.as_str(), "store: session not saved");
         }
+        self.recount_stored(key);
     }
 
     /// Takes session `key` out of the store: its snapshot and every message stored for it.
@@ -767,6 +769,7 @@ impl Shard {
             }
         }
         store.session_gone(uid);
+        self.recount_stored(key);
     }
 
     /// Removes a session and its subscriptions; publishes a pending delayed will.
@@ -1501,6 +1504,9 @@ impl Shard {
                 waiting += w;
                 failed |= f;
             } else {
+                // A shard with no stored, subscribed session stores nothing: no answer to wait for.
+                // (The count rises before the SUBACK that makes such a session receive anything.)
+                let token = self.token_for(ShardId(index), token);
                 self.outbox.send(ShardId(index), MeshMsg::Publish(msg.clone(), token));
                 waiting += u32::from(token != 0);
             }
@@ -1512,11 +1518,36 @@ impl Shard {
                 waiting += w;
                 failed |= f;
             } else {
+                let token = self.token_for(shard, token);
                 self.outbox.send(shard, MeshMsg::SharedPublish { msg: msg.clone(), group, filter, token });
                 waiting += u32::from(token != 0);
             }
         }
         (waiting, failed)
+    }
+
+    /// The token to send to shard `to`: 0 (no answer) when it has no stored, subscribed session.
+    fn token_for(&self, to: ShardId, token: u64) -> u64 {
+        if token != 0 && self.outbox.mesh.stored_subscribers[to.index()].load(Ordering::SeqCst) > 0 {
+            token
+        } else {
+            0
+        }
+    }
+
+    /// Keeps session `key`'s place in this shard's count of stored, subscribed sessions.
+    fn recount_stored(&mut self, key: SessionKey) {
+        let Some(session) = self.sessions.get_mut(key) else { return };
+        let want = session.store_uid != 0 && !session.subscriptions.is_empty();
+        if want != session.counted_stored {
+            session.counted_stored = want;
+            let counter = &self.outbox.mesh.stored_subscribers[self.id.index()];
+            if want {
+                counter.fetch_add(1, Ordering::SeqCst);
+            } else {
+                counter.fetch_sub(1, Ordering::SeqCst);
+            }
+        }
     }
 
     /// Delivers a message to this shard's direct subscribers: one delivery per session at the
