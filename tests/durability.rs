@@ -600,3 +600,49 @@ async fn offline_qos0_is_stored_when_configured_and_delivered_once() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn will_of_a_stored_session_is_published_after_a_kill() {
+    bounded(async {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let broker = Proc::start(dir.path(), 2, &[]);
+        // A persistent watcher of the will topic, offline during the kill.
+        let (mut watcher, _) = connect_v5_expiring(broker.addr, "will-watcher", 3600, true).await;
+        assert_eq!(watcher.subscribe(1, "will/#", 1).await, vec![1]);
+        watcher.send(&Packet::Disconnect(Disconnect::new(ReasonCode::Success))).await;
+        watcher.expect_closed().await;
+        // A persistent client with a delayed will, connected when the broker dies.
+        let mut connect = connect_packet(ProtocolVersion::V5, "will-owner", true, 60);
+        connect.properties = Properties { session_expiry_interval: Some(3600), ..Default::default() };
+        let mut will_properties = Properties { will_delay_interval: Some(1), ..Default::default() };
+        will_properties.content_type = Some(shardmq_protocol::Utf8::new("text/plain").expect("utf8"));
+        connect.will = Some(shardmq_protocol::Will {
+            topic: shardmq_protocol::Utf8::new("will/owner").expect("utf8"),
+            payload: bytes::Bytes::from_static(b"owner is gone"),
+            qos: QoS::AtLeastOnce,
+            retain: false,
+            properties: will_properties,
+        });
+        let (_owner, ack) = Raw::connect_with(broker.addr, connect).await;
+        assert_eq!(ack.reason, ReasonCode::Success);
+        // The CONNACK came after the session (and its will) was written; the kill follows.
+        broker.kill();
+
+        let broker = Proc::start(dir.path(), 2, &[]);
+        let (mut watcher, present) = connect_v5_expiring(broker.addr, "will-watcher", 3600, false).await;
+        assert!(present);
+        match watcher.expect().await {
+            Packet::Publish(p) => {
+                assert_eq!(p.topic.as_str(), "will/owner");
+                assert_eq!(&p.payload[..], b"owner is gone");
+                assert_eq!(p.properties.content_type.as_ref().map(|c| c.as_str()), Some("text/plain"));
+            }
+            other => panic!("expected the will, got {other:?}"),
+        }
+        // The owner's session itself survived (its will is spent).
+        let (_owner, present) = connect_v5_expiring(broker.addr, "will-owner", 3600, false).await;
+        assert!(present);
+        drop(broker);
+    })
+    .await;
+}

@@ -40,7 +40,7 @@ use crate::session::{
     ConnId, Control, FillEvent, FillStats, Inflight, InflightState, PendingAck, Session, SessionKey,
     SessionTable, SubEntry, WillState,
 };
-use crate::store::records::{SessionRec, Target};
+use crate::store::records::{stored_publish, SessionRec, StoredWill, Target};
 use crate::store::recovery::Recovered;
 use crate::store::{Clock, Store};
 use crate::trie::TopicTrie;
@@ -243,6 +243,8 @@ enum Waiter {
     Local(u64),
     /// A token of another shard, answered with [`MeshMsg::Durable`].
     Remote(ShardId, u64),
+    /// A SUBSCRIBE of this shard whose session snapshot must be durable before its SUBACK.
+    Subscribe(u64),
 }
 
 /// What a delivery did to the store.
@@ -441,6 +443,28 @@ impl Shard {
             let session = self.sessions.get_mut(key).expect("just inserted");
             session.store_uid = rec.uid;
             session.expiry_secs = rec.expiry_secs;
+            if let Some(stored_will) = rec.will {
+                let publish = stored_will.publish;
+                let mut properties = publish.properties;
+                properties.will_delay_interval =
+                    (stored_will.delay_secs > 0).then_some(stored_will.delay_secs);
+                let will = Will {
+                    topic: publish.topic,
+                    payload: publish.payload,
+                    qos: publish.qos,
+                    retain: publish.retain,
+                    properties,
+                };
+                // A will whose connection was up at the crash: that connection ended at the crash,
+                // which this start-up stands for.
+                let due = match stored_will.due_at_ms {
+                    0 => now + Duration::from_secs(u64::from(stored_will.delay_secs.min(rec.expiry_secs))),
+                    ms => clock.to_instant(ms),
+                };
+                session.will = Some(Box::new(WillState { will, delay_secs: stored_will.delay_secs }));
+                session.will_due_at = Some(due);
+                self.timers.push(Reverse(TimerEntry { at: due, session: key }));
+            }
             session.subscriptions = rec.subscriptions.into_iter().collect();
             // A session connected at the crash counts as disconnected now.
             session.expires_at = match rec.expires_at_ms {
@@ -745,6 +769,21 @@ impl Shard {
             expires_at_ms,
             client_id: session.client_id.as_str().to_string(),
             subscriptions: session.subscriptions.iter().map(|(f, e)| (f.clone(), e.clone())).collect(),
+            will: session.will.as_ref().map(|w| {
+                let mut properties = w.will.properties.clone();
+                properties.will_delay_interval = None;
+                StoredWill {
+                    delay_secs: w.delay_secs,
+                    due_at_ms: session.will_due_at.map_or(0, |at| clock.to_unix_ms(at)),
+                    publish: stored_publish(
+                        &w.will.topic,
+                        &w.will.payload,
+                        w.will.qos,
+                        w.will.retain,
+                        Some(&properties),
+                    ),
+                }
+            }),
         };
         if let Err(error) = store.put_session(rec) {
             tracing::warn!(shard = self.id.0, %error, client_id = %session.client_id.as_str(), "store: session not saved");
@@ -817,6 +856,7 @@ impl Shard {
                 session.will_due_at = None;
                 if let Some(will) = session.will.take() {
                     self.publish_will(key, will.will, now);
+                    self.persist_session(key);
                 }
             }
             let session = self.sessions.get_mut(key).expect("checked above");
@@ -1149,6 +1189,7 @@ impl Shard {
                 match waiter {
                     Waiter::Local(token) => self.answer(token, true),
                     Waiter::Remote(shard, token) => self.durable_replies[shard.index()].push((token, true)),
+                    Waiter::Subscribe(token) => self.subscribe_answered(token, Vec::new(), Instant::now()),
                 }
             }
         }
@@ -1235,13 +1276,22 @@ impl Shard {
             self.collect_retained(tenant, filter, now, |msg| retained.push((index, msg)));
         }
         let others = self.shard_count() - 1;
-        let mut pending = PendingSubscribe { session: key, conn, suback, waiting: others, queries, retained };
-        if others == 0 {
+        // A stored session's new subscriptions are durable before the SUBACK says so.
+        let unsynced = self.store.as_ref().map(|s| s.end_offset()).filter(|end| {
+            self.sessions.get(key).is_some_and(|s| s.store_uid != 0)
+                && self.store.as_ref().is_some_and(|s| s.durable_offset() < *end)
+        });
+        let waiting = others + usize::from(unsynced.is_some());
+        let mut pending = PendingSubscribe { session: key, conn, suback, waiting, queries, retained };
+        if waiting == 0 {
             self.finish_subscribe(&mut pending, now);
             return;
         }
         let token = self.next_token;
         self.next_token += 1;
+        if let Some(end) = unsynced {
+            self.durable_waiters.push_back((end, Waiter::Subscribe(token)));
+        }
         let retain_queries: Vec<Arc<str>> = pending.queries.iter().map(|(f, _)| f.clone()).collect();
         for to in 0..self.shard_count() {
             if to == self.id.index() {
@@ -1256,6 +1306,17 @@ impl Shard {
             self.outbox.send(ShardId(to as u16), MeshMsg::Subscribe(Box::new(sync)));
         }
         self.pending_subscribes.insert(token, pending);
+    }
+
+    /// One answer for a pending SUBSCRIBE (a shard's retained messages, or local durability).
+    fn subscribe_answered(&mut self, token: u64, retained: Vec<(usize, Arc<Message>)>, now: Instant) {
+        let Some(pending) = self.pending_subscribes.get_mut(&token) else { return };
+        pending.retained.extend(retained);
+        pending.waiting -= 1;
+        if pending.waiting == 0 {
+            let mut pending = self.pending_subscribes.remove(&token).expect("present above");
+            self.finish_subscribe(&mut pending, now);
+        }
     }
 
     fn finish_subscribe(&mut self, pending: &mut PendingSubscribe, now: Instant) {
@@ -1876,13 +1937,8 @@ impl Shard {
                 );
             }
             MeshMsg::SubscribeDone(done) => {
-                let Some(pending) = self.pending_subscribes.get_mut(&done.token) else { return };
-                pending.retained.extend(done.retained);
-                pending.waiting -= 1;
-                if pending.waiting == 0 {
-                    let mut pending = self.pending_subscribes.remove(&done.token).expect("present above");
-                    self.finish_subscribe(&mut pending, now);
-                }
+                let SubscribeDone { token, retained } = *done;
+                self.subscribe_answered(token, retained, now);
             }
             MeshMsg::RetainSet(msg, token) => {
                 let persisted = self.retain_set(msg);

@@ -434,6 +434,7 @@ mod tests {
             expires_at_ms: u64::MAX,
             client_id: format!("c{uid}"),
             subscriptions: Vec::new(),
+            will: None,
         }
     }
 

@@ -44,6 +44,19 @@ pub struct SessionRec {
     pub expires_at_ms: u64,
     pub client_id: String,
     pub subscriptions: Vec<(Box<str>, SubEntry)>,
+    /// The session's will, kept until it is published or cleared.
+    pub will: Option<StoredWill>,
+}
+
+/// A stored will: its message as a PUBLISH frame (the will delay is kept apart: it is not a
+/// PUBLISH property), its delay, and when it is due if its connection is already gone.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredWill {
+    pub delay_secs: u32,
+    /// Unix ms at which it is due; 0 while its connection is up (a crash then counts as the
+    /// connection's end, at the next start).
+    pub due_at_ms: u64,
+    pub publish: Publish,
 }
 
 /// One session a stored message is queued for.
@@ -214,6 +227,15 @@ pub fn encode_rec(rec: &Rec, out: &mut Vec<u8>) {
                 out.push(options_byte(&entry.options));
                 out.extend_from_slice(&entry.subscription_id.unwrap_or(0).to_le_bytes());
             }
+            match &s.will {
+                None => out.push(0),
+                Some(will) => {
+                    out.push(1);
+                    out.extend_from_slice(&will.delay_secs.to_le_bytes());
+                    out.extend_from_slice(&will.due_at_ms.to_le_bytes());
+                    put_publish(out, &will.publish);
+                }
+            }
         }
         Rec::SessionGone { uid } => {
             out.push(KIND_SESSION_GONE);
@@ -338,6 +360,15 @@ pub fn decode_rec(bytes: &[u8]) -> Result<Rec, RecError> {
                 let id = c.u32()?;
                 subscriptions.push((filter, SubEntry { options, subscription_id: (id != 0).then_some(id) }));
             }
+            let will = match c.u8()? {
+                0 => None,
+                1 => {
+                    let delay_secs = c.u32()?;
+                    let due_at_ms = c.u64()?;
+                    Some(StoredWill { delay_secs, due_at_ms, publish: c.publish()? })
+                }
+                _ => return Err(RecError::Invalid("will flag")),
+            };
             Rec::Session(SessionRec {
                 uid,
                 tenant,
@@ -346,6 +377,7 @@ pub fn decode_rec(bytes: &[u8]) -> Result<Rec, RecError> {
                 expires_at_ms,
                 client_id,
                 subscriptions,
+                will,
             })
         }
         KIND_SESSION_GONE => Rec::SessionGone { uid: c.u64()? },
@@ -504,6 +536,21 @@ mod tests {
                         SubEntry { options: SubscriptionOptions::default(), subscription_id: None },
                     ),
                 ],
+                will: Some(StoredWill {
+                    delay_secs: 30,
+                    due_at_ms: 99,
+                    publish: message(QoS::AtLeastOnce).publish,
+                }),
+            }),
+            Rec::Session(SessionRec {
+                uid: 10,
+                tenant: TenantId(0),
+                version: ProtocolVersion::V3_1_1,
+                expiry_secs: u32::MAX,
+                expires_at_ms: 0,
+                client_id: String::new(),
+                subscriptions: vec![],
+                will: None,
             }),
             Rec::SessionGone { uid: 9 },
             Rec::Msg {
