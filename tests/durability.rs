@@ -646,3 +646,53 @@ async fn will_of_a_stored_session_is_published_after_a_kill() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qos2_publish_resent_after_a_kill_is_not_routed_twice() {
+    bounded(async {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let broker = Proc::start(dir.path(), 2, &[]);
+        let (mut sub, _) = connect_persistent(broker.addr, "q2-sub").await;
+        assert_eq!(sub.subscribe(1, "q2/#", 2).await, vec![2]);
+        sub.send(&Packet::Disconnect(Disconnect::new(ReasonCode::Success))).await;
+        sub.expect_closed().await;
+        // A persistent publisher gets PUBREC for packet id 7, then the broker dies before PUBREL.
+        let (mut publisher, _) = connect_persistent(broker.addr, "q2-pub").await;
+        publisher.send(&Packet::Publish(publish_packet("q2/a", 2, Some(7), &payload(1)))).await;
+        assert!(matches!(publisher.expect().await, Packet::PubRec(rec) if rec.packet_id == 7));
+        broker.kill();
+
+        let broker = Proc::start(dir.path(), 2, &[]);
+        let (mut publisher, present) = connect_persistent(broker.addr, "q2-pub").await;
+        assert!(present);
+        // It may resend the PUBLISH (with DUP) rather than PUBREL: that must not route it again.
+        let mut resend = publish_packet("q2/a", 2, Some(7), &payload(1));
+        resend.dup = true;
+        publisher.send(&Packet::Publish(resend)).await;
+        assert!(matches!(publisher.expect().await, Packet::PubRec(rec) if rec.packet_id == 7));
+        publisher.send(&Packet::PubRel(PubResp::new(7))).await;
+        match publisher.expect().await {
+            Packet::PubComp(comp) => assert_eq!((comp.packet_id, comp.reason), (7, ReasonCode::Success)),
+            other => panic!("expected PUBCOMP, got {other:?}"),
+        }
+        // A second message marks the end: the subscriber must see message 1 once, then message 2.
+        publisher.send(&Packet::Publish(publish_packet("q2/a", 2, Some(8), &payload(2)))).await;
+        assert!(matches!(publisher.expect().await, Packet::PubRec(_)));
+        let (mut sub, present) = connect_persistent(broker.addr, "q2-sub").await;
+        assert!(present);
+        let mut seqs = Vec::new();
+        while seqs.last() != Some(&2) {
+            match sub.expect().await {
+                Packet::Publish(p) => {
+                    seqs.push(seq_of(&p.payload));
+                    sub.send(&Packet::PubRec(PubResp::new(p.packet_id.expect("QoS 2")))).await;
+                }
+                Packet::PubRel(rel) => sub.send(&Packet::PubComp(PubResp::new(rel.packet_id))).await,
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        assert_eq!(seqs, vec![1, 2], "the resent QoS 2 message was routed again");
+        drop(broker);
+    })
+    .await;
+}

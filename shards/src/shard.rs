@@ -443,6 +443,7 @@ impl Shard {
             let session = self.sessions.get_mut(key).expect("just inserted");
             session.store_uid = rec.uid;
             session.expiry_secs = rec.expiry_secs;
+            session.incoming_qos2.extend(stored.incoming_qos2);
             if let Some(stored_will) = rec.will {
                 let publish = stored_will.publish;
                 let mut properties = publish.properties;
@@ -959,10 +960,15 @@ impl Shard {
             Packet::PubRel(rel) => {
                 let session = self.sessions.get_mut(key).expect("checked above");
                 let mut comp = PubResp::new(rel.packet_id);
-                if !session.incoming_qos2.remove(&rel.packet_id) && v5 {
+                let known = session.incoming_qos2.remove(&rel.packet_id);
+                if !known && v5 {
                     comp.reason = ReasonCode::PacketIdentifierNotFound;
                 }
                 session.push_control(Packet::PubComp(comp));
+                let uid = session.store_uid;
+                if let (Some(store), true) = (self.store.as_mut(), known && uid != 0) {
+                    store.inbound_done(uid, rel.packet_id);
+                }
                 After::Continue
             }
             Packet::Subscribe(subscribe) => {
@@ -1075,6 +1081,22 @@ impl Shard {
             let (w, f) = self.route(msg, token);
             waiting += w;
             failed |= f;
+            // A stored session's routed QoS 2 id is durable before its PUBREC, so a resend after
+            // a restart is recognised and not routed twice.
+            let uid = self.sessions.get(key).map_or(0, |s| s.store_uid);
+            if let (Some(store), true) = (self.store.as_mut(), qos == QoS::ExactlyOnce && uid != 0) {
+                let persisted = match store.inbound_add(uid, packet_id) {
+                    Ok(()) => Persisted::Appended,
+                    Err(error) => {
+                        // The message is routed; only its deduplication across a restart is lost.
+                        tracing::warn!(shard = self.id.0, %error, "store: QoS 2 packet id not saved");
+                        Persisted::Nothing
+                    }
+                };
+                let (w, f) = self.settle(self.id, token, persisted);
+                waiting += w;
+                failed |= f;
+            }
         }
         if qos == QoS::AtMostOnce {
             return After::Continue;

@@ -104,6 +104,8 @@ pub struct Store {
     /// Session uid -> offset of its newest snapshot.
     sessions: HashMap<u64, Offset>,
     retained: HashMap<(TenantId, Arc<str>), Offset>,
+    /// Incoming QoS 2 packet ids awaiting PUBREL, per stored session: (uid, packet id) -> offset.
+    inbound: HashMap<(u64, u16), Offset>,
     /// Tombstones waiting for their target's segment to go: tombstone offset -> target offset.
     limbo: HashMap<Offset, Offset>,
     /// The same, ordered by target (lazily: moved tombstones leave stale entries behind).
@@ -122,6 +124,7 @@ impl Store {
             msgs: HashMap::new(),
             sessions: HashMap::new(),
             retained: HashMap::new(),
+            inbound: HashMap::new(),
             limbo: HashMap::new(),
             limbo_order: BinaryHeap::new(),
             buf: Vec::with_capacity(256),
@@ -184,6 +187,7 @@ impl Store {
     pub fn put_session(&mut self, rec: SessionRec) -> Result<(), StorageError> {
         let uid = rec.uid;
         let offset = self.append(&Rec::Session(rec))?;
+        // (Inbound ids of a session that ends are released by `session_gone`.)
         if let Some(old) = self.sessions.insert(uid, offset) {
             self.ack(old);
         }
@@ -200,6 +204,13 @@ impl Store {
     pub fn session_gone(&mut self, uid: u64) {
         let Some(snapshot) = self.sessions.remove(&uid) else { return };
         self.ack(snapshot);
+        // Its inbound QoS 2 ids die with it (replay ignores ids of sessions that are gone).
+        let ids: Vec<(u64, u16)> = self.inbound.keys().filter(|(owner, _)| *owner == uid).copied().collect();
+        for key in ids {
+            if let Some(offset) = self.inbound.remove(&key) {
+                self.ack(offset);
+            }
+        }
         match self.append(&Rec::SessionGone { uid }) {
             Ok(tomb) => self.park_tombstone(tomb, snapshot),
             // Without the tombstone the session comes back after a restart (and expires then, or
@@ -292,6 +303,31 @@ impl Store {
         }
     }
 
+    /// Session `uid` routed QoS 2 PUBLISH `packet_id`; until PUBREL a resend is only acknowledged.
+    pub fn inbound_add(&mut self, uid: u64, packet_id: u16) -> Result<(), StorageError> {
+        let offset = self.append(&Rec::Inbound { seq: self.next_retain_seq, uid, packet_id })?;
+        self.next_retain_seq += 1;
+        if let Some(old) = self.inbound.insert((uid, packet_id), offset) {
+            self.ack(old);
+        }
+        Ok(())
+    }
+
+    /// The PUBREL for session `uid`'s QoS 2 `packet_id` arrived.
+    pub fn inbound_done(&mut self, uid: u64, packet_id: u16) {
+        let Some(old) = self.inbound.remove(&(uid, packet_id)) else { return };
+        self.ack(old);
+        match self.append(&Rec::InboundDone { seq: self.next_retain_seq, uid, packet_id }) {
+            Ok(tomb) => {
+                self.next_retain_seq += 1;
+                self.park_tombstone(tomb, old);
+            }
+            // Without it, a restart keeps the packet id as pending: a later PUBLISH reusing it
+            // would be acknowledged without being routed until the client's PUBREL. Logged.
+            Err(error) => warn!(%error, uid, packet_id, "store: cannot record a PUBREL"),
+        }
+    }
+
     /// Stores the retained message of its topic (the previous one is consumed).
     pub fn retain_set(&mut self, msg: &Message, clock: &Clock) -> Result<(), StorageError> {
         let rec = Rec::Retain {
@@ -371,7 +407,8 @@ impl Store {
                 self.msgs.get_mut(&msg).and_then(|m| m.aux.iter_mut().find(|a| a.2 == old).map(|a| &mut a.2))
             }
             RecId::Retain(tenant, topic) => self.retained.get_mut(&(tenant, topic)),
-            RecId::SessionGone(_) | RecId::RetainDel(..) => None,
+            RecId::Inbound(uid, packet_id) => self.inbound.get_mut(&(uid, packet_id)),
+            RecId::SessionGone(_) | RecId::RetainDel(..) | RecId::InboundDone => None,
         };
         if let Some(slot) = slot {
             if *slot == old {
@@ -454,6 +491,8 @@ mod tests {
     struct Model {
         sessions: BTreeMap<String, BTreeSet<String>>,
         retained: BTreeMap<String, String>,
+        /// Per live session: incoming QoS 2 packet ids awaiting PUBREL.
+        inbound: BTreeMap<String, BTreeSet<u16>>,
     }
 
     fn run(seed: u64) {
@@ -491,6 +530,7 @@ mod tests {
                         }
                         store.session_gone(uid);
                         model.sessions.remove(&client);
+                        model.inbound.remove(&client);
                     }
                 }
                 3..=5 => {
@@ -540,6 +580,22 @@ mod tests {
                         model.retained.insert(topic, value);
                     }
                 }
+                9 if rng.below(2) == 0 => {
+                    let client = format!("c{}", rng.below(4));
+                    let packet_id = rng.below(3) as u16 + 1;
+                    let Some(&uid) = uids.get(&client) else { continue };
+                    let ids = model.inbound.entry(client.clone()).or_default();
+                    if ids.contains(&packet_id) {
+                        store.inbound_done(uid, packet_id);
+                        ids.remove(&packet_id);
+                    } else {
+                        store.inbound_add(uid, packet_id).unwrap();
+                        ids.insert(packet_id);
+                    }
+                    if ids.is_empty() {
+                        model.inbound.remove(&client);
+                    }
+                }
                 _ => store.maintain(),
             }
             if rng.below(40) == 0 || step == 399 {
@@ -562,6 +618,10 @@ mod tests {
                         queued.insert((s.rec.client_id.clone(), payload), d.delivery.stored);
                     }
                     got.sessions.insert(s.rec.client_id.clone(), payloads);
+                    if !s.incoming_qos2.is_empty() {
+                        got.inbound
+                            .insert(s.rec.client_id.clone(), s.incoming_qos2.iter().copied().collect());
+                    }
                 }
                 for m in &recovered.retained {
                     got.retained

@@ -31,6 +31,8 @@ pub const KIND_SENT: u8 = 5;
 pub const KIND_RELEASED: u8 = 6;
 pub const KIND_RETAIN: u8 = 7;
 pub const KIND_RETAIN_DEL: u8 = 8;
+pub const KIND_INBOUND: u8 = 9;
+pub const KIND_INBOUND_DONE: u8 = 10;
 
 /// A persistent session as stored: everything but its messages, which are `Msg` records.
 #[derive(Debug, Clone, PartialEq)]
@@ -112,6 +114,19 @@ pub enum Rec {
     Retain {
         seq: u64,
         message: StoredMessage,
+    },
+    /// Session `uid` received QoS 2 PUBLISH `packet_id` and routed it: a resend must not be routed
+    /// again until PUBREL (ordered by `seq`: clients reuse packet ids).
+    Inbound {
+        seq: u64,
+        uid: u64,
+        packet_id: PacketId,
+    },
+    /// The PUBREL for it arrived.
+    InboundDone {
+        seq: u64,
+        uid: u64,
+        packet_id: PacketId,
     },
     /// The retained message of the topic was deleted (ordered by `seq` as above).
     RetainDel {
@@ -276,6 +291,12 @@ pub fn encode_rec(rec: &Rec, out: &mut Vec<u8>) {
             out.extend_from_slice(&message.expires_at_ms.to_le_bytes());
             put_publish(out, &message.publish);
         }
+        Rec::Inbound { seq, uid, packet_id } | Rec::InboundDone { seq, uid, packet_id } => {
+            out.push(if matches!(rec, Rec::Inbound { .. }) { KIND_INBOUND } else { KIND_INBOUND_DONE });
+            out.extend_from_slice(&seq.to_le_bytes());
+            out.extend_from_slice(&uid.to_le_bytes());
+            out.extend_from_slice(&packet_id.to_le_bytes());
+        }
         Rec::RetainDel { seq, tenant, topic } => {
             out.push(KIND_RETAIN_DEL);
             out.extend_from_slice(&seq.to_le_bytes());
@@ -334,7 +355,7 @@ impl<'a> Cursor<'a> {
 /// moves, which only need to know whose record moved).
 pub fn peek_kind(bytes: &[u8]) -> Result<u8, RecError> {
     match bytes.first() {
-        Some(&kind) if (KIND_SESSION..=KIND_RETAIN_DEL).contains(&kind) => Ok(kind),
+        Some(&kind) if (KIND_SESSION..=KIND_INBOUND_DONE).contains(&kind) => Ok(kind),
         Some(&kind) => Err(RecError::UnknownKind(kind)),
         None => Err(RecError::Truncated),
     }
@@ -416,6 +437,8 @@ pub fn decode_rec(bytes: &[u8]) -> Result<Rec, RecError> {
             let tenant = TenantId(c.u32()?);
             Rec::RetainDel { seq, tenant, topic: c.str()?.to_string() }
         }
+        KIND_INBOUND => Rec::Inbound { seq: c.u64()?, uid: c.u64()?, packet_id: c.u16()? },
+        KIND_INBOUND_DONE => Rec::InboundDone { seq: c.u64()?, uid: c.u64()?, packet_id: c.u16()? },
         other => return Err(RecError::UnknownKind(other)),
     };
     if !c.bytes.is_empty() {
@@ -464,6 +487,8 @@ pub enum RecId {
     },
     Retain(TenantId, Arc<str>),
     RetainDel(TenantId, Arc<str>),
+    Inbound(u64, PacketId),
+    InboundDone,
 }
 
 /// The identity of an encoded record (for compaction moves).
@@ -486,6 +511,11 @@ pub fn rec_id(bytes: &[u8]) -> Result<RecId, RecError> {
             let tenant = TenantId(c.u32()?);
             RecId::RetainDel(tenant, Arc::from(c.str()?))
         }
+        KIND_INBOUND => {
+            let _seq = c.u64()?;
+            RecId::Inbound(c.u64()?, c.u16()?)
+        }
+        KIND_INBOUND_DONE => RecId::InboundDone,
         other => return Err(RecError::UnknownKind(other)),
     })
 }
@@ -567,6 +597,8 @@ mod tests {
             Rec::Released { uid: 2, msg: 44 },
             Rec::Retain { seq: 3, message: message(QoS::AtLeastOnce) },
             Rec::RetainDel { seq: 4, tenant: TenantId(2), topic: "x/y".into() },
+            Rec::Inbound { seq: 5, uid: 9, packet_id: 77 },
+            Rec::InboundDone { seq: 6, uid: 9, packet_id: 77 },
         ]
     }
 
@@ -592,6 +624,10 @@ mod tests {
                 (Rec::RetainDel { tenant, topic, .. }, RecId::RetainDel(t, got)) => {
                     assert_eq!((*tenant, topic.as_str()), (t, &*got))
                 }
+                (Rec::Inbound { uid, packet_id, .. }, RecId::Inbound(u, p)) => {
+                    assert_eq!((*uid, *packet_id), (u, p))
+                }
+                (Rec::InboundDone { .. }, RecId::InboundDone) => {}
                 (rec, id) => panic!("{rec:?} has identity {id:?}"),
             }
         }

@@ -50,6 +50,8 @@ pub struct RecoveredDelivery {
 pub struct RecoveredSession {
     pub rec: SessionRec,
     pub deliveries: Vec<RecoveredDelivery>,
+    /// Incoming QoS 2 packet ids routed and awaiting PUBREL.
+    pub incoming_qos2: Vec<u16>,
 }
 
 /// One shard's state read back from its log.
@@ -318,6 +320,8 @@ fn write_session(
 
 /// A progress record of a message during replay: (kind, session uid, offset, packet id).
 type AuxRecord = (u8, u64, Offset, Option<PacketId>);
+/// One inbound QoS 2 record during replay: (seq, offset, routed (true) or released (false)).
+type InboundVersion = (u64, Offset, bool);
 /// One retained-message record of a topic during replay: (seq, offset, `None` for a deletion).
 type RetainVersion = (u64, Offset, Option<StoredMessage>);
 
@@ -371,6 +375,8 @@ pub fn replay(log: Log, clock: &Clock) -> Result<Recovered, String> {
     let mut gones: Vec<(Offset, u64)> = Vec::new();
     let mut aux: HashMap<u64, Vec<AuxRecord>> = HashMap::new();
     let mut retains: HashMap<(TenantId, Arc<str>), Vec<RetainVersion>> = HashMap::new();
+    // (uid, packet id) -> (seq, offset, routed (true) or released (false)).
+    let mut inbound: HashMap<(u64, u16), Vec<InboundVersion>> = HashMap::new();
     for (offset, rec) in records {
         match rec {
             Rec::Session(s) => {
@@ -403,6 +409,14 @@ pub fn replay(log: Log, clock: &Clock) -> Result<Recovered, String> {
                 max_retain_seq = max_retain_seq.max(seq);
                 retains.entry((tenant, Arc::from(topic.as_str()))).or_default().push((seq, offset, None));
             }
+            Rec::Inbound { seq, uid, packet_id } => {
+                max_retain_seq = max_retain_seq.max(seq);
+                inbound.entry((uid, packet_id)).or_default().push((seq, offset, true));
+            }
+            Rec::InboundDone { seq, uid, packet_id } => {
+                max_retain_seq = max_retain_seq.max(seq);
+                inbound.entry((uid, packet_id)).or_default().push((seq, offset, false));
+            }
         }
     }
     for (id, _, targets, _) in &msgs {
@@ -430,7 +444,7 @@ pub fn replay(log: Log, clock: &Clock) -> Result<Recovered, String> {
             store.ack(newest);
         } else {
             store.sessions.insert(uid, newest);
-            live.insert(uid, RecoveredSession { rec, deliveries: Vec::new() });
+            live.insert(uid, RecoveredSession { rec, deliveries: Vec::new(), incoming_qos2: Vec::new() });
         }
     }
     for (offset, _) in gones {
@@ -531,6 +545,26 @@ pub fn replay(log: Log, clock: &Clock) -> Result<Recovered, String> {
             }
             Some(_) => store.ack(newest),
             None => match older_set {
+                Some(target) => store.park_tombstone(newest, target),
+                None => store.ack(newest),
+            },
+        }
+    }
+    // Inbound QoS 2 ids: the newest record of each (session, packet id) decides.
+    for ((uid, packet_id), mut versions) in inbound {
+        versions.sort_by_key(|(seq, offset, _)| (*seq, *offset));
+        let (_, newest, routed) = versions.pop().expect("at least one record per entry");
+        let older_routed = versions.iter().filter(|v| v.2).map(|v| v.1).max();
+        for (_, older, _) in versions {
+            store.ack(older);
+        }
+        match (routed, live.get_mut(&uid)) {
+            (true, Some(session)) => {
+                store.inbound.insert((uid, packet_id), newest);
+                session.incoming_qos2.push(packet_id);
+            }
+            (true, None) => store.ack(newest),
+            (false, _) => match older_routed {
                 Some(target) => store.park_tombstone(newest, target),
                 None => store.ack(newest),
             },
