@@ -65,6 +65,19 @@ impl Message {
     }
 }
 
+/// A stored message queued for a session whose bytes stay in the store until the session's
+/// connection is ready for it (messages recovered at start-up): a queue of millions of them costs
+/// tens of bytes each in memory, and recovery does not decode them.
+#[derive(Debug, Clone)]
+pub struct LazyDelivery {
+    /// Id of the `Msg` record in the home shard's store.
+    pub stored: u64,
+    pub qos: QoS,
+    pub retain: bool,
+    pub subscription_ids: Vec<u32>,
+    pub expires_at: Option<Instant>,
+}
+
 /// One message on its way to one session: the QoS it is delivered at, the retain flag it carries,
 /// and the subscription identifiers of the matching subscriptions.
 #[derive(Debug, Clone)]

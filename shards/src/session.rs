@@ -25,7 +25,7 @@ use shardmq_protocol::{
 };
 
 use crate::conn::ConnShared;
-use crate::message::{Delivery, TenantId};
+use crate::message::{Delivery, LazyDelivery, Message, TenantId};
 
 /// A session's slot on its home shard, with a generation so a stale key never reaches a reused slot.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -178,6 +178,9 @@ pub struct Session {
     pub will: Option<Box<WillState>>,
     /// When a delayed will is due (session offline, will kept).
     pub will_due_at: Option<Instant>,
+    /// Stored messages waiting to be sent, still in the store (recovered at start-up); they go
+    /// before `queue`, which holds everything that arrived since.
+    pub backlog: VecDeque<LazyDelivery>,
     /// Messages waiting to be sent.
     pub queue: VecDeque<Delivery>,
     /// Outgoing QoS 1/2 messages not yet completed, by packet id.
@@ -217,6 +220,7 @@ impl Session {
             expires_at: None,
             will: None,
             will_due_at: None,
+            backlog: VecDeque::new(),
             queue: VecDeque::new(),
             inflight: BTreeMap::new(),
             next_packet_id: 1,
@@ -289,6 +293,7 @@ impl Session {
         inflight_count_max: u16,
         now: Instant,
         events: &mut Vec<FillEvent>,
+        load: &mut dyn FnMut(u64) -> Option<std::sync::Arc<Message>>,
     ) -> FillStats {
         let mut stats = FillStats::default();
         let version = self.version;
@@ -329,11 +334,38 @@ impl Session {
         }
         let window = self.window(inflight_count_max);
         while out.len() < budget_bytes {
-            let Some(front) = self.queue.front() else { break };
-            if front.qos != QoS::AtMostOnce && self.inflight.len() >= window {
+            let Some(front_qos) = self.backlog.front().map(|l| l.qos).or(self.queue.front().map(|d| d.qos))
+            else {
+                break;
+            };
+            if front_qos != QoS::AtMostOnce && self.inflight.len() >= window {
                 break;
             }
-            let Some(delivery) = self.queue.pop_front() else { break };
+            let delivery = match self.backlog.pop_front() {
+                Some(lazy) => {
+                    let loaded =
+                        if lazy.expires_at.is_some_and(|at| at <= now) { None } else { load(lazy.stored) };
+                    match loaded {
+                        Some(msg) => Delivery {
+                            msg,
+                            qos: lazy.qos,
+                            retain: lazy.retain,
+                            subscription_ids: lazy.subscription_ids,
+                            stored: lazy.stored,
+                        },
+                        None => {
+                            // Expired, or unreadable (counted and logged by the store).
+                            stats.dropped_expired += 1;
+                            events.push(FillEvent::Dropped { stored: lazy.stored });
+                            continue;
+                        }
+                    }
+                }
+                None => match self.queue.pop_front() {
+                    Some(delivery) => delivery,
+                    None => break,
+                },
+            };
             if delivery.msg.is_expired(now) {
                 stats.dropped_expired += 1;
                 if delivery.stored != 0 {
@@ -343,7 +375,17 @@ impl Session {
             }
             let packet_id = if delivery.qos == QoS::AtMostOnce { None } else { self.allocate_packet_id() };
             if delivery.qos != QoS::AtMostOnce && packet_id.is_none() {
-                self.queue.push_front(delivery);
+                if self.backlog.is_empty() {
+                    self.queue.push_front(delivery);
+                } else {
+                    self.backlog.push_front(LazyDelivery {
+                        stored: delivery.stored,
+                        qos: delivery.qos,
+                        retain: delivery.retain,
+                        expires_at: delivery.msg.expires_at,
+                        subscription_ids: delivery.subscription_ids,
+                    });
+                }
                 break;
             }
             match self.encode_publish(&delivery, packet_id, false, out, now) {

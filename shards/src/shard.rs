@@ -35,7 +35,7 @@ use shardmq_protocol::{
 
 use crate::config::{BrokerConfig, QueueFullPolicy};
 use crate::mesh::{Mesh, ShardId};
-use crate::message::{Delivery, Message, Origin, TenantId};
+use crate::message::{Delivery, LazyDelivery, Message, Origin, TenantId};
 use crate::session::{
     ConnId, Control, FillEvent, FillStats, Inflight, InflightState, PendingAck, Session, SessionKey,
     SessionTable, SubEntry, WillState,
@@ -474,19 +474,25 @@ impl Shard {
                 0 => Some(now + Duration::from_secs(u64::from(rec.expiry_secs))),
                 ms => Some(clock.to_instant(ms)),
             };
-            session.queue.reserve(stored.deliveries.len());
+            messages += (stored.deliveries.len() + stored.backlog.len()) as u64;
+            session.backlog = stored.backlog.into();
             for queued in stored.deliveries {
-                messages += 1;
-                match queued.packet_id {
-                    Some(packet_id) => {
-                        let state =
-                            if queued.released { InflightState::AwaitComp } else { InflightState::AwaitAck };
-                        session
-                            .inflight
-                            .insert(packet_id, Inflight { delivery: queued.delivery, state, sent: false });
-                    }
-                    None => session.queue.push_back(queued.delivery),
-                }
+                let Some(packet_id) = queued.packet_id else {
+                    // Not sent before the restart: back to the store until its turn.
+                    let d = queued.delivery;
+                    session.backlog.push_back(LazyDelivery {
+                        stored: d.stored,
+                        qos: d.qos,
+                        retain: d.retain,
+                        expires_at: d.msg.expires_at,
+                        subscription_ids: d.subscription_ids,
+                    });
+                    continue;
+                };
+                let state = if queued.released { InflightState::AwaitComp } else { InflightState::AwaitAck };
+                session
+                    .inflight
+                    .insert(packet_id, Inflight { delivery: queued.delivery, state, sent: false });
             }
             if let Some(at) = session.expires_at {
                 self.timers.push(Reverse(TimerEntry { at, session: key }));
@@ -802,6 +808,11 @@ impl Shard {
         }
         let queued = session.queue.iter_mut().map(|d| &mut d.stored);
         let inflight = session.inflight.values_mut().map(|i| &mut i.delivery.stored);
+        // A backlog is stored by definition: without its store entry it is nothing.
+        let backlog = session.backlog.drain(..).map(|l| l.stored).collect::<Vec<_>>();
+        for id in backlog {
+            store.release(uid, id, true);
+        }
         for stored in queued.chain(inflight) {
             if *stored != 0 {
                 store.release(uid, *stored, true);
@@ -1791,7 +1802,7 @@ impl Shard {
             return Some(delivery.stored);
         }
         let mut evicted = None;
-        if session.queue.len() >= cfg.queued_messages_max {
+        if session.queue.len() + session.backlog.len() >= cfg.queued_messages_max {
             if delivery.qos == QoS::AtMostOnce {
                 bump(&stats.dropped_queue_full, 1);
                 return Some(delivery.stored);
@@ -1806,7 +1817,10 @@ impl Shard {
                         return Some(delivery.stored);
                     }
                     QueueFullPolicy::DropOldest => {
-                        evicted = session.queue.pop_front().map(|d| d.stored);
+                        evicted = match session.backlog.pop_front() {
+                            Some(lazy) => Some(lazy.stored),
+                            None => session.queue.pop_front().map(|d| d.stored),
+                        };
                     }
                     QueueFullPolicy::Disconnect => {
                         bump(&stats.dropped_queue_full, 1);
@@ -1979,8 +1993,14 @@ impl Shard {
             return false;
         }
         let mut events = std::mem::take(&mut self.fill_events);
+        let store = self.store.as_ref();
+        let mut clock = None;
+        let mut load = |id: u64| {
+            let clock = *clock.get_or_insert_with(Clock::now);
+            store.and_then(|s| s.load(id, &clock))
+        };
         let FillStats { publishes_sent, dropped_expired, dropped_too_large } =
-            session.fill(out, budget, inflight_max, now, &mut events);
+            session.fill(out, budget, inflight_max, now, &mut events, &mut load);
         let uid = session.store_uid;
         if let (Some(store), true) = (self.store.as_mut(), uid != 0) {
             for event in events.drain(..) {

@@ -47,9 +47,34 @@ struct StoredMsg {
     offset: Offset,
     /// Targets not yet done.
     refs: u32,
-    /// `Done`, `Sent` and `Released` records of this message: (kind, session uid, offset).
-    aux: Vec<(u8, u64, Offset)>,
 }
+
+/// The progress records of one message: (kind, session uid, offset).
+type Progress = Vec<(u8, u64, Offset)>;
+
+/// Hashes the store's own u64 ids (message ids, session uids: dense, never chosen by a client)
+/// with one multiplication (Fibonacci hashing) instead of SipHash: recovery inserts millions.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct IdHasher(u64);
+
+impl std::hash::Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for byte in bytes {
+            self.write_u64(u64::from(*byte));
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = (self.0.rotate_left(5) ^ n).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+}
+
+/// A map keyed by the store's own ids.
+pub type IdMap<V> = HashMap<u64, V, std::hash::BuildHasherDefault<IdHasher>>;
 
 /// Counters of one store, for the shard's statistics.
 #[derive(Debug, Default, Clone, Copy)]
@@ -100,9 +125,12 @@ pub struct Store {
     next_msg_id: u64,
     /// Orders the versions of a retained topic across compaction moves.
     next_retain_seq: u64,
-    msgs: HashMap<u64, StoredMsg>,
+    msgs: IdMap<StoredMsg>,
+    /// `Done`, `Sent` and `Released` records per message (only messages that have any: kept apart
+    /// so the per-message entry stays 16 bytes).
+    progress: IdMap<Progress>,
     /// Session uid -> offset of its newest snapshot.
-    sessions: HashMap<u64, Offset>,
+    sessions: IdMap<Offset>,
     retained: HashMap<(TenantId, Arc<str>), Offset>,
     /// Incoming QoS 2 packet ids awaiting PUBREL, per stored session: (uid, packet id) -> offset.
     inbound: HashMap<(u64, u16), Offset>,
@@ -121,8 +149,9 @@ impl Store {
             next_uid: 1,
             next_msg_id: 1,
             next_retain_seq: 1,
-            msgs: HashMap::new(),
-            sessions: HashMap::new(),
+            msgs: IdMap::default(),
+            progress: IdMap::default(),
+            sessions: IdMap::default(),
             retained: HashMap::new(),
             inbound: HashMap::new(),
             limbo: HashMap::new(),
@@ -245,7 +274,7 @@ impl Store {
         };
         let offset = self.append(&rec)?;
         self.next_msg_id += 1;
-        self.msgs.insert(id, StoredMsg { offset, refs, aux: Vec::new() });
+        self.msgs.insert(id, StoredMsg { offset, refs });
         Ok(id)
     }
 
@@ -254,8 +283,21 @@ impl Store {
             return;
         }
         match self.append(&rec) {
-            Ok(offset) => self.msgs.get_mut(&msg).expect("checked above").aux.push((kind, uid, offset)),
+            Ok(offset) => self.progress.entry(msg).or_default().push((kind, uid, offset)),
             Err(error) => warn!(%error, uid, msg, "store: cannot record a message's progress"),
+        }
+    }
+
+    /// Reads stored message `id` back from the log (a recovered session's backlog, as its
+    /// connection gets to it). `None` if it is not stored or does not decode (logged).
+    pub fn load(&self, id: u64, clock: &Clock) -> Option<Arc<Message>> {
+        let stored = self.msgs.get(&id)?;
+        match self.log.read(stored.offset).map(records::decode_rec) {
+            Ok(Ok(Rec::Msg { message, .. })) => Some(recovery::message_of(message, clock)),
+            other => {
+                warn!(id, offset = %stored.offset, ?other, "store: a queued message cannot be read back");
+                None
+            }
         }
     }
 
@@ -272,16 +314,20 @@ impl Store {
     /// Message `msg` is finished for session `uid`: a `Done` record is written, unless
     /// `session_ending` (its `SessionGone` covers it).
     pub fn release(&mut self, uid: u64, msg: u64, session_ending: bool) {
-        let Some(stored) = self.msgs.get_mut(&msg) else { return };
-        let mut progress = Vec::new();
-        stored.aux.retain(|&(kind, owner, offset)| {
-            let drop = owner == uid && kind != KIND_DONE;
-            if drop {
-                progress.push(offset);
-            }
-            !drop
-        });
-        for offset in progress {
+        if !self.msgs.contains_key(&msg) {
+            return;
+        }
+        let mut superseded = Vec::new();
+        if let Some(records) = self.progress.get_mut(&msg) {
+            records.retain(|&(kind, owner, offset)| {
+                let drop = owner == uid && kind != KIND_DONE;
+                if drop {
+                    superseded.push(offset);
+                }
+                !drop
+            });
+        }
+        for offset in superseded {
             self.ack(offset);
         }
         if !session_ending {
@@ -294,7 +340,7 @@ impl Store {
         }
         let stored = self.msgs.remove(&msg).expect("checked above");
         self.ack(stored.offset);
-        for (kind, _, offset) in stored.aux {
+        for (kind, _, offset) in self.progress.remove(&msg).unwrap_or_default() {
             if kind == KIND_DONE {
                 self.park_tombstone(offset, stored.offset);
             } else {
@@ -404,7 +450,7 @@ impl Store {
             RecId::Session(uid) => self.sessions.get_mut(&uid),
             RecId::Msg(id) => self.msgs.get_mut(&id).map(|m| &mut m.offset),
             RecId::MsgAux { msg, .. } => {
-                self.msgs.get_mut(&msg).and_then(|m| m.aux.iter_mut().find(|a| a.2 == old).map(|a| &mut a.2))
+                self.progress.get_mut(&msg).and_then(|p| p.iter_mut().find(|a| a.2 == old).map(|a| &mut a.2))
             }
             RecId::Retain(tenant, topic) => self.retained.get_mut(&(tenant, topic)),
             RecId::Inbound(uid, packet_id) => self.inbound.get_mut(&(uid, packet_id)),
@@ -607,15 +653,17 @@ mod tests {
                 uids.clear();
                 queued.clear();
                 for s in &recovered.sessions {
-                    let payloads = s
-                        .deliveries
-                        .iter()
-                        .map(|d| String::from_utf8(d.delivery.msg.payload.to_vec()).unwrap())
-                        .collect();
                     uids.insert(s.rec.client_id.clone(), s.rec.uid);
-                    for d in &s.deliveries {
-                        let payload = String::from_utf8(d.delivery.msg.payload.to_vec()).unwrap();
-                        queued.insert((s.rec.client_id.clone(), payload), d.delivery.stored);
+                    let mut payloads = BTreeSet::new();
+                    let eager = s.deliveries.iter().map(|d| (d.delivery.stored, d.delivery.msg.clone()));
+                    let lazy = s.backlog.iter().map(|l| {
+                        let msg = recovered.store.load(l.stored, &clock).expect("a backlog entry reads back");
+                        (l.stored, msg)
+                    });
+                    for (id, msg) in eager.chain(lazy) {
+                        let payload = String::from_utf8(msg.payload.to_vec()).unwrap();
+                        queued.insert((s.rec.client_id.clone(), payload.clone()), id);
+                        payloads.insert(payload);
                     }
                     got.sessions.insert(s.rec.client_id.clone(), payloads);
                     if !s.incoming_qos2.is_empty() {

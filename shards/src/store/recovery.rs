@@ -30,9 +30,9 @@ use super::records::{
     decode_msg_header, decode_rec, Rec, RecError, SessionRec, StoredMessage, KIND_DONE, KIND_MSG,
     KIND_RELEASED, KIND_SENT,
 };
-use super::{Clock, Store, StoredMsg};
+use super::{Clock, IdMap, Store, StoredMsg};
 use crate::config::BrokerConfig;
-use crate::message::{Delivery, Message, TenantId};
+use crate::message::{Delivery, LazyDelivery, Message, TenantId};
 use crate::shard::{home_shard, retain_shard};
 
 /// A queued message of a recovered session, in queue order.
@@ -49,7 +49,10 @@ pub struct RecoveredDelivery {
 #[derive(Debug)]
 pub struct RecoveredSession {
     pub rec: SessionRec,
+    /// Messages that went out before the restart (with their packet ids), decoded.
     pub deliveries: Vec<RecoveredDelivery>,
+    /// Messages not sent yet, in queue order, left in the store until their turn.
+    pub backlog: Vec<LazyDelivery>,
     /// Incoming QoS 2 packet ids routed and awaiting PUBREL.
     pub incoming_qos2: Vec<u16>,
 }
@@ -214,7 +217,7 @@ fn open_shard(
         warn!(path = %torn.path.display(), position = torn.position, reason = torn.reason, "storage: torn tail cut off");
     }
     let recovered = replay(log, clock)?;
-    let queued: usize = recovered.sessions.iter().map(|s| s.deliveries.len()).sum();
+    let queued: usize = recovered.sessions.iter().map(|s| s.deliveries.len() + s.backlog.len()).sum();
     info!(
         shard,
         records = report.records,
@@ -258,7 +261,24 @@ fn rehome(cfg: &BrokerConfig, generation: u64, old_cores: usize) -> Result<u64, 
         let dir = shard_dir(data_dir, generation, shard);
         let log = Log::open(&dir, log_config(cfg, None))
             .map_err(|e| format!("cannot open {}: {e}", dir.display()))?;
-        let recovered = replay(log, &clock)?;
+        let mut recovered = replay(log, &clock)?;
+        // The backlogs are read now: the old generation goes away.
+        for session in &mut recovered.sessions {
+            for lazy in std::mem::take(&mut session.backlog) {
+                let Some(msg) = recovered.store.load(lazy.stored, &clock) else { continue };
+                session.deliveries.push(RecoveredDelivery {
+                    delivery: Delivery {
+                        msg,
+                        qos: lazy.qos,
+                        retain: lazy.retain,
+                        subscription_ids: lazy.subscription_ids,
+                        stored: lazy.stored,
+                    },
+                    packet_id: None,
+                    released: false,
+                });
+            }
+        }
         sessions.extend(recovered.sessions);
         retained.extend(recovered.retained);
         recovered.store.close().map_err(|e| format!("cannot close {}: {e}", dir.display()))?;
@@ -325,7 +345,7 @@ type InboundVersion = (u64, Offset, bool);
 /// One retained-message record of a topic during replay: (seq, offset, `None` for a deletion).
 type RetainVersion = (u64, Offset, Option<StoredMessage>);
 
-fn message_of(stored: StoredMessage, clock: &Clock) -> Arc<Message> {
+pub(crate) fn message_of(stored: StoredMessage, clock: &Clock) -> Arc<Message> {
     let publish = stored.publish;
     Arc::new(Message {
         tenant: stored.tenant,
@@ -371,9 +391,9 @@ pub fn replay(log: Log, clock: &Clock) -> Result<Recovered, String> {
     let mut max_uid = 0u64;
     let mut max_msg = 0u64;
     let mut max_retain_seq = 0u64;
-    let mut snapshots: HashMap<u64, Vec<(Offset, SessionRec)>> = HashMap::new();
+    let mut snapshots: IdMap<Vec<(Offset, SessionRec)>> = IdMap::default();
     let mut gones: Vec<(Offset, u64)> = Vec::new();
-    let mut aux: HashMap<u64, Vec<AuxRecord>> = HashMap::new();
+    let mut aux: IdMap<Vec<AuxRecord>> = IdMap::default();
     let mut retains: HashMap<(TenantId, Arc<str>), Vec<RetainVersion>> = HashMap::new();
     // (uid, packet id) -> (seq, offset, routed (true) or released (false)).
     let mut inbound: HashMap<(u64, u16), Vec<InboundVersion>> = HashMap::new();
@@ -428,8 +448,8 @@ pub fn replay(log: Log, clock: &Clock) -> Result<Recovered, String> {
     store.next_retain_seq = max_retain_seq + 1;
 
     // Sessions: the newest snapshot of each uid wins; a `SessionGone` or a past expiry ends it.
-    let gone: HashMap<u64, Offset> = gones.iter().map(|&(offset, uid)| (uid, offset)).collect();
-    let mut live: HashMap<u64, RecoveredSession> = HashMap::new();
+    let gone: IdMap<Offset> = gones.iter().map(|&(offset, uid)| (uid, offset)).collect();
+    let mut live: IdMap<RecoveredSession> = IdMap::default();
     for (uid, mut versions) in snapshots {
         let (newest, rec) = versions.pop().expect("at least one snapshot per entry");
         for (older, _) in versions {
@@ -444,7 +464,15 @@ pub fn replay(log: Log, clock: &Clock) -> Result<Recovered, String> {
             store.ack(newest);
         } else {
             store.sessions.insert(uid, newest);
-            live.insert(uid, RecoveredSession { rec, deliveries: Vec::new(), incoming_qos2: Vec::new() });
+            live.insert(
+                uid,
+                RecoveredSession {
+                    rec,
+                    deliveries: Vec::new(),
+                    backlog: Vec::new(),
+                    incoming_qos2: Vec::new(),
+                },
+            );
         }
     }
     for (offset, _) in gones {
@@ -495,28 +523,44 @@ pub fn replay(log: Log, clock: &Clock) -> Result<Recovered, String> {
                 store.ack(*aux_offset);
             }
         }
-        store.msgs.insert(id, StoredMsg { offset, refs: remaining.len() as u32, aux: kept });
-        let message = match store.log.read(offset).map(decode_rec) {
-            Ok(Ok(Rec::Msg { message, .. })) => message,
-            Ok(Ok(_)) => unreachable!("the header said message"),
-            Ok(Err(e)) => return Err(place(&store.log, offset, e)),
-            Err(e) => return Err(format!("storage: {e}")),
-        };
-        let msg = message_of(message, clock);
+        store.msgs.insert(id, StoredMsg { offset, refs: remaining.len() as u32 });
+        if !kept.is_empty() {
+            store.progress.insert(id, kept);
+        }
+        // Decoded only if some session had it in flight; the others keep it as a backlog entry.
+        let mut msg: Option<Arc<Message>> = None;
         for target in remaining {
             let progress = records.iter().filter(|r| r.1 == target.uid);
             let packet_id = progress.clone().filter(|r| r.0 == KIND_SENT).filter_map(|r| r.3).next_back();
             let released = progress.clone().any(|r| r.0 == KIND_RELEASED);
             let session = live.get_mut(&target.uid).expect("remaining targets are live sessions");
+            let Some(packet_id) = packet_id else {
+                session.backlog.push(LazyDelivery {
+                    stored: id,
+                    qos: target.qos,
+                    retain: target.retain,
+                    subscription_ids: target.subscription_ids,
+                    expires_at: (expires_at_ms != 0).then(|| clock.to_instant(expires_at_ms)),
+                });
+                continue;
+            };
+            if msg.is_none() {
+                msg = match store.log.read(offset).map(decode_rec) {
+                    Ok(Ok(Rec::Msg { message, .. })) => Some(message_of(message, clock)),
+                    Ok(Ok(_)) => unreachable!("the header said message"),
+                    Ok(Err(e)) => return Err(place(&store.log, offset, e)),
+                    Err(e) => return Err(format!("storage: {e}")),
+                };
+            }
             session.deliveries.push(RecoveredDelivery {
                 delivery: Delivery {
-                    msg: msg.clone(),
+                    msg: msg.clone().expect("decoded above"),
                     qos: target.qos,
                     retain: target.retain,
                     subscription_ids: target.subscription_ids,
                     stored: id,
                 },
-                packet_id,
+                packet_id: Some(packet_id),
                 released,
             });
         }
