@@ -32,10 +32,11 @@ for args in "${runs[@]}"; do
   for policy in interval:5 always; do
     rm -rf "$work/data"
     "$target/shardmq" serve --listen 127.0.0.1:$port --cores 2 --data-dir "$work/data" --fsync $policy \
-      --max-queued-messages 1000000 --log warn > "$work/shardmq.log" 2>&1 &
+      --max-queued-messages 1000000 --log info > "$work/shardmq.log" 2>&1 &
     wait_port $port
     "$target/shardmq-bench" persist --port $port --window 1000 $args 2>/dev/null | row "shardmq --fsync $policy" "$args"
     kill %1; wait %1 || true
+    grep "store: closed" "$work/shardmq.log" | sed -E "s/^[^ ]+ +INFO /$policy $args: /" >> "$work/stalls.txt" 
   done
   rm -f "$work/mosquitto.db"
   printf 'listener %s 127.0.0.1\nallow_anonymous true\nmax_connections -1\nmax_queued_messages 1000000\nmax_inflight_messages 1000\nset_tcp_nodelay true\npersistence true\npersistence_location %s/\nautosave_interval 5\nlog_dest stderr\nlog_type error\n' $port "$work" > "$work/m.conf"
@@ -44,6 +45,14 @@ for args in "${runs[@]}"; do
   "$target/shardmq-bench" persist --port $port --window 1000 --drain-timeout 30 $args 2>/dev/null | row "mosquitto (persistence on)" "$args"
   kill %1; wait %1 || true
 done
+echo
+echo "How long the store held each shard's thread in those runs (appends: page faults and segment"
+echo "rolls happen on the shard's thread; fsync never does). From the \`store: closed\` line each shard"
+echo "logs at shutdown:"
+echo
+echo '```'
+cat "$work/stalls.txt"
+echo '```'
 echo
 rm -rf "$work/data"
 "$target/shardmq" serve --listen 127.0.0.1:$port --cores 2 --data-dir "$work/data" --max-queued-messages 5000000 --log warn > "$work/fill.log" 2>&1 &

@@ -507,9 +507,21 @@ impl Shard {
         self.store = Some(store);
     }
 
-    /// Flushes and closes the store (shutdown).
+    /// Flushes and closes the store (shutdown), logging how long its appends held the thread.
     pub fn close_store(&mut self) {
         if let Some(store) = self.store.take() {
+            let c = store.counters;
+            tracing::info!(
+                shard = self.id.0,
+                appends = c.appends,
+                append_failures = c.append_failures,
+                stalls_over_100us = c.append_stalls_100us,
+                stalls_over_1ms = c.append_stalls_1ms,
+                longest_append_us = c.append_stall_max_us,
+                compactions = c.compactions,
+                longest_compaction_us = c.compaction_max_us,
+                "store: closed"
+            );
             if let Err(error) = store.close() {
                 tracing::warn!(shard = self.id.0, %error, "store: flush at shutdown failed");
             }

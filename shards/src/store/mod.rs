@@ -82,6 +82,13 @@ pub struct StoreCounters {
     pub appends: u64,
     pub append_failures: u64,
     pub compactions: u64,
+    /// How long single appends held the shard's thread (page faults, segment rolls): appends
+    /// that took at least 100 us, at least 1 ms, and the longest, in microseconds.
+    pub append_stalls_100us: u64,
+    pub append_stalls_1ms: u64,
+    pub append_stall_max_us: u64,
+    /// The longest compaction pass, in microseconds (it copies live records on the shard's thread).
+    pub compaction_max_us: u64,
 }
 
 /// Converts between `Instant` (in memory) and Unix milliseconds (on disk).
@@ -183,7 +190,14 @@ impl Store {
     fn append(&mut self, rec: &Rec) -> Result<Offset, StorageError> {
         let mut buf = std::mem::take(&mut self.buf);
         encode_rec(rec, &mut buf);
+        let started = Instant::now();
         let result = self.log.append(&buf);
+        let held_us = started.elapsed().as_micros() as u64;
+        if held_us >= 100 {
+            self.counters.append_stalls_100us += 1;
+            self.counters.append_stalls_1ms += u64::from(held_us >= 1000);
+            self.counters.append_stall_max_us = self.counters.append_stall_max_us.max(held_us);
+        }
         self.buf = buf;
         match &result {
             Ok(_) => self.counters.appends += 1,
@@ -426,11 +440,14 @@ impl Store {
             return;
         }
         let mut moves = Vec::new();
+        let started = Instant::now();
         match self.log.compact(0.25, |old, new| moves.push((old, new))) {
             Ok(done) if done.segments_compacted > 0 => self.counters.compactions += 1,
             Ok(_) => {}
             Err(error) => warn!(%error, "store: compaction stopped"),
         }
+        let held_us = started.elapsed().as_micros() as u64;
+        self.counters.compaction_max_us = self.counters.compaction_max_us.max(held_us);
         for (old, new) in moves {
             self.moved(old, new);
         }
