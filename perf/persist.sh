@@ -31,7 +31,7 @@ echo "|---|---|---:|---:|---:|---:|---:|"
 for args in "${runs[@]}"; do
   for policy in interval:5 always; do
     rm -rf "$work/data"
-    "$target/shardmq" serve --listen 127.0.0.1:$port --cores 2 --data-dir "$work/data" --fsync $policy \
+    "$target/shardmq" serve --admin-listen off --listen 127.0.0.1:$port --cores 2 --data-dir "$work/data" --fsync $policy \
       --max-queued-messages 1000000 --log info > "$work/shardmq.log" 2>&1 &
     wait_port $port
     "$target/shardmq-bench" persist --port $port --window 1000 $args 2>/dev/null | row "shardmq --fsync $policy" "$args"
@@ -55,11 +55,11 @@ cat "$work/stalls.txt"
 echo '```'
 echo
 rm -rf "$work/data"
-"$target/shardmq" serve --listen 127.0.0.1:$port --cores 2 --data-dir "$work/data" --max-queued-messages 5000000 --log warn > "$work/fill.log" 2>&1 &
+"$target/shardmq" serve --admin-listen off --listen 127.0.0.1:$port --cores 2 --data-dir "$work/data" --max-queued-messages 5000000 --log warn > "$work/fill.log" 2>&1 &
 wait_port $port
 fill=$(python3 perf/fill_offline.py $port 2000000 4)
 kill -9 %1; wait %1 || true
-"$target/shardmq" serve --listen 127.0.0.1:$port --cores 2 --data-dir "$work/data" --max-queued-messages 5000000 --log info > "$work/recover.log" 2>&1 &
+"$target/shardmq" serve --admin-listen off --listen 127.0.0.1:$port --cores 2 --data-dir "$work/data" --max-queued-messages 5000000 --log info > "$work/recover.log" 2>&1 &
 for _ in $(seq 1 600); do grep -q "shardmq listening" "$work/recover.log" && break; sleep 0.1; done
 echo "Recovery: \`perf/fill_offline.py\` queued 2,000,000 QoS 1 messages for 4 offline sessions (2 per"
 echo "shard: every shard stores every message once), $fill; the broker was killed with SIGKILL and"

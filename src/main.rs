@@ -4,6 +4,8 @@
 //! over the embedded defaults), logging set-up, and the signal handling that stops the shards in
 //! reverse start order. Does not own: any broker logic (see `shards/`).
 
+mod admin;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -132,6 +134,13 @@ struct ServeArgs {
     /// Messages per core-to-core ring. Default: 8192.
     #[arg(long)]
     mesh_ring_capacity: Option<usize>,
+    /// Admin HTTP API and /metrics address, or `off`. Default: 127.0.0.1:8091. A non-loopback
+    /// address needs --admin-token.
+    #[arg(long)]
+    admin_listen: Option<String>,
+    /// Bearer token the admin API requires (every endpoint but /health and /openapi.json).
+    #[arg(long)]
+    admin_token: Option<String>,
     /// Log filter (tracing's EnvFilter syntax). Default: info.
     #[arg(long)]
     log: Option<String>,
@@ -144,7 +153,13 @@ fn load_file(path: &Path) -> Result<ServeArgs> {
 }
 
 /// Flags over file over defaults.
-fn merge(flags: ServeArgs, file: ServeArgs) -> Result<(BrokerConfig, String)> {
+/// The admin API's settings: address (None: off) and token.
+struct AdminArgs {
+    listen: Option<SocketAddr>,
+    token: Option<String>,
+}
+
+fn merge(flags: ServeArgs, file: ServeArgs) -> Result<(BrokerConfig, String, AdminArgs)> {
     let mut cfg = BrokerConfig::default();
     macro_rules! pick {
         ($field:ident) => {
@@ -258,7 +273,19 @@ fn merge(flags: ServeArgs, file: ServeArgs) -> Result<(BrokerConfig, String)> {
         cfg.mesh_ring_capacity = count;
     }
     let log = pick!(log).unwrap_or_else(|| "info".to_string());
-    Ok((cfg, log))
+    let token = pick!(admin_token).filter(|t| !t.is_empty());
+    let listen = match pick!(admin_listen).as_deref() {
+        None => Some(SocketAddr::from(([127, 0, 0, 1], 8091))),
+        Some("off") => None,
+        Some(text) => Some(
+            text.parse()
+                .map_err(|_| anyhow::anyhow!("--admin-listen {text:?} is not an address or `off`"))?,
+        ),
+    };
+    if let Some(listen) = listen {
+        admin::check_config(listen, token.as_deref())?;
+    }
+    Ok((cfg, log, AdminArgs { listen, token }))
 }
 
 fn serve(mut args: ServeArgs) -> Result<()> {
@@ -266,7 +293,7 @@ fn serve(mut args: ServeArgs) -> Result<()> {
         Some(path) => load_file(&path)?,
         None => ServeArgs::default(),
     };
-    let (cfg, log) = merge(args, file)?;
+    let (cfg, log, admin_args) = merge(args, file)?;
     let filter =
         tracing_subscriber::EnvFilter::try_new(&log).with_context(|| format!("bad --log filter {log:?}"))?;
     // Colour only on a terminal: log files and pipes get plain text.
@@ -277,6 +304,17 @@ fn serve(mut args: ServeArgs) -> Result<()> {
     let data_dir =
         if cfg.persistence { cfg.data_dir.display().to_string() } else { "(in memory)".to_string() };
     let broker = shardmq_shards::start(cfg).context("cannot start the broker")?;
+    if let Some(listen) = admin_args.listen {
+        let state = admin::AdminState {
+            handle: broker.admin.clone(),
+            stats: broker.stats.clone(),
+            token: admin_args.token,
+        };
+        if let Err(e) = admin::spawn(listen, state) {
+            broker.stop();
+            return Err(e);
+        }
+    }
     info!(listen = %broker.local_addr, cores, drivers = ?broker.drivers, data_dir = %data_dir, "shardmq listening");
     if let Some(signal) = signals.forever().next() {
         info!(signal, "stopping");

@@ -70,7 +70,10 @@ fn zero_cores_in_config_is_refused() {
 /// Starts the broker from a config file on a free port and returns it with the port it logged.
 fn start_from_config(dir: &std::path::Path) -> (Child, u16) {
     let path = dir.join("ok.toml");
-    std::fs::write(&path, "cores = 2\nlisten = \"127.0.0.1:0\"\nno_pin = true\nlog = \"info\"\n")
+    std::fs::write(
+        &path,
+        "cores = 2\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nno_pin = true\nlog = \"info\"\n",
+    )
         .expect("config");
     let mut child = shardmq()
         .args(["serve", "--config"])

@@ -37,7 +37,8 @@ impl Proc {
     /// Starts `shardmq serve` on a free port with `cores` shards on `dir`; returns once it listens.
     fn start(dir: &Path, cores: usize, extra: &[&str]) -> Proc {
         let mut child = Command::new(env!("CARGO_BIN_EXE_shardmq"))
-            .args(["serve", "--listen", "127.0.0.1:0", "--no-pin", "--max-queued-messages", "300000"])
+            .args(["serve", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--no-pin"])
+            .args(["--max-queued-messages", "300000"])
             .args(["--cores", &cores.to_string(), "--segment-size", &(8 << 20).to_string()])
             .arg("--data-dir")
             .arg(dir)
@@ -83,7 +84,8 @@ impl Drop for Proc {
 /// Runs the binary expecting it to fail at start-up; returns its stderr and stdout.
 fn start_fails(dir: &Path, cores: usize) -> String {
     let mut child = Command::new(env!("CARGO_BIN_EXE_shardmq"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--no-pin", "--cores", &cores.to_string()])
+        .args(["serve", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--no-pin"])
+        .args(["--cores", &cores.to_string()])
         .arg("--data-dir")
         .arg(dir)
         .env("NO_COLOR", "1")

@@ -106,6 +106,8 @@ pub fn start_shardmq(bin: &Path, cores: u32) -> anyhow::Result<Broker> {
     let dir = scratch_dir("shardmq", port)?;
     let mut command = Command::new(bin);
     command.args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--cores", &cores.to_string()]);
+    // Its admin API on a free port: several brokers may run at once.
+    command.args(["--admin-listen", "127.0.0.1:0"]);
     spawn_and_wait("shardmq", command, port, &dir)
 }
 

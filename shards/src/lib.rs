@@ -11,6 +11,7 @@
 //! Architecture invariant: a shard's state is touched only by its own thread; other shards reach
 //! it only through mesh messages.
 
+pub mod admin;
 pub mod config;
 pub mod conn;
 pub mod mesh;
@@ -24,5 +25,6 @@ pub mod trie;
 #[cfg(test)]
 mod routing_tests;
 
+pub use admin::AdminHandle;
 pub use config::{BrokerConfig, FsyncPolicy, IoDriver, QueueFullPolicy};
 pub use runtime::{start, Broker};

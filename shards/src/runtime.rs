@@ -23,11 +23,13 @@ use shardmq_protocol::ReasonCode;
 use socket2::{Domain, Protocol, Socket, Type};
 use tracing::{info, warn};
 
+use crate::admin::{control_queues, AdminHandle, AdminRequest};
 use crate::config::{BrokerConfig, IoDriver};
 use crate::conn::{serve_accepted, serve_handoff, ShardCell};
 use crate::mesh::{Mesh, ShardId};
 use crate::shard::{recovered_interest, InterestChange, MeshMsg, Shard, ShardStats, SHARDS_MAX};
 use crate::store::recovery::{self, DataDir, Recovered};
+use crossbeam_channel::Receiver;
 use shardmq_storage::DurableNotify;
 
 /// Asks one shard to stop. Owner: shared by the broker handle and the shard.
@@ -70,6 +72,8 @@ pub struct Broker {
     pub local_addr: SocketAddr,
     /// The io driver each shard ended up with ("io_uring" or "epoll").
     pub drivers: Vec<&'static str>,
+    /// The admin API's way into the shards.
+    pub admin: AdminHandle,
     /// The locked data directory (None without persistence); released when the broker is dropped.
     _data_dir: Option<DataDir>,
 }
@@ -134,6 +138,8 @@ pub fn start(cfg: BrokerConfig) -> io::Result<Broker> {
         listeners.push(bind_listener(local_addr)?);
     }
     let mesh: Arc<Mesh<MeshMsg>> = Mesh::new(cfg.cores, cfg.mesh_ring_capacity);
+    let (admin, mut control) = control_queues(mesh.clone());
+    control.reverse();
     let (data_dir, mut recovered) = if cfg.persistence {
         let notify = |shard: usize| -> DurableNotify {
             let mesh = mesh.clone();
@@ -174,6 +180,7 @@ pub fn start(cfg: BrokerConfig) -> io::Result<Broker> {
             },
             ready: ready_tx.clone(),
             recovered: recovered[index].take(),
+            control: control.pop().expect("one control queue per shard"),
             interest: interest.clone(),
         };
         let thread =
@@ -192,7 +199,7 @@ pub fn start(cfg: BrokerConfig) -> io::Result<Broker> {
             Err(_) => failure = Some("a shard thread died during start-up".to_string()),
         }
     }
-    let broker = Broker { threads, stops, stats, local_addr, drivers, _data_dir: data_dir };
+    let broker = Broker { threads, stops, stats, local_addr, drivers, admin, _data_dir: data_dir };
     if let Some(message) = failure {
         broker.stop();
         return Err(io::Error::other(message));
@@ -211,6 +218,7 @@ struct ShardContext {
     ready: mpsc::Sender<Result<(usize, &'static str), String>>,
     recovered: Option<Recovered>,
     interest: Arc<Vec<(ShardId, InterestChange)>>,
+    control: Receiver<AdminRequest>,
 }
 
 fn run_shard(context: ShardContext) {
@@ -255,7 +263,8 @@ fn run_shard(context: ShardContext) {
 }
 
 async fn shard_main(context: ShardContext, driver: &'static str) {
-    let ShardContext { id, cfg, mesh, stop, stats, listener, ready, recovered, interest, .. } = context;
+    let ShardContext { id, cfg, mesh, stop, stats, listener, ready, recovered, interest, control, .. } =
+        context;
     let listener = match monoio::net::TcpListener::from_std(listener) {
         Ok(listener) => listener,
         Err(error) => {
@@ -268,7 +277,7 @@ async fn shard_main(context: ShardContext, driver: &'static str) {
     let cell: ShardCell = Rc::new(RefCell::new(shard));
     info!(shard = id.0, driver, listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "shard started");
     let _ = ready.send(Ok((id.index(), driver)));
-    monoio::spawn(mesh_loop(cell.clone(), mesh.clone(), id));
+    monoio::spawn(mesh_loop(cell.clone(), mesh.clone(), id, control));
     monoio::spawn(tick_loop(cell.clone()));
     loop {
         monoio::select! {
@@ -297,7 +306,7 @@ async fn shard_main(context: ShardContext, driver: &'static str) {
 }
 
 /// Drains the mesh rings addressed to this shard, in batches, and flushes this shard's backlog.
-async fn mesh_loop(cell: ShardCell, mesh: Arc<Mesh<MeshMsg>>, id: ShardId) {
+async fn mesh_loop(cell: ShardCell, mesh: Arc<Mesh<MeshMsg>>, id: ShardId, control: Receiver<AdminRequest>) {
     const BATCH_MAX: usize = 1024;
     loop {
         let backlog = cell.borrow().outbox.backlog_len();
@@ -314,6 +323,10 @@ async fn mesh_loop(cell: ShardCell, mesh: Arc<Mesh<MeshMsg>>, id: ShardId) {
             let mut shard = cell.borrow_mut();
             let now = Instant::now();
             mesh.drain(id, BATCH_MAX, |from, msg| shard.on_mesh(from, msg, now));
+            // Admin requests arrive with a poke; the queue is bounded, so this loop is too.
+            while let Ok(request) = control.try_recv() {
+                shard.on_admin(request, now);
+            }
             shard.poll_durable();
             shard.outbox.flush();
             std::mem::take(&mut shard.handoffs)

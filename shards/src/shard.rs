@@ -33,6 +33,7 @@ use shardmq_protocol::{
     RetainHandling, SubAck, Subscribe, UnsubAck, Unsubscribe, Utf8, Will,
 };
 
+use crate::admin::{AdminRequest, SessionDetail, SessionSummary, SubscriptionInfo};
 use crate::config::{BrokerConfig, QueueFullPolicy};
 use crate::mesh::{Mesh, ShardId};
 use crate::message::{Delivery, LazyDelivery, Message, Origin, TenantId};
@@ -505,6 +506,77 @@ impl Shard {
         bump(&self.stats.recovered_sessions, self.sessions.len() as u64);
         bump(&self.stats.recovered_messages, messages);
         self.store = Some(store);
+    }
+
+    /// Answers a request of the admin API (see `admin.rs`).
+    pub fn on_admin(&mut self, request: AdminRequest, now: Instant) {
+        match request {
+            AdminRequest::List { tenant, after, limit, reply } => {
+                let mut found: Vec<SessionSummary> = self
+                    .sessions
+                    .keys()
+                    .into_iter()
+                    .filter_map(|key| self.sessions.get(key))
+                    .filter(|s| {
+                        s.tenant == tenant && after.as_deref().is_none_or(|a| s.client_id.as_str() > a)
+                    })
+                    .map(|s| self.summary(s))
+                    .collect();
+                found.sort_by(|a, b| a.client_id.cmp(&b.client_id));
+                found.truncate(limit);
+                let _ = reply.send(found);
+            }
+            AdminRequest::Inspect { tenant, client_id, reply } => {
+                let detail = Utf8::new(&client_id)
+                    .ok()
+                    .and_then(|id| self.sessions.find(tenant, &id))
+                    .and_then(|key| self.sessions.get(key))
+                    .map(|s| {
+                        let mut subscriptions: Vec<SubscriptionInfo> = s
+                            .subscriptions
+                            .iter()
+                            .map(|(filter, entry)| SubscriptionInfo {
+                                filter: filter.to_string(),
+                                qos: entry.options.qos as u8,
+                                no_local: entry.options.no_local,
+                                retain_as_published: entry.options.retain_as_published,
+                                retain_handling: entry.options.retain_handling as u8,
+                                subscription_id: entry.subscription_id,
+                            })
+                            .collect();
+                        subscriptions.sort_by(|a, b| a.filter.cmp(&b.filter));
+                        SessionDetail { summary: self.summary(s), subscriptions }
+                    });
+                let _ = reply.send(detail);
+            }
+            AdminRequest::Disconnect { tenant, client_id, reply } => {
+                let key = Utf8::new(&client_id).ok().and_then(|id| self.sessions.find(tenant, &id));
+                if let Some(key) = key {
+                    let session = self.sessions.get_mut(key).expect("found above");
+                    if let Some(conn) = session.conn.take() {
+                        conn.close(Some(ReasonCode::AdministrativeAction));
+                        self.stats.connections.fetch_sub(1, Ordering::Relaxed);
+                    }
+                    self.end_session(key, now);
+                }
+                let _ = reply.send(key.is_some());
+            }
+        }
+    }
+
+    fn summary(&self, s: &Session) -> SessionSummary {
+        SessionSummary {
+            tenant: s.tenant,
+            client_id: s.client_id.as_str().to_string(),
+            shard: self.id.0,
+            connected: s.conn.is_some(),
+            protocol_level: s.version.level(),
+            expiry_secs: s.expiry_secs,
+            subscriptions: s.subscriptions.len(),
+            queued: s.queue.len() + s.backlog.len(),
+            inflight: s.inflight.len(),
+            stored: s.store_uid != 0,
+        }
     }
 
     /// Flushes and closes the store (shutdown), logging how long its appends held the thread.

@@ -1,0 +1,522 @@
+//! The admin HTTP API and `/metrics`, on their own thread (tokio + hyper: not the data path).
+//!
+//! Owns: the HTTP listener on `--admin-listen`, the bearer-token check, request parsing, JSON
+//! answers and errors, the Prometheus text exposition of the shards' counters, and the OpenAPI
+//! document (built from the same route table the router serves, so the two cannot drift).
+//! Does not own: any broker state; sessions are reached through [`AdminHandle`] (the shards'
+//! bounded control queues), counters are read from the shards' atomics without locks.
+//!
+//! Bounds: request bodies are not read (no endpoint takes one yet); pages are at most
+//! [`PAGE_LIMIT_MAX`] sessions; each shard query waits at most a few seconds.
+
+use std::convert::Infallible;
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::header::{AUTHORIZATION, CONTENT_TYPE};
+use hyper::{Method, Request, Response, StatusCode};
+use serde_json::{json, Value};
+use shardmq_shards::admin::{AdminError, SessionDetail, SessionSummary};
+use shardmq_shards::message::TenantId;
+use shardmq_shards::shard::ShardStats;
+use shardmq_shards::AdminHandle;
+use tracing::{info, warn};
+
+/// Most sessions one page lists.
+pub const PAGE_LIMIT_MAX: usize = 1000;
+
+/// What the admin thread serves from.
+pub struct AdminState {
+    pub handle: AdminHandle,
+    pub stats: Vec<Arc<ShardStats>>,
+    pub token: Option<String>,
+}
+
+/// One route: method, path pattern (`{name}` for a path parameter), whether it needs the token,
+/// and its OpenAPI description.
+struct Route {
+    method: Method,
+    path: &'static str,
+    auth: bool,
+    summary: &'static str,
+    query: &'static [(&'static str, &'static str)],
+    responses: &'static [(u16, &'static str)],
+}
+
+fn routes() -> Vec<Route> {
+    const TENANT: (&str, &str) = ("tenant", "Tenant id (integer, default 0)");
+    vec![
+        Route {
+            method: Method::GET,
+            path: "/health",
+            auth: false,
+            summary: "Liveness: the broker and its shards answer.",
+            query: &[],
+            responses: &[(200, "Healthy")],
+        },
+        Route {
+            method: Method::GET,
+            path: "/metrics",
+            auth: true,
+            summary: "Counters and gauges in the Prometheus text format, per shard.",
+            query: &[],
+            responses: &[(200, "Prometheus text exposition"), (401, "Missing or wrong bearer token")],
+        },
+        Route {
+            method: Method::GET,
+            path: "/openapi.json",
+            auth: false,
+            summary: "This document.",
+            query: &[],
+            responses: &[(200, "OpenAPI 3 document")],
+        },
+        Route {
+            method: Method::GET,
+            path: "/api/v1/sessions",
+            auth: true,
+            summary: "Sessions of a tenant, sorted by client id, one page at a time.",
+            query: &[
+                TENANT,
+                ("after", "List client ids after this one (the previous page's `next`)"),
+                ("limit", "Page size, 1..=1000 (default 100)"),
+            ],
+            responses: &[
+                (200, "A page of sessions"),
+                (400, "Bad query parameter"),
+                (401, "Missing or wrong bearer token"),
+            ],
+        },
+        Route {
+            method: Method::GET,
+            path: "/api/v1/sessions/{client_id}",
+            auth: true,
+            summary: "One session: its subscriptions, queue depth and inflight messages.",
+            query: &[TENANT],
+            responses: &[
+                (200, "The session"),
+                (400, "Bad query parameter"),
+                (401, "Missing or wrong bearer token"),
+                (404, "No such session"),
+            ],
+        },
+        Route {
+            method: Method::DELETE,
+            path: "/api/v1/sessions/{client_id}",
+            auth: true,
+            summary: "Disconnects the session's client (v5: DISCONNECT 0x98) and ends the session.",
+            query: &[TENANT],
+            responses: &[
+                (204, "Disconnected and ended"),
+                (400, "Bad query parameter"),
+                (401, "Missing or wrong bearer token"),
+                (404, "No such session"),
+            ],
+        },
+    ]
+}
+
+/// Matches `path` against a route pattern; returns the path parameter, if the pattern has one.
+fn match_path(pattern: &str, path: &str) -> Option<Option<String>> {
+    match pattern.split_once('{') {
+        None => (pattern == path).then_some(None),
+        Some((prefix, rest)) => {
+            let suffix = rest.split_once('}').map(|(_, s)| s).unwrap_or("");
+            let value = path.strip_prefix(prefix)?.strip_suffix(suffix)?;
+            if value.is_empty() || value.contains('/') {
+                return None;
+            }
+            Some(Some(percent_decode(value)?))
+        }
+    }
+}
+
+fn percent_decode(text: &str) -> Option<String> {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+fn query_params(query: Option<&str>) -> Option<Vec<(String, String)>> {
+    let Some(query) = query else { return Some(Vec::new()) };
+    query
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .map(|pair| {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            Some((percent_decode(k)?, percent_decode(&v.replace('+', " "))?))
+        })
+        .collect()
+}
+
+type Answer = Response<Full<Bytes>>;
+
+fn json_response(status: StatusCode, value: &Value) -> Answer {
+    Response::builder()
+        .status(status)
+        .header(CONTENT_TYPE, "application/json")
+        .body(Full::new(Bytes::from(value.to_string())))
+        .expect("static response parts")
+}
+
+fn error(status: StatusCode, message: impl Into<String>) -> Answer {
+    json_response(status, &json!({ "error": message.into(), "status": status.as_u16() }))
+}
+
+fn summary_json(s: &SessionSummary) -> Value {
+    json!({
+        "tenant": s.tenant.0,
+        "client_id": s.client_id,
+        "shard": s.shard,
+        "connected": s.connected,
+        "protocol_level": s.protocol_level,
+        "expiry_secs": s.expiry_secs,
+        "subscriptions": s.subscriptions,
+        "queued": s.queued,
+        "inflight": s.inflight,
+        "stored": s.stored,
+    })
+}
+
+fn detail_json(d: &SessionDetail) -> Value {
+    let mut value = summary_json(&d.summary);
+    value["subscription_list"] = d
+        .subscriptions
+        .iter()
+        .map(|s| {
+            json!({
+                "filter": s.filter,
+                "qos": s.qos,
+                "no_local": s.no_local,
+                "retain_as_published": s.retain_as_published,
+                "retain_handling": s.retain_handling,
+                "subscription_id": s.subscription_id,
+            })
+        })
+        .collect();
+    value
+}
+
+/// The tenant query parameter (default 0); Err is the 400 answer (boxed: a response is large).
+fn tenant_of(params: &[(String, String)]) -> Result<TenantId, Box<Answer>> {
+    match params.iter().find(|(k, _)| k == "tenant") {
+        None => Ok(TenantId(0)),
+        Some((_, v)) => v.parse::<u32>().map(TenantId).map_err(|_| {
+            Box::new(error(
+                StatusCode::BAD_REQUEST,
+                format!("tenant must be a non-negative integer, not {v:?}"),
+            ))
+        }),
+    }
+}
+
+fn admin_error(e: AdminError) -> Answer {
+    let status = match e {
+        AdminError::Busy(_) => StatusCode::SERVICE_UNAVAILABLE,
+        AdminError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
+        AdminError::Stopped => StatusCode::SERVICE_UNAVAILABLE,
+    };
+    error(status, e.to_string())
+}
+
+/// Runs a blocking shard query off the async thread.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    tokio::task::spawn_blocking(f).await.expect("admin query task")
+}
+
+async fn handle(state: Arc<AdminState>, request: Request<Incoming>) -> Result<Answer, Infallible> {
+    let path = request.uri().path().to_string();
+    let routes = routes();
+    let mut allowed = false;
+    let mut found = None;
+    for (index, route) in routes.iter().enumerate() {
+        if let Some(param) = match_path(route.path, &path) {
+            allowed = true;
+            if route.method == request.method() {
+                found = Some((index, param));
+                break;
+            }
+        }
+    }
+    let Some((index, param)) = found else {
+        return Ok(if allowed {
+            error(StatusCode::METHOD_NOT_ALLOWED, format!("{} is not served on {path}", request.method()))
+        } else {
+            error(StatusCode::NOT_FOUND, format!("no endpoint {path}"))
+        });
+    };
+    let route = &routes[index];
+    if route.auth {
+        if let Some(token) = &state.token {
+            let given = request.headers().get(AUTHORIZATION).and_then(|v| v.to_str().ok());
+            let ok =
+                given.and_then(|v| v.strip_prefix("Bearer ")).is_some_and(|t| constant_time_eq(t, token));
+            if !ok {
+                let mut answer = error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
+                answer.headers_mut().insert("www-authenticate", "Bearer".parse().expect("static header"));
+                return Ok(answer);
+            }
+        }
+    }
+    let Some(params) = query_params(request.uri().query()) else {
+        return Ok(error(StatusCode::BAD_REQUEST, "the query string is not valid percent-encoded UTF-8"));
+    };
+    let answer = match (route.path, route.method.clone()) {
+        ("/health", _) => {
+            json_response(StatusCode::OK, &json!({ "status": "ok", "shards": state.stats.len() }))
+        }
+        ("/metrics", _) => Response::builder()
+            .header(CONTENT_TYPE, "text/plain; version=0.0.4")
+            .body(Full::new(Bytes::from(metrics_text(&state.stats))))
+            .expect("static response parts"),
+        ("/openapi.json", _) => json_response(StatusCode::OK, &openapi()),
+        ("/api/v1/sessions", _) => {
+            let tenant = match tenant_of(&params) {
+                Ok(t) => t,
+                Err(answer) => return Ok(*answer),
+            };
+            let limit = match params.iter().find(|(k, _)| k == "limit").map(|(_, v)| v.parse::<usize>()) {
+                None => 100,
+                Some(Ok(n)) if (1..=PAGE_LIMIT_MAX).contains(&n) => n,
+                Some(_) => {
+                    return Ok(error(
+                        StatusCode::BAD_REQUEST,
+                        format!("limit must be an integer in 1..={PAGE_LIMIT_MAX}"),
+                    ))
+                }
+            };
+            let after = params.iter().find(|(k, _)| k == "after").map(|(_, v)| v.clone());
+            let handle = state.handle.clone();
+            match blocking(move || handle.list(tenant, after.as_deref(), limit)).await {
+                Ok(page) => {
+                    let next =
+                        (page.len() == limit).then(|| page.last().map(|s| s.client_id.clone())).flatten();
+                    let sessions: Vec<Value> = page.iter().map(summary_json).collect();
+                    json_response(StatusCode::OK, &json!({ "sessions": sessions, "next": next }))
+                }
+                Err(e) => admin_error(e),
+            }
+        }
+        ("/api/v1/sessions/{client_id}", method) => {
+            let tenant = match tenant_of(&params) {
+                Ok(t) => t,
+                Err(answer) => return Ok(*answer),
+            };
+            let client_id = param.unwrap_or_default();
+            let handle = state.handle.clone();
+            if method == Method::DELETE {
+                match blocking(move || handle.disconnect(tenant, &client_id)).await {
+                    Ok(true) => Response::builder()
+                        .status(StatusCode::NO_CONTENT)
+                        .body(Full::new(Bytes::new()))
+                        .expect("static response parts"),
+                    Ok(false) => error(StatusCode::NOT_FOUND, "no such session"),
+                    Err(e) => admin_error(e),
+                }
+            } else {
+                match blocking(move || handle.inspect(tenant, &client_id)).await {
+                    Ok(Some(detail)) => json_response(StatusCode::OK, &detail_json(&detail)),
+                    Ok(None) => error(StatusCode::NOT_FOUND, "no such session"),
+                    Err(e) => admin_error(e),
+                }
+            }
+        }
+        _ => error(StatusCode::NOT_FOUND, format!("no endpoint {path}")),
+    };
+    Ok(answer)
+}
+
+fn constant_time_eq(a: &str, b: &str) -> bool {
+    a.len() == b.len() && a.bytes().zip(b.bytes()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// The OpenAPI 3 document of [`routes`].
+pub fn openapi() -> Value {
+    let mut paths = serde_json::Map::new();
+    for route in routes() {
+        let entry = paths.entry(route.path.to_string()).or_insert_with(|| json!({}));
+        let mut parameters: Vec<Value> = route
+            .query
+            .iter()
+            .map(|(name, description)| {
+                json!({ "name": name, "in": "query", "required": false, "description": description, "schema": { "type": "string" } })
+            })
+            .collect();
+        if route.path.contains("{client_id}") {
+            parameters.push(json!({ "name": "client_id", "in": "path", "required": true, "schema": { "type": "string" } }));
+        }
+        let responses: serde_json::Map<String, Value> =
+            route.responses.iter().map(|(code, d)| (code.to_string(), json!({ "description": d }))).collect();
+        let mut operation =
+            json!({ "summary": route.summary, "parameters": parameters, "responses": responses });
+        if route.auth {
+            operation["security"] = json!([{ "bearer": [] }]);
+        }
+        entry[route.method.as_str().to_lowercase()] = operation;
+    }
+    json!({
+        "openapi": "3.0.3",
+        "info": { "title": "shardmq admin API", "version": env!("CARGO_PKG_VERSION") },
+        "paths": paths,
+        "components": { "securitySchemes": { "bearer": { "type": "http", "scheme": "bearer" } } },
+    })
+}
+
+/// The counters of every shard in the Prometheus text format (read with relaxed atomic loads).
+pub fn metrics_text(stats: &[Arc<ShardStats>]) -> String {
+    type Field = fn(&ShardStats) -> &AtomicU64;
+    let metrics: &[(&str, &str, &str, Field)] = &[
+        ("shardmq_connections", "gauge", "Live client connections.", |s| &s.connections),
+        ("shardmq_sessions", "gauge", "Sessions (connected and offline persistent).", |s| &s.sessions),
+        ("shardmq_connects_total", "counter", "CONNECTs accepted.", |s| &s.connects_total),
+        ("shardmq_publishes_received_total", "counter", "PUBLISH packets received from clients.", |s| {
+            &s.publishes_in
+        }),
+        ("shardmq_publishes_sent_total", "counter", "PUBLISH packets sent to clients.", |s| &s.publishes_out),
+        (
+            "shardmq_dropped_queue_full_total",
+            "counter",
+            "Messages dropped because a session queue was full.",
+            |s| &s.dropped_queue_full,
+        ),
+        (
+            "shardmq_dropped_offline_total",
+            "counter",
+            "Messages not queued for an offline session (QoS 0 or not persistent).",
+            |s| &s.dropped_offline_qos0,
+        ),
+        ("shardmq_dropped_expired_total", "counter", "Messages dropped because their expiry passed.", |s| {
+            &s.dropped_expired
+        }),
+        (
+            "shardmq_dropped_too_large_total",
+            "counter",
+            "Messages larger than a client's maximum packet size.",
+            |s| &s.dropped_too_large,
+        ),
+        (
+            "shardmq_denied_total",
+            "counter",
+            "Publishes and subscriptions refused by a denied topic filter.",
+            |s| &s.dropped_denied,
+        ),
+        ("shardmq_malformed_packets_total", "counter", "Connections closed for a malformed packet.", |s| {
+            &s.malformed_packets
+        }),
+        ("shardmq_protocol_errors_total", "counter", "Connections closed for a protocol error.", |s| {
+            &s.protocol_errors
+        }),
+        (
+            "shardmq_reader_backpressure_waits_total",
+            "counter",
+            "Times a reader paused because its client did not read.",
+            |s| &s.reader_backpressure_waits,
+        ),
+        (
+            "shardmq_subscriptions_refused_quota_total",
+            "counter",
+            "Subscriptions refused by the per-session limit.",
+            |s| &s.subscriptions_refused_quota,
+        ),
+        ("shardmq_store_appends_total", "counter", "Records appended to the shard's store.", |s| {
+            &s.store_appends
+        }),
+        (
+            "shardmq_store_append_failures_total",
+            "counter",
+            "Store appends that failed (disk budget, full disk).",
+            |s| &s.store_append_failures,
+        ),
+        (
+            "shardmq_publishes_refused_storage_total",
+            "counter",
+            "Publishes refused (v5 0x97) or dropped (3.x) because a store could not take them.",
+            |s| &s.publishes_refused_storage,
+        ),
+        ("shardmq_recovered_sessions", "gauge", "Sessions recovered from the store at start-up.", |s| {
+            &s.recovered_sessions
+        }),
+        (
+            "shardmq_recovered_messages",
+            "gauge",
+            "Queued messages recovered from the store at start-up.",
+            |s| &s.recovered_messages,
+        ),
+    ];
+    let mut out = String::with_capacity(4096);
+    for (name, kind, help, field) in metrics {
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} {kind}");
+        for (shard, s) in stats.iter().enumerate() {
+            let _ = writeln!(out, "{name}{{shard=\"{shard}\"}} {}", field(s).load(Ordering::Relaxed));
+        }
+    }
+    out
+}
+
+/// Refuses a configuration that would expose the API without a token.
+pub fn check_config(listen: SocketAddr, token: Option<&str>) -> Result<()> {
+    if !listen.ip().is_loopback() && token.is_none_or(str::is_empty) {
+        bail!("--admin-listen {listen} is not a loopback address: set --admin-token (or admin_token in the config file)");
+    }
+    Ok(())
+}
+
+/// Binds the admin listener and serves it on a new thread. Returns the bound address.
+pub fn spawn(listen: SocketAddr, state: AdminState) -> Result<SocketAddr> {
+    check_config(listen, state.token.as_deref())?;
+    let listener = std::net::TcpListener::bind(listen)
+        .with_context(|| format!("cannot listen on --admin-listen {listen}"))?;
+    listener.set_nonblocking(true)?;
+    let local = listener.local_addr()?;
+    let state = Arc::new(state);
+    std::thread::Builder::new().name("admin".into()).spawn(move || {
+        let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+            Ok(runtime) => runtime,
+            Err(e) => {
+                warn!(error = %e, "admin API: cannot build its runtime");
+                return;
+            }
+        };
+        runtime.block_on(async move {
+            let listener = match tokio::net::TcpListener::from_std(listener) {
+                Ok(l) => l,
+                Err(e) => {
+                    warn!(error = %e, "admin API: cannot adopt its listener");
+                    return;
+                }
+            };
+            loop {
+                let Ok((stream, _)) = listener.accept().await else { continue };
+                let state = state.clone();
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(move |request| handle(state.clone(), request));
+                    let io = hyper_util::rt::TokioIo::new(stream);
+                    if let Err(e) =
+                        hyper::server::conn::http1::Builder::new().serve_connection(io, service).await
+                    {
+                        tracing::debug!(error = %e, "admin API: connection ended with an error");
+                    }
+                });
+            }
+        });
+    })?;
+    info!(listen = %local, "admin API listening");
+    Ok(local)
+}

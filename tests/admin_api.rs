@@ -1,0 +1,296 @@
+//! The admin HTTP API and `/metrics` of the real binary: every endpoint, with good and bad input,
+//! without and with the bearer token; `/metrics` read by a Prometheus text parser; the OpenAPI
+//! document checked against the routes actually served.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use common::{bounded, connect_packet, publish_packet, Raw};
+use serde_json::Value;
+use shardmq_protocol::{Disconnect, Packet, Properties, ProtocolVersion, ReasonCode};
+
+const TOKEN: &str = "s3cret-token";
+const BOUND: Duration = Duration::from_secs(20);
+
+struct Proc {
+    child: Child,
+    mqtt: SocketAddr,
+    admin: SocketAddr,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn port_after(line: &str, marker: &str) -> u16 {
+    line.split(marker)
+        .nth(1)
+        .and_then(|rest| rest.split("127.0.0.1:").nth(1))
+        .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|digits| digits.parse().ok())
+        .unwrap_or_else(|| panic!("no port in {line:?}"))
+}
+
+/// Starts the binary with its admin API on a free port (token `TOKEN`).
+fn start() -> (Proc, tempfile::TempDir) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_shardmq"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--admin-token", TOKEN])
+        .args(["--cores", "2", "--no-pin", "--segment-size", "4194304"])
+        .arg("--data-dir")
+        .arg(dir.path())
+        .env("NO_COLOR", "1")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("binary starts");
+    let stdout = child.stdout.take().expect("stdout");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if line.contains("admin API listening") || line.contains("shardmq listening") {
+                let _ = tx.send(line);
+            }
+        }
+    });
+    let (mut mqtt, mut admin) = (None, None);
+    while mqtt.is_none() || admin.is_none() {
+        let line = rx.recv_timeout(BOUND).expect("broker logs its listeners");
+        if line.contains("admin API listening") {
+            admin = Some(port_after(&line, "listen="));
+        } else {
+            mqtt = Some(port_after(&line, "listen="));
+        }
+    }
+    let at = |port: Option<u16>| SocketAddr::from(([127, 0, 0, 1], port.expect("port")));
+    (Proc { child, mqtt: at(mqtt), admin: at(admin) }, dir)
+}
+
+/// One HTTP/1.1 exchange (Connection: close): (status, headers, body).
+fn http(addr: SocketAddr, method: &str, path: &str, token: Option<&str>) -> (u16, String, String) {
+    let mut stream = TcpStream::connect(addr).expect("connect to the admin API");
+    stream.set_read_timeout(Some(BOUND)).expect("timeout");
+    let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
+    write!(stream, "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Connection: close\r\n\r\n")
+        .expect("request");
+    let mut raw = String::new();
+    stream.read_to_string(&mut raw).expect("response");
+    let (head, body) = raw.split_once("\r\n\r\n").expect("a header block");
+    let status = head.split(' ').nth(1).and_then(|s| s.parse().ok()).expect("a status");
+    (status, head.to_ascii_lowercase(), body.to_string())
+}
+
+fn json(body: &str) -> Value {
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {body}"))
+}
+
+/// A v5 persistent client (session expiry one hour).
+async fn connect_v5(addr: SocketAddr, id: &str) -> Raw {
+    let mut connect = connect_packet(ProtocolVersion::V5, id, true, 60);
+    connect.properties = Properties { session_expiry_interval: Some(3600), ..Default::default() };
+    let (raw, ack) = Raw::connect_with(addr, connect).await;
+    assert_eq!(ack.reason, ReasonCode::Success);
+    raw
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_is_required_except_for_health_and_the_document() {
+    bounded(async {
+        let (broker, _dir) = start();
+        let (status, _, body) = http(broker.admin, "GET", "/health", None);
+        assert_eq!(status, 200);
+        assert_eq!(json(&body)["status"], "ok");
+        for path in ["/metrics", "/api/v1/sessions", "/api/v1/sessions/someone"] {
+            let (status, head, body) = http(broker.admin, "GET", path, None);
+            assert_eq!(status, 401, "{path} without a token");
+            assert!(head.contains("www-authenticate: bearer"), "{head}");
+            assert!(json(&body)["error"].is_string());
+            let (status, _, _) = http(broker.admin, "GET", path, Some("wrong"));
+            assert_eq!(status, 401, "{path} with a wrong token");
+        }
+        let (status, _, _) = http(broker.admin, "DELETE", "/api/v1/sessions/someone", None);
+        assert_eq!(status, 401);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_parse_as_prometheus_text_and_count_connections() {
+    bounded(async {
+        let (broker, _dir) = start();
+        let _a = Raw::connect(broker.mqtt, ProtocolVersion::V3_1_1, "metrics-a").await;
+        let _b = Raw::connect(broker.mqtt, ProtocolVersion::V3_1_1, "metrics-b").await;
+        let (status, head, body) = http(broker.admin, "GET", "/metrics", Some(TOKEN));
+        assert_eq!(status, 200);
+        assert!(head.contains("content-type: text/plain; version=0.0.4"), "{head}");
+        let lines = body.lines().map(|l| Ok(l.to_string()));
+        let scrape = prometheus_parse::Scrape::parse(lines).expect("valid Prometheus text");
+        let connections: f64 = scrape
+            .samples
+            .iter()
+            .filter(|s| s.metric == "shardmq_connections")
+            .map(|s| match s.value {
+                prometheus_parse::Value::Gauge(v) => v,
+                ref other => panic!("connections is a gauge, got {other:?}"),
+            })
+            .sum();
+        assert_eq!(connections, 2.0);
+        let shards: std::collections::BTreeSet<_> = scrape
+            .samples
+            .iter()
+            .filter(|s| s.metric == "shardmq_connects_total")
+            .map(|s| s.labels.get("shard").expect("a shard label").to_string())
+            .collect();
+        assert_eq!(shards.len(), 2, "one sample per shard");
+        assert!(scrape.docs.contains_key("shardmq_publishes_received_total"), "HELP lines are there");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_are_listed_paged_inspected_and_disconnected() {
+    bounded(async {
+        let (broker, _dir) = start();
+        // Three offline persistent sessions with subscriptions, one connected client.
+        for n in 0..3 {
+            let mut raw = connect_v5(broker.mqtt, &format!("list-{n}")).await;
+            assert_eq!(raw.subscribe(1, &format!("inbox/{n}/#"), 1).await, vec![1]);
+            raw.send(&Packet::Disconnect(Disconnect::new(ReasonCode::Success))).await;
+            raw.expect_closed().await;
+        }
+        let mut live = connect_v5(broker.mqtt, "list-live").await;
+        // Two messages queued for the offline list-1.
+        let mut publisher = Raw::connect(broker.mqtt, ProtocolVersion::V3_1_1, "list-pub").await;
+        for id in 1..=2 {
+            publisher.send(&Packet::Publish(publish_packet("inbox/1/x", 1, Some(id), b"m"))).await;
+            assert!(matches!(publisher.expect().await, Packet::PubAck(_)));
+        }
+
+        let (status, _, body) = http(broker.admin, "GET", "/api/v1/sessions?limit=2", Some(TOKEN));
+        assert_eq!(status, 200, "{body}");
+        let page = json(&body);
+        let ids: Vec<&str> = page["sessions"].as_array().unwrap().iter().map(|s| s["client_id"].as_str().unwrap()).collect();
+        assert_eq!(ids, ["list-0", "list-1"]);
+        let next = page["next"].as_str().expect("a next cursor on a full page");
+        let (status, _, body) = http(broker.admin, "GET", &format!("/api/v1/sessions?limit=2&after={next}"), Some(TOKEN));
+        assert_eq!(status, 200);
+        let ids: Vec<String> = json(&body)["sessions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["client_id"].as_str().unwrap().to_string())
+            .collect();
+        assert_eq!(ids, ["list-2", "list-live"]);
+        // Another tenant has none.
+        let (_, _, body) = http(broker.admin, "GET", "/api/v1/sessions?tenant=7", Some(TOKEN));
+        assert_eq!(json(&body)["sessions"].as_array().unwrap().len(), 0);
+
+        let (status, _, body) = http(broker.admin, "GET", "/api/v1/sessions/list-1", Some(TOKEN));
+        assert_eq!(status, 200);
+        let one = json(&body);
+        assert_eq!(one["connected"], false);
+        assert_eq!(one["queued"], 2);
+        assert_eq!(one["stored"], true);
+        assert_eq!(one["subscription_list"][0]["filter"], "inbox/1/#");
+        assert_eq!(one["subscription_list"][0]["qos"], 1);
+
+        // Disconnect the live one: it gets DISCONNECT 0x98, and the session is gone.
+        let (status, _, _) = http(broker.admin, "DELETE", "/api/v1/sessions/list-live", Some(TOKEN));
+        assert_eq!(status, 204);
+        let seen = live.expect_closed().await;
+        assert!(
+            matches!(seen.as_slice(), [Packet::Disconnect(d)] if d.reason == ReasonCode::AdministrativeAction),
+            "{seen:?}"
+        );
+        let (status, _, body) = http(broker.admin, "GET", "/api/v1/sessions/list-live", Some(TOKEN));
+        assert_eq!(status, 404);
+        assert_eq!(json(&body)["status"], 404);
+        let (status, _, _) = http(broker.admin, "DELETE", "/api/v1/sessions/list-live", Some(TOKEN));
+        assert_eq!(status, 404);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_is_a_400_with_a_json_error() {
+    bounded(async {
+        let (broker, _dir) = start();
+        for path in [
+            "/api/v1/sessions?limit=abc",
+            "/api/v1/sessions?limit=0",
+            "/api/v1/sessions?limit=100000",
+            "/api/v1/sessions?tenant=-1",
+            "/api/v1/sessions/x?tenant=many",
+            "/api/v1/sessions?after=%zz",
+        ] {
+            let (status, head, body) = http(broker.admin, "GET", path, Some(TOKEN));
+            assert_eq!(status, 400, "{path}: {body}");
+            assert!(head.contains("content-type: application/json"));
+            assert!(json(&body)["error"].as_str().is_some_and(|e| !e.is_empty()), "{path}: {body}");
+        }
+        let (status, _, body) = http(broker.admin, "GET", "/api/v2/nothing", Some(TOKEN));
+        assert_eq!(status, 404);
+        assert!(json(&body)["error"].is_string());
+        let (status, _, _) = http(broker.admin, "POST", "/api/v1/sessions", Some(TOKEN));
+        assert_eq!(status, 405);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openapi_document_describes_exactly_the_served_routes() {
+    bounded(async {
+        let (broker, _dir) = start();
+        let (status, _, body) = http(broker.admin, "GET", "/openapi.json", None);
+        assert_eq!(status, 200);
+        let doc = json(&body);
+        assert!(doc["openapi"].as_str().unwrap().starts_with("3."));
+        let paths = doc["paths"].as_object().expect("paths");
+        assert!(paths.len() >= 5);
+        let methods = ["get", "put", "post", "delete", "patch"];
+        for (path, operations) in paths {
+            let concrete = path.replace("{client_id}", "nobody");
+            for method in methods {
+                let (status, _, _) = http(broker.admin, &method.to_uppercase(), &concrete, Some(TOKEN));
+                if operations.get(method).is_some() {
+                    // Served: not 405, and not 404 unless the path names something (a session).
+                    let served = status != 405 && (status != 404 || path.contains('{'));
+                    assert!(served, "{method} {path}: {status}");
+                    let documented: Vec<u16> = operations[method]["responses"]
+                        .as_object()
+                        .unwrap()
+                        .keys()
+                        .map(|k| k.parse().unwrap())
+                        .collect();
+                    assert!(
+                        documented.contains(&status),
+                        "{method} {path} answered {status}, documents {documented:?}"
+                    );
+                } else {
+                    assert_eq!(status, 405, "{method} {path} is not documented but was served");
+                }
+            }
+        }
+        drop(broker);
+    })
+    .await;
+}
+
+#[test]
+fn a_non_loopback_admin_address_needs_a_token() {
+    let out = Command::new(env!("CARGO_BIN_EXE_shardmq"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--admin-listen", "0.0.0.0:0", "--in-memory"])
+        .output()
+        .expect("binary runs");
+    assert!(!out.status.success());
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(text.contains("--admin-token"), "{text}");
+}
