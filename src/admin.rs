@@ -434,6 +434,12 @@ pub fn metrics_text(stats: &[Arc<ShardStats>]) -> String {
             "Subscriptions refused by the per-session limit.",
             |s| &s.subscriptions_refused_quota,
         ),
+        ("shardmq_auth_failures_total", "counter", "CONNECTs refused by the auth provider.", |s| {
+            &s.auth_failures
+        }),
+        ("shardmq_acl_denied_total", "counter", "PUBLISHes and SUBSCRIBE filters refused by the ACL.", |s| {
+            &s.acl_denied
+        }),
         ("shardmq_store_appends_total", "counter", "Records appended to the shard's store.", |s| {
             &s.store_appends
         }),

@@ -14,7 +14,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use serde::Deserialize;
 use shardmq_shards::{BrokerConfig, IoDriver, QueueFullPolicy};
-use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 use tracing::info;
 
@@ -28,7 +28,32 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the broker.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
+    /// Add a user to (or change one in) a `file` auth provider's users file, with an argon2id
+    /// password hash. The password is read from standard input (one line) unless --password.
+    Passwd(PasswdArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct PasswdArgs {
+    /// The users file (TOML; created if missing; its other entries and ACL rules are kept).
+    #[arg(long)]
+    file: PathBuf,
+    #[arg(long)]
+    username: String,
+    /// The tenant the user's clients belong to.
+    #[arg(long, default_value_t = 0)]
+    tenant: u32,
+    /// The password (visible to other local users in the process list; prefer standard input).
+    #[arg(long)]
+    password: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+enum AuthArg {
+    AllowAll,
+    File,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum, Deserialize)]
@@ -141,6 +166,13 @@ struct ServeArgs {
     /// Bearer token the admin API requires (every endpoint but /health and /openapi.json).
     #[arg(long)]
     admin_token: Option<String>,
+    /// Authentication and ACL: allow-all (default; every client in tenant 0) or file (users,
+    /// tenants and ACL rules from --auth-file; reloaded on SIGHUP).
+    #[arg(long, value_enum)]
+    auth: Option<AuthArg>,
+    /// The users and ACL file of `--auth file` (see `shardmq passwd`).
+    #[arg(long)]
+    auth_file: Option<PathBuf>,
     /// Log filter (tracing's EnvFilter syntax). Default: info.
     #[arg(long)]
     log: Option<String>,
@@ -272,6 +304,15 @@ fn merge(flags: ServeArgs, file: ServeArgs) -> Result<(BrokerConfig, String, Adm
         }
         cfg.mesh_ring_capacity = count;
     }
+    match (pick!(auth), pick!(auth_file)) {
+        (None | Some(AuthArg::AllowAll), None) => {}
+        (None | Some(AuthArg::AllowAll), Some(_)) => bail!("--auth-file needs --auth file"),
+        (Some(AuthArg::File), None) => bail!("--auth file needs --auth-file PATH"),
+        (Some(AuthArg::File), Some(path)) => {
+            cfg.auth =
+                std::sync::Arc::new(shardmq_shards::auth::FileAuth::load(path).map_err(anyhow::Error::msg)?);
+        }
+    }
     let log = pick!(log).unwrap_or_else(|| "info".to_string());
     let token = pick!(admin_token).filter(|t| !t.is_empty());
     let listen = match pick!(admin_listen).as_deref() {
@@ -299,7 +340,8 @@ fn serve(mut args: ServeArgs) -> Result<()> {
     // Colour only on a terminal: log files and pipes get plain text.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
     tracing_subscriber::fmt().with_env_filter(filter).with_target(false).with_ansi(ansi).init();
-    let mut signals = Signals::new([SIGINT, SIGTERM]).context("cannot install signal handlers")?;
+    let mut signals = Signals::new([SIGINT, SIGTERM, SIGHUP]).context("cannot install signal handlers")?;
+    let auth = cfg.auth.clone();
     let cores = cfg.cores;
     let data_dir =
         if cfg.persistence { cfg.data_dir.display().to_string() } else { "(in memory)".to_string() };
@@ -316,8 +358,18 @@ fn serve(mut args: ServeArgs) -> Result<()> {
         }
     }
     info!(listen = %broker.local_addr, cores, drivers = ?broker.drivers, data_dir = %data_dir, "shardmq listening");
-    if let Some(signal) = signals.forever().next() {
+    for signal in signals.forever() {
+        if signal == SIGHUP {
+            match auth.reload() {
+                Ok(()) => info!("SIGHUP: auth configuration reloaded"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "SIGHUP: auth configuration not reloaded, the previous one stays")
+                }
+            }
+            continue;
+        }
         info!(signal, "stopping");
+        break;
     }
     broker.stop();
     info!("stopped");
@@ -327,6 +379,47 @@ fn serve(mut args: ServeArgs) -> Result<()> {
 fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
-        Command::Serve(args) => serve(args),
+        Command::Serve(args) => serve(*args),
+        Command::Passwd(args) => passwd(args),
     }
+}
+
+/// `shardmq passwd`: writes one user's entry into a users file.
+fn passwd(args: PasswdArgs) -> Result<()> {
+    let password = match args.password {
+        Some(p) => p,
+        None => {
+            let mut line = String::new();
+            std::io::stdin().read_line(&mut line).context("cannot read the password from standard input")?;
+            line.trim_end_matches(['\r', '\n']).to_string()
+        }
+    };
+    if password.is_empty() {
+        bail!("the password is empty");
+    }
+    if args.username.is_empty() {
+        bail!("--username is empty");
+    }
+    let hash = shardmq_shards::auth::hash_password(password.as_bytes()).map_err(anyhow::Error::msg)?;
+    let mut doc: toml::Table = match std::fs::read_to_string(&args.file) {
+        Ok(text) => {
+            toml::from_str(&text).with_context(|| format!("bad users file {}", args.file.display()))?
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => toml::Table::new(),
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", args.file.display())),
+    };
+    let users = doc.entry("users").or_insert_with(|| toml::Value::Array(Vec::new()));
+    let Some(users) = users.as_array_mut() else { bail!("{}: `users` is not an array", args.file.display()) };
+    users.retain(|u| u.get("username").and_then(|n| n.as_str()) != Some(args.username.as_str()));
+    let mut entry = toml::Table::new();
+    entry.insert("username".into(), args.username.clone().into());
+    entry.insert("password_hash".into(), hash.into());
+    entry.insert("tenant".into(), i64::from(args.tenant).into());
+    users.push(toml::Value::Table(entry));
+    let text = toml::to_string(&doc).context("cannot write TOML")?;
+    let tmp = args.file.with_extension("tmp");
+    std::fs::write(&tmp, text).with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::rename(&tmp, &args.file).with_context(|| format!("cannot replace {}", args.file.display()))?;
+    println!("{}: user {:?} (tenant {}) written", args.file.display(), args.username, args.tenant);
+    Ok(())
 }

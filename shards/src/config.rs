@@ -5,7 +5,10 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
+
+use crate::auth::{AllowAll, AuthProvider};
 
 pub use shardmq_storage::FsyncPolicy;
 
@@ -77,6 +80,8 @@ pub struct BrokerConfig {
     pub queue_qos0_offline: bool,
     /// Subscriptions one session may hold; more are refused (v5 SUBACK 0x97, 3.x 0x80).
     pub subscriptions_per_session_max: usize,
+    /// Who may connect (and as which tenant), publish and subscribe.
+    pub auth: Arc<dyn AuthProvider>,
     /// Topic filters no client may subscribe to or publish on (matched with MQTT wildcards).
     pub denied_topic_filters: Vec<String>,
     /// Retained messages kept, across all shards' partitions (per shard: this / cores).
@@ -114,6 +119,7 @@ impl Default for BrokerConfig {
             queue_full_policy: QueueFullPolicy::DropOldest,
             queue_qos0_offline: false,
             subscriptions_per_session_max: 1000,
+            auth: Arc::new(AllowAll),
             denied_topic_filters: Vec::new(),
             retained_messages_max: 1_000_000,
             read_buffer_bytes_min: 128,

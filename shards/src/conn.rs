@@ -23,9 +23,12 @@ use bytes::BytesMut;
 use monoio::buf::IoBufMut;
 use monoio::io::{AsyncReadRent, AsyncWriteRentExt, OwnedReadHalf, OwnedWriteHalf, Splitable};
 use monoio::net::TcpStream;
-use shardmq_protocol::{decode, encode, Connect, DecodeError, Disconnect, Packet, ProtocolVersion, V3Action};
+use shardmq_protocol::{
+    decode, encode, Connect, DecodeError, Disconnect, Packet, ProtocolVersion, ReasonCode, V3Action,
+};
 use tracing::debug;
 
+use crate::auth::{AuthDecision, Credentials};
 use crate::message::TenantId;
 use crate::session::{ConnId, SessionKey};
 use crate::shard::{home_shard, After, ConnectOutcome, Handoff, MeshMsg, Shard};
@@ -189,27 +192,53 @@ pub async fn serve_accepted(cell: ShardCell, stream: TcpStream) {
             _ => return, // closed, failed or timed out before CONNECT
         }
     };
-    let home = home_shard(TenantId::default(), &connect.client_id, shard_count);
+    let credentials = Credentials {
+        client_id: connect.client_id.as_str(),
+        username: connect.username.as_ref().map(|u| u.as_str()),
+        password: connect.password.as_deref(),
+    };
+    let tenant = match cfg.auth.authenticate(&credentials) {
+        AuthDecision::Allow { tenant } => tenant,
+        refusal => {
+            cell.borrow().stats.auth_failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let reason = if refusal == AuthDecision::NotAuthorized {
+                ReasonCode::NotAuthorized
+            } else {
+                ReasonCode::BadUserNameOrPassword
+            };
+            debug!(client_id = %connect.client_id.as_str(), ?reason, "CONNECT refused by the auth provider");
+            let connack =
+                shardmq_protocol::ConnAck { session_present: false, reason, properties: Default::default() };
+            let mut out = BytesMut::new();
+            if (connect.protocol.is_v5() || reason.to_v3_connack().is_some())
+                && encode(&Packet::ConnAck(connack), connect.protocol, &mut out).is_ok()
+            {
+                let _ = stream.write_all(out).await;
+            }
+            return;
+        }
+    };
+    let home = home_shard(tenant, &connect.client_id, shard_count);
     if home != me {
         let fd = stream.into_raw_fd();
         // SAFETY: `into_raw_fd` gave us sole ownership of this open socket descriptor; wrapping it
         // in a std stream transfers that ownership (it is closed exactly once, by whoever holds it
         // last). Exercised by every cross-shard test (tests/ with --cores 2 and 4).
         let std_stream = unsafe { std::net::TcpStream::from_raw_fd(fd) };
-        let handoff = Handoff { stream: std_stream, connect, buffered: buf };
+        let handoff = Handoff { stream: std_stream, connect, buffered: buf, tenant };
         cell.borrow_mut().outbox.send(home, MeshMsg::Handoff(Box::new(handoff)));
         return;
     }
     // New tasks for the connection's life, so the CONNECT phase's state is freed instead of
     // staying inside a long-lived future (idle memory per connection is a headline figure).
-    start(cell, stream, connect, buf);
+    start(cell, stream, connect, buf, tenant);
 }
 
 /// Serves a socket another shard accepted and handed over.
 pub async fn serve_handoff(cell: ShardCell, handoff: Handoff) {
-    let Handoff { stream, connect, buffered } = handoff;
+    let Handoff { stream, connect, buffered, tenant } = handoff;
     match TcpStream::from_std(stream) {
-        Ok(stream) => start(cell, stream, connect, buffered),
+        Ok(stream) => start(cell, stream, connect, buffered, tenant),
         Err(error) => debug!(%error, "could not adopt handed-off socket"),
     }
 }
@@ -292,7 +321,7 @@ const READ_GROW_BYTES_MAX: usize = 64 * 1024;
 /// Starts an accepted connection on its home shard: runs the CONNECT through the shard, then
 /// spawns the writer and reader tasks (or a task that sends the refusal). Synchronous, so that no
 /// long-lived future carries the CONNECT phase's state.
-fn start(cell: ShardCell, stream: TcpStream, connect: Box<Connect>, buf: BytesMut) {
+fn start(cell: ShardCell, stream: TcpStream, connect: Box<Connect>, buf: BytesMut, tenant: TenantId) {
     let version = connect.protocol;
     let fd = stream.as_raw_fd();
     let _ = stream.set_nodelay(true);
@@ -301,7 +330,7 @@ fn start(cell: ShardCell, stream: TcpStream, connect: Box<Connect>, buf: BytesMu
         (shard.new_conn_id(), shard.cfg.packet_size_bytes_max)
     };
     let shared = ConnShared::new(conn_id, fd, version, &cell);
-    let outcome = cell.borrow_mut().connect(*connect, shared.clone(), Instant::now());
+    let outcome = cell.borrow_mut().connect_as(tenant, *connect, shared.clone(), Instant::now());
     let (key, keepalive_secs) = match outcome {
         ConnectOutcome::Accepted { session, keepalive_secs } => (session, keepalive_secs),
         ConnectOutcome::Refused(connack) => {

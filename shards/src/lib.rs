@@ -12,6 +12,7 @@
 //! it only through mesh messages.
 
 pub mod admin;
+pub mod auth;
 pub mod config;
 pub mod conn;
 pub mod mesh;

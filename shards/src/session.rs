@@ -199,6 +199,8 @@ pub struct Session {
     /// Per connection: incoming topic aliases (alias -> topic) and outgoing (topic -> alias).
     pub aliases_in: HashMap<u16, Utf8>,
     pub aliases_out: HashMap<Utf8, u16>,
+    /// The user name of the current (or last) connection, for the auth provider's ACL.
+    pub username: Option<Box<str>>,
     /// The session's uid in the home shard's store; 0 when it is not stored.
     pub store_uid: u64,
     /// Counted in the mesh's `stored_subscribers` of its shard (stored and subscribed).
@@ -232,6 +234,7 @@ impl Session {
             request_problem_information: true,
             aliases_in: HashMap::new(),
             aliases_out: HashMap::new(),
+            username: None,
             store_uid: 0,
             counted_stored: false,
             pending_acks: VecDeque::new(),

@@ -34,6 +34,7 @@ use shardmq_protocol::{
 };
 
 use crate::admin::{AdminRequest, SessionDetail, SessionSummary, SubscriptionInfo};
+use crate::auth::{Action, Principal};
 use crate::config::{BrokerConfig, QueueFullPolicy};
 use crate::mesh::{Mesh, ShardId};
 use crate::message::{Delivery, LazyDelivery, Message, Origin, TenantId};
@@ -85,6 +86,8 @@ pub struct Handoff {
     pub connect: Box<Connect>,
     /// Bytes read after the CONNECT.
     pub buffered: BytesMut,
+    /// The tenant the auth provider placed the client in.
+    pub tenant: TenantId,
 }
 
 /// The interest of one shard in one filter (or share group on a filter) began or ended.
@@ -133,6 +136,10 @@ pub struct ShardStats {
     pub reader_backpressure_waits: AtomicU64,
     /// Subscriptions refused because the session had `subscriptions_per_session_max` already.
     pub subscriptions_refused_quota: AtomicU64,
+    /// CONNECTs refused by the auth provider (bad credentials or not authorised).
+    pub auth_failures: AtomicU64,
+    /// PUBLISHes and SUBSCRIBE filters refused by the auth provider's ACL.
+    pub acl_denied: AtomicU64,
     /// Records appended to this shard's store, and appends that failed (budget, full disk).
     pub store_appends: AtomicU64,
     pub store_append_failures: AtomicU64,
@@ -617,6 +624,22 @@ impl Shard {
             .any(|denied| denied == topic_or_filter || topic::matches(denied, topic_or_filter))
     }
 
+    /// Whether session `key`'s client may publish to / subscribe to `topic_or_filter` (the auth
+    /// provider's ACL); a refusal is counted.
+    fn acl_allows(&self, key: SessionKey, action: Action, topic_or_filter: &str) -> bool {
+        let Some(session) = self.sessions.get(key) else { return false };
+        let who = Principal {
+            tenant: session.tenant,
+            client_id: session.client_id.as_str(),
+            username: session.username.as_deref(),
+        };
+        let allowed = self.cfg.auth.authorize(&who, action, topic_or_filter);
+        if !allowed {
+            bump(&self.stats.acl_denied, 1);
+        }
+        allowed
+    }
+
     // ----- connect / disconnect -------------------------------------------------------------
 
     /// Handles a CONNECT on the session's home shard. `conn` is the new connection's link.
@@ -687,7 +710,12 @@ impl Shard {
             if topic::validate_topic_name(&will.topic).is_err() {
                 return refuse(ReasonCode::TopicNameInvalid);
             }
-            if self.is_denied(&will.topic) {
+            let who = Principal {
+                tenant,
+                client_id: client_id.as_str(),
+                username: connect.username.as_ref().map(|u| u.as_str()),
+            };
+            if self.is_denied(&will.topic) || !self.cfg.auth.authorize(&who, Action::Publish, &will.topic) {
                 return refuse(ReasonCode::NotAuthorized);
             }
         }
@@ -739,6 +767,7 @@ impl Shard {
         };
         let session = self.sessions.get_mut(key).expect("just inserted or found");
         session.version = version;
+        session.username = connect.username.as_ref().map(|u| Box::from(u.as_str()));
         session.expiry_secs = expiry_secs;
         session.expires_at = None;
         session.conn = Some(conn);
@@ -1139,7 +1168,8 @@ impl Shard {
                 return After::Close { reason: Some(ReasonCode::ReceiveMaximumExceeded), will: true };
             }
         }
-        let denied = cfg.denied_topic_filters.iter().any(|d| topic::matches(d, &publish.topic));
+        let denied = cfg.denied_topic_filters.iter().any(|d| topic::matches(d, &publish.topic))
+            || !self.acl_allows(key, Action::Publish, &publish.topic);
         let ack_reason = if denied { ReasonCode::NotAuthorized } else { ReasonCode::Success };
         let qos = publish.qos;
         let mut waiting = 0u32;
@@ -1148,7 +1178,7 @@ impl Shard {
         if denied {
             bump(&self.stats.dropped_denied, 1);
         } else {
-            let tenant = session.tenant;
+            let tenant = self.sessions.get(key).expect("caller checked").tenant;
             let mut properties = std::mem::take(&mut publish.properties);
             let expires_at =
                 properties.message_expiry_interval.map(|s| now + Duration::from_secs(u64::from(s)));
@@ -1355,7 +1385,7 @@ impl Shard {
                 continue;
             }
             let inner = shared.map(|s| s.filter).unwrap_or(filter);
-            if self.is_denied(inner) {
+            if self.is_denied(inner) || !self.acl_allows(key, Action::Subscribe, inner) {
                 bump(&self.stats.dropped_denied, 1);
                 reasons.push(if v5 { ReasonCode::NotAuthorized } else { ReasonCode::UnspecifiedError });
                 continue;

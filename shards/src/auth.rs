@@ -1,0 +1,352 @@
+//! [`AuthProvider`]: who may connect (and as which tenant), and what they may publish and
+//! subscribe to. Built-ins: [`AllowAll`] and [`FileAuth`] (users with argon2id password hashes,
+//! a tenant per user, ACL rules with `%c` / `%u` substitution, reloadable).
+//!
+//! Owner: shared read-only by every shard (`Arc<dyn AuthProvider>` in the config). `authenticate`
+//! runs on the shard that accepted the socket, before the session's home shard is known (the
+//! tenant is part of the placement); `authorize` runs on the session's home shard for each
+//! PUBLISH and each SUBSCRIBE filter.
+//!
+//! Cost on the shard's loop: an argon2id verification takes milliseconds by design. `FileAuth`
+//! verifies a (user, password) pair once and then remembers the success under a keyed hash of the
+//! password (never the password), so reconnects cost a hash, not a verification; the first connect
+//! of each user (and every wrong password) pays it on the accepting shard's thread.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::hash::BuildHasher;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, RwLock};
+
+use argon2::password_hash::{PasswordHash, PasswordVerifier};
+use argon2::Argon2;
+use serde::Deserialize;
+use shardmq_protocol::topic;
+
+use crate::message::TenantId;
+
+/// What a CONNECT presents.
+#[derive(Debug, Clone, Copy)]
+pub struct Credentials<'a> {
+    pub client_id: &'a str,
+    pub username: Option<&'a str>,
+    pub password: Option<&'a [u8]>,
+}
+
+/// The answer to a CONNECT.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AuthDecision {
+    Allow {
+        tenant: TenantId,
+    },
+    /// Unknown user or wrong password: v5 0x86, 3.1.1 return code 4.
+    BadCredentials,
+    /// Known but not allowed to connect: v5 0x87, 3.1.1 return code 5.
+    NotAuthorized,
+}
+
+/// What a client asks to do with a topic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    Publish,
+    Subscribe,
+}
+
+/// Who a session belongs to, for authorisation.
+#[derive(Debug, Clone, Copy)]
+pub struct Principal<'a> {
+    pub tenant: TenantId,
+    pub client_id: &'a str,
+    pub username: Option<&'a str>,
+}
+
+/// Authentication and authorisation, chosen in config.
+pub trait AuthProvider: fmt::Debug + Send + Sync {
+    /// Decides a CONNECT (and its tenant).
+    fn authenticate(&self, credentials: &Credentials<'_>) -> AuthDecision;
+    /// Whether `who` may publish to the topic, or subscribe to the filter (without `$share/...`).
+    fn authorize(&self, who: &Principal<'_>, action: Action, topic_or_filter: &str) -> bool;
+    /// Re-reads its configuration (SIGHUP, the admin API). Built-ins without one return Ok.
+    fn reload(&self) -> Result<(), String> {
+        Ok(())
+    }
+}
+
+/// Everyone connects to the default tenant and may do anything.
+#[derive(Debug, Default)]
+pub struct AllowAll;
+
+impl AuthProvider for AllowAll {
+    fn authenticate(&self, _: &Credentials<'_>) -> AuthDecision {
+        AuthDecision::Allow { tenant: TenantId::default() }
+    }
+
+    fn authorize(&self, _: &Principal<'_>, _: Action, _: &str) -> bool {
+        true
+    }
+}
+
+/// The file `FileAuth` reads (TOML).
+///
+/// ```toml
+/// [[users]]
+/// username = "alice"
+/// password_hash = "$argon2id$v=19$m=19456,t=2,p=1$..."   # `shardmq passwd` writes these
+/// tenant = 1                                           # default 0
+///
+/// [[acl]]
+/// username = "alice"        # optional: the rule is for this user only
+/// client_id = "sensor-7"    # optional: for this client id only
+/// action = "publish"        # publish | subscribe | all
+/// topic = "devices/%u/#"    # a filter; %u = username, %c = client id
+/// permission = "allow"      # allow | deny
+/// ```
+///
+/// Rules are tried in order; the first whose user, client id, action and topic match decides.
+/// When no rule matches: allowed if the file has no rules at all, denied otherwise.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthFile {
+    #[serde(default)]
+    pub users: Vec<FileUser>,
+    #[serde(default)]
+    pub acl: Vec<AclRule>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileUser {
+    pub username: String,
+    pub password_hash: String,
+    #[serde(default)]
+    pub tenant: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AclAction {
+    Publish,
+    Subscribe,
+    All,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Permission {
+    Allow,
+    Deny,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AclRule {
+    pub username: Option<String>,
+    pub client_id: Option<String>,
+    pub action: AclAction,
+    pub topic: String,
+    pub permission: Permission,
+}
+
+/// Users and ACL from a file; see [`AuthFile`].
+pub struct FileAuth {
+    path: PathBuf,
+    inner: RwLock<AuthFile>,
+    /// Verified (username, keyed hash of the password) pairs, so a reconnect skips argon2.
+    verified: Mutex<HashSet<(String, u64)>>,
+    keys: std::collections::hash_map::RandomState,
+}
+
+impl fmt::Debug for FileAuth {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FileAuth").field("path", &self.path).finish_non_exhaustive()
+    }
+}
+
+/// Reads and checks an auth file: every hash must parse, every ACL filter must be valid.
+pub fn read_auth_file(path: &Path) -> Result<AuthFile, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read auth file {}: {e}", path.display()))?;
+    let file: AuthFile =
+        toml::from_str(&text).map_err(|e| format!("bad auth file {}: {e}", path.display()))?;
+    for user in &file.users {
+        PasswordHash::new(&user.password_hash).map_err(|e| {
+            format!("auth file {}: user {:?}: bad password hash: {e}", path.display(), user.username)
+        })?;
+    }
+    for (index, rule) in file.acl.iter().enumerate() {
+        let probe = rule.topic.replace("%u", "u").replace("%c", "c");
+        topic::validate_topic_filter(&probe).map_err(|e| {
+            format!("auth file {}: acl rule {}: topic {:?}: {e}", path.display(), index + 1, rule.topic)
+        })?;
+    }
+    Ok(file)
+}
+
+impl FileAuth {
+    pub fn load(path: impl Into<PathBuf>) -> Result<FileAuth, String> {
+        let path = path.into();
+        let file = read_auth_file(&path)?;
+        Ok(FileAuth {
+            path,
+            inner: RwLock::new(file),
+            verified: Mutex::new(HashSet::new()),
+            keys: std::collections::hash_map::RandomState::new(),
+        })
+    }
+
+    fn password_key(&self, password: &[u8]) -> u64 {
+        self.keys.hash_one(password)
+    }
+}
+
+/// Whether ACL filter `allowed` covers everything filter `asked` can match (for SUBSCRIBE):
+/// `#` covers the rest, `+` covers one level (but not a `#`), a word covers only itself.
+fn covers(allowed: &str, asked: &str) -> bool {
+    let mut a = allowed.split('/');
+    let mut b = asked.split('/');
+    loop {
+        match (a.next(), b.next()) {
+            (Some("#"), _) => return true,
+            (None, None) => return true,
+            (Some("+"), Some(level)) if level != "#" => {}
+            (Some(x), Some(y)) if x == y && x != "+" => {}
+            _ => return false,
+        }
+    }
+}
+
+impl AuthProvider for FileAuth {
+    fn authenticate(&self, credentials: &Credentials<'_>) -> AuthDecision {
+        let (Some(username), Some(password)) = (credentials.username, credentials.password) else {
+            return AuthDecision::BadCredentials;
+        };
+        let inner = self.inner.read().unwrap_or_else(|e| e.into_inner());
+        let Some(user) = inner.users.iter().find(|u| u.username == username) else {
+            return AuthDecision::BadCredentials;
+        };
+        let tenant = TenantId(user.tenant);
+        let key = (username.to_string(), self.password_key(password));
+        if self.verified.lock().unwrap_or_else(|e| e.into_inner()).contains(&key) {
+            return AuthDecision::Allow { tenant };
+        }
+        let Ok(hash) = PasswordHash::new(&user.password_hash) else { return AuthDecision::BadCredentials };
+        if Argon2::default().verify_password(password, &hash).is_err() {
+            return AuthDecision::BadCredentials;
+        }
+        let mut verified = self.verified.lock().unwrap_or_else(|e| e.into_inner());
+        // Bounded: one entry per user and password that ever worked; cleared on reload.
+        if verified.len() >= 100_000 {
+            verified.clear();
+        }
+        verified.insert(key);
+        AuthDecision::Allow { tenant }
+    }
+
+    fn authorize(&self, who: &Principal<'_>, action: Action, asked: &str) -> bool {
+        let inner = self.inner.read().unwrap_or_else(|e| e.into_inner());
+        if inner.acl.is_empty() {
+            return true;
+        }
+        for rule in &inner.acl {
+            if rule.username.as_deref().is_some_and(|u| Some(u) != who.username) {
+                continue;
+            }
+            if rule.client_id.as_deref().is_some_and(|c| c != who.client_id) {
+                continue;
+            }
+            let action_matches = match rule.action {
+                AclAction::All => true,
+                AclAction::Publish => action == Action::Publish,
+                AclAction::Subscribe => action == Action::Subscribe,
+            };
+            if !action_matches {
+                continue;
+            }
+            if rule.topic.contains("%u") && who.username.is_none() {
+                continue;
+            }
+            // A substituted value with wildcard characters or separators never widens the rule.
+            let unsafe_value = |v: &str| v.contains(['+', '#', '/']);
+            if (rule.topic.contains("%u") && who.username.is_some_and(unsafe_value))
+                || (rule.topic.contains("%c") && unsafe_value(who.client_id))
+            {
+                continue;
+            }
+            let filter = rule.topic.replace("%u", who.username.unwrap_or("")).replace("%c", who.client_id);
+            let matches = match action {
+                Action::Publish => topic::matches(&filter, asked),
+                Action::Subscribe => covers(&filter, asked),
+            };
+            if matches {
+                return rule.permission == Permission::Allow;
+            }
+        }
+        false
+    }
+
+    fn reload(&self) -> Result<(), String> {
+        let file = read_auth_file(&self.path)?;
+        *self.inner.write().unwrap_or_else(|e| e.into_inner()) = file;
+        self.verified.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        Ok(())
+    }
+}
+
+/// A new argon2id PHC hash of `password` (OWASP parameters: 19 MiB, 2 passes), for `shardmq passwd`.
+pub fn hash_password(password: &[u8]) -> Result<String, String> {
+    use argon2::password_hash::rand_core::OsRng;
+    use argon2::password_hash::{PasswordHasher, SaltString};
+    let salt = SaltString::generate(&mut OsRng);
+    Argon2::default().hash_password(password, &salt).map(|h| h.to_string()).map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn subscribe_coverage() {
+        assert!(covers("a/#", "a/b/c"));
+        assert!(covers("a/#", "a/#"));
+        assert!(covers("a/+/c", "a/b/c"));
+        assert!(covers("a/+/c", "a/+/c"));
+        assert!(!covers("a/+/c", "a/#"));
+        assert!(!covers("a/b", "a/+"));
+        assert!(!covers("a/b", "a/b/c"));
+        assert!(covers("#", "x/y"));
+        assert!(!covers("a/+", "a/b/c"));
+    }
+
+    #[test]
+    fn hashes_verify_and_wrong_passwords_do_not() {
+        let dir = std::env::temp_dir().join(format!("shardmq-auth-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("users.toml");
+        let hash = hash_password(b"pw").unwrap();
+        let text = format!(
+            "[[users]]\nusername = \"alice\"\npassword_hash = \"{hash}\"\ntenant = 3\n\n\
+             [[acl]]\nusername = \"alice\"\naction = \"all\"\ntopic = \"home/%u/#\"\npermission = \"allow\"\n\n\
+             [[acl]]\naction = \"subscribe\"\ntopic = \"dev/%c/+\"\npermission = \"allow\"\n"
+        );
+        std::fs::write(&path, text).unwrap();
+        let auth = FileAuth::load(&path).unwrap();
+        let creds = |u, p| Credentials { client_id: "c1", username: Some(u), password: Some(p) };
+        assert_eq!(auth.authenticate(&creds("alice", b"pw")), AuthDecision::Allow { tenant: TenantId(3) });
+        // Cached: the second success skips argon2 and gives the same answer.
+        assert_eq!(auth.authenticate(&creds("alice", b"pw")), AuthDecision::Allow { tenant: TenantId(3) });
+        assert_eq!(auth.authenticate(&creds("alice", b"nope")), AuthDecision::BadCredentials);
+        assert_eq!(auth.authenticate(&creds("bob", b"pw")), AuthDecision::BadCredentials);
+        let who = Principal { tenant: TenantId(3), client_id: "c1", username: Some("alice") };
+        assert!(auth.authorize(&who, Action::Publish, "home/alice/lamp"));
+        assert!(!auth.authorize(&who, Action::Publish, "home/bob/lamp"));
+        assert!(auth.authorize(&who, Action::Subscribe, "dev/c1/x"));
+        assert!(!auth.authorize(&who, Action::Subscribe, "dev/c1/#"));
+        assert!(!auth.authorize(&who, Action::Publish, "dev/c1/x"), "subscribe-only rule");
+        let sneaky = Principal { tenant: TenantId(3), client_id: "#", username: Some("alice") };
+        assert!(
+            !auth.authorize(&sneaky, Action::Subscribe, "dev/x/y"),
+            "a wildcard client id never widens a rule"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
