@@ -50,6 +50,14 @@ struct PasswdArgs {
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum EventsArg {
+    None,
+    Log,
+    Jsonl,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 enum AuthArg {
     AllowAll,
@@ -173,6 +181,13 @@ struct ServeArgs {
     /// The users and ACL file of `--auth file` (see `shardmq passwd`).
     #[arg(long)]
     auth_file: Option<PathBuf>,
+    /// Where events (connect, disconnect with reason, subscribe, unsubscribe, refusals, drops,
+    /// session expiry, kicks) go: none (default), log, or jsonl (--events-file).
+    #[arg(long, value_enum)]
+    events: Option<EventsArg>,
+    /// The file `--events jsonl` appends one JSON object per line to.
+    #[arg(long)]
+    events_file: Option<PathBuf>,
     /// Log filter (tracing's EnvFilter syntax). Default: info.
     #[arg(long)]
     log: Option<String>,
@@ -312,6 +327,17 @@ fn merge(flags: ServeArgs, file: ServeArgs) -> Result<(BrokerConfig, String, Adm
             cfg.auth =
                 std::sync::Arc::new(shardmq_shards::auth::FileAuth::load(path).map_err(anyhow::Error::msg)?);
         }
+    }
+    match (pick!(events), pick!(events_file)) {
+        (None | Some(EventsArg::None), None) => {}
+        (Some(EventsArg::Log), None) => cfg.events = std::sync::Arc::new(shardmq_shards::events::LogEvents),
+        (Some(EventsArg::Jsonl), Some(path)) => {
+            cfg.events = std::sync::Arc::new(
+                shardmq_shards::events::JsonlEvents::open(&path).map_err(anyhow::Error::msg)?,
+            );
+        }
+        (Some(EventsArg::Jsonl), None) => bail!("--events jsonl needs --events-file PATH"),
+        (_, Some(_)) => bail!("--events-file needs --events jsonl"),
     }
     let log = pick!(log).unwrap_or_else(|| "info".to_string());
     let token = pick!(admin_token).filter(|t| !t.is_empty());

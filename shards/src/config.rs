@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::auth::{AllowAll, AuthProvider};
+use crate::events::{EventCollector, NoEvents};
 
 pub use shardmq_storage::FsyncPolicy;
 
@@ -82,6 +83,8 @@ pub struct BrokerConfig {
     pub subscriptions_per_session_max: usize,
     /// Who may connect (and as which tenant), publish and subscribe.
     pub auth: Arc<dyn AuthProvider>,
+    /// Where connection, subscription and drop events go.
+    pub events: Arc<dyn EventCollector>,
     /// Topic filters no client may subscribe to or publish on (matched with MQTT wildcards).
     pub denied_topic_filters: Vec<String>,
     /// Retained messages kept, across all shards' partitions (per shard: this / cores).
@@ -120,6 +123,7 @@ impl Default for BrokerConfig {
             queue_qos0_offline: false,
             subscriptions_per_session_max: 1000,
             auth: Arc::new(AllowAll),
+            events: Arc::new(NoEvents),
             denied_topic_filters: Vec::new(),
             retained_messages_max: 1_000_000,
             read_buffer_bytes_min: 128,

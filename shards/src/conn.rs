@@ -207,6 +207,15 @@ pub async fn serve_accepted(cell: ShardCell, stream: TcpStream) {
                 ReasonCode::BadUserNameOrPassword
             };
             debug!(client_id = %connect.client_id.as_str(), ?reason, "CONNECT refused by the auth provider");
+            cfg.events.event(&crate::events::Event::AuthFailed {
+                client_id: connect.client_id.as_str(),
+                username: connect.username.as_ref().map(|u| u.as_str()),
+                reason: if refusal == AuthDecision::NotAuthorized {
+                    "not authorized"
+                } else {
+                    "bad credentials"
+                },
+            });
             let connack =
                 shardmq_protocol::ConnAck { session_present: false, reason, properties: Default::default() };
             let mut out = BytesMut::new();

@@ -15,6 +15,7 @@ pub mod admin;
 pub mod auth;
 pub mod config;
 pub mod conn;
+pub mod events;
 pub mod mesh;
 pub mod message;
 pub mod runtime;

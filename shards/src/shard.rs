@@ -36,6 +36,7 @@ use shardmq_protocol::{
 use crate::admin::{AdminRequest, SessionDetail, SessionSummary, SubscriptionInfo};
 use crate::auth::{Action, Principal};
 use crate::config::{BrokerConfig, QueueFullPolicy};
+use crate::events::Event;
 use crate::mesh::{Mesh, ShardId};
 use crate::message::{Delivery, LazyDelivery, Message, Origin, TenantId};
 use crate::session::{
@@ -560,6 +561,7 @@ impl Shard {
                 let key = Utf8::new(&client_id).ok().and_then(|id| self.sessions.find(tenant, &id));
                 if let Some(key) = key {
                     let session = self.sessions.get_mut(key).expect("found above");
+                    self.cfg.events.event(&Event::Kicked { tenant, client_id: &client_id });
                     if let Some(conn) = session.conn.take() {
                         conn.close(Some(ReasonCode::AdministrativeAction));
                         self.stats.connections.fetch_sub(1, Ordering::Relaxed);
@@ -622,6 +624,17 @@ impl Shard {
             .denied_topic_filters
             .iter()
             .any(|denied| denied == topic_or_filter || topic::matches(denied, topic_or_filter))
+    }
+
+    fn event_refused(&self, key: SessionKey, topic: &str, reason: &'static str) {
+        if let Some(session) = self.sessions.get(key) {
+            self.cfg.events.event(&Event::Refused {
+                tenant: session.tenant,
+                client_id: session.client_id.as_str(),
+                topic,
+                reason,
+            });
+        }
     }
 
     /// Whether session `key`'s client may publish to / subscribe to `topic_or_filter` (the auth
@@ -740,6 +753,11 @@ impl Shard {
             let session = self.sessions.get_mut(key).expect("index and slab agree");
             if let Some(old) = session.conn.take() {
                 old.close(Some(ReasonCode::SessionTakenOver));
+                self.cfg.events.event(&Event::Disconnected {
+                    tenant,
+                    client_id: client_id.as_str(),
+                    reason: "taken over",
+                });
                 // The old connection's `disconnected` will find the session owned by the new one and
                 // return early, so it is counted as gone here.
                 self.stats.connections.fetch_sub(1, Ordering::Relaxed);
@@ -816,6 +834,15 @@ impl Shard {
         self.persist_session(key);
         bump(&self.stats.connects_total, 1);
         bump(&self.stats.connections, 1);
+        if let Some(session) = self.sessions.get(key) {
+            self.cfg.events.event(&Event::Connected {
+                tenant,
+                client_id: session.client_id.as_str(),
+                username: session.username.as_deref(),
+                protocol_level: version.level(),
+                session_present,
+            });
+        }
         ConnectOutcome::Accepted { session: key, keepalive_secs }
     }
 
@@ -830,6 +857,11 @@ impl Shard {
         session.aliases_in.clear();
         session.aliases_out.clear();
         self.stats.connections.fetch_sub(1, Ordering::Relaxed);
+        self.cfg.events.event(&Event::Disconnected {
+            tenant: session.tenant,
+            client_id: session.client_id.as_str(),
+            reason: if will { "abnormal" } else { "normal" },
+        });
         let expiry_secs = session.expiry_secs;
         let will_state = if will { session.will.take() } else { None };
         session.will = None;
@@ -986,6 +1018,10 @@ impl Shard {
             }
             let session = self.sessions.get_mut(key).expect("checked above");
             if session.expires_at.is_some_and(|at| at <= now) {
+                self.cfg.events.event(&Event::SessionExpired {
+                    tenant: session.tenant,
+                    client_id: session.client_id.as_str(),
+                });
                 self.end_session(key, now);
             }
         }
@@ -1177,6 +1213,7 @@ impl Shard {
         let mut token = 0u64;
         if denied {
             bump(&self.stats.dropped_denied, 1);
+            self.event_refused(key, &publish.topic, "not authorized");
         } else {
             let tenant = self.sessions.get(key).expect("caller checked").tenant;
             let mut properties = std::mem::take(&mut publish.properties);
@@ -1387,6 +1424,7 @@ impl Shard {
             let inner = shared.map(|s| s.filter).unwrap_or(filter);
             if self.is_denied(inner) || !self.acl_allows(key, Action::Subscribe, inner) {
                 bump(&self.stats.dropped_denied, 1);
+                self.event_refused(key, filter, "not authorized");
                 reasons.push(if v5 { ReasonCode::NotAuthorized } else { ReasonCode::UnspecifiedError });
                 continue;
             }
@@ -1396,6 +1434,7 @@ impl Shard {
                 && !session.subscriptions.contains_key(filter)
             {
                 bump(&self.stats.subscriptions_refused_quota, 1);
+                self.event_refused(key, filter, "subscription quota");
                 reasons.push(if v5 { ReasonCode::QuotaExceeded } else { ReasonCode::UnspecifiedError });
                 continue;
             }
@@ -1409,6 +1448,14 @@ impl Shard {
                 };
             if wants_retained {
                 queries.push((Arc::from(inner), entry.clone()));
+            }
+            if let Some(session) = self.sessions.get(key) {
+                self.cfg.events.event(&Event::Subscribed {
+                    tenant,
+                    client_id: session.client_id.as_str(),
+                    filter,
+                    qos: entry.options.qos as u8,
+                });
             }
             reasons.push(match entry.options.qos {
                 QoS::AtMostOnce => ReasonCode::GrantedQoS0,
@@ -1500,6 +1547,11 @@ impl Shard {
             let session = self.sessions.get_mut(key).expect("caller checked");
             let tenant = session.tenant;
             if session.subscriptions.remove(filter.as_str()).is_some() {
+                self.cfg.events.event(&Event::Unsubscribed {
+                    tenant,
+                    client_id: session.client_id.as_str(),
+                    filter: filter.as_str(),
+                });
                 self.slice_remove(tenant, key, filter, &mut changes);
                 reasons.push(ReasonCode::Success);
             } else {
@@ -1909,16 +1961,26 @@ impl Shard {
         session: &mut Session,
         delivery: Delivery,
     ) -> Option<u64> {
+        let dropped = |session: &Session, delivery: &Delivery, reason: &'static str| {
+            cfg.events.event(&Event::Dropped {
+                tenant: session.tenant,
+                client_id: session.client_id.as_str(),
+                topic: delivery.msg.topic.as_str(),
+                reason,
+            });
+        };
         if session.conn.is_none()
             && (!session.is_persistent() || (delivery.qos == QoS::AtMostOnce && !cfg.queue_qos0_offline))
         {
             bump(&stats.dropped_offline_qos0, 1);
+            dropped(session, &delivery, "offline");
             return Some(delivery.stored);
         }
         let mut evicted = None;
         if session.queue.len() + session.backlog.len() >= cfg.queued_messages_max {
             if delivery.qos == QoS::AtMostOnce {
                 bump(&stats.dropped_queue_full, 1);
+                dropped(session, &delivery, "queue full");
                 return Some(delivery.stored);
             }
             // QoS 0 messages go first, whatever the policy.
@@ -1928,6 +1990,7 @@ impl Shard {
                 match cfg.queue_full_policy {
                     QueueFullPolicy::DropNew => {
                         bump(&stats.dropped_queue_full, 1);
+                        dropped(session, &delivery, "queue full");
                         return Some(delivery.stored);
                     }
                     QueueFullPolicy::DropOldest => {
@@ -1938,6 +2001,7 @@ impl Shard {
                     }
                     QueueFullPolicy::Disconnect => {
                         bump(&stats.dropped_queue_full, 1);
+                        dropped(session, &delivery, "queue full");
                         if let Some(conn) = &session.conn {
                             conn.close(Some(ReasonCode::QuotaExceeded));
                         }
@@ -1946,6 +2010,8 @@ impl Shard {
                 }
             }
             bump(&stats.dropped_queue_full, 1);
+            // The evicted message is the one dropped; it is named by the one that evicted it.
+            dropped(session, &delivery, "queue full (oldest evicted)");
         }
         session.queue.push_back(delivery);
         session.wake_writer();
