@@ -25,6 +25,7 @@ use serde_json::{json, Value};
 use shardmq_shards::admin::{AdminError, SessionDetail, SessionSummary};
 use shardmq_shards::message::TenantId;
 use shardmq_shards::shard::ShardStats;
+use shardmq_shards::tenants::{Limit, TenantSettings, Tenants};
 use shardmq_shards::AdminHandle;
 use tracing::{info, warn};
 
@@ -35,6 +36,7 @@ pub const PAGE_LIMIT_MAX: usize = 1000;
 pub struct AdminState {
     pub handle: AdminHandle,
     pub stats: Vec<Arc<ShardStats>>,
+    pub tenants: Arc<Tenants>,
     pub token: Option<String>,
 }
 
@@ -117,6 +119,22 @@ fn routes() -> Vec<Route> {
                 (401, "Missing or wrong bearer token"),
                 (404, "No such session"),
             ],
+        },
+        Route {
+            method: Method::GET,
+            path: "/api/v1/tenants/{tenant}/settings",
+            auth: true,
+            summary: "A tenant's settings (absent fields: the broker's global setting).",
+            query: &[],
+            responses: &[(200, "The settings"), (400, "Bad tenant id"), (401, "Missing or wrong bearer token")],
+        },
+        Route {
+            method: Method::PUT,
+            path: "/api/v1/tenants/{tenant}/settings",
+            auth: true,
+            summary: "Replaces a tenant's settings at runtime (JSON body, same fields as GET); new connections and packets see them at once.",
+            query: &[],
+            responses: &[(200, "The settings now in force"), (400, "Bad tenant id, body or value"), (401, "Missing or wrong bearer token")],
         },
     ]
 }
@@ -283,7 +301,7 @@ async fn handle(state: Arc<AdminState>, request: Request<Incoming>) -> Result<An
         }
         ("/metrics", _) => Response::builder()
             .header(CONTENT_TYPE, "text/plain; version=0.0.4")
-            .body(Full::new(Bytes::from(metrics_text(&state.stats))))
+            .body(Full::new(Bytes::from(metrics_text(&state.stats, &state.tenants))))
             .expect("static response parts"),
         ("/openapi.json", _) => json_response(StatusCode::OK, &openapi()),
         ("/api/v1/sessions", _) => {
@@ -312,6 +330,26 @@ async fn handle(state: Arc<AdminState>, request: Request<Incoming>) -> Result<An
                 }
                 Err(e) => admin_error(e),
             }
+        }
+        ("/api/v1/tenants/{tenant}/settings", method) => {
+            let Some(tenant) = param.as_deref().and_then(|t| t.parse::<u32>().ok()).map(TenantId) else {
+                return Ok(error(StatusCode::BAD_REQUEST, "the tenant id must be a non-negative integer"));
+            };
+            if method == Method::PUT {
+                let body = match read_body(request).await {
+                    Ok(body) => body,
+                    Err(answer) => return Ok(*answer),
+                };
+                let settings: TenantSettings = match serde_json::from_slice(&body) {
+                    Ok(s) => s,
+                    Err(e) => return Ok(error(StatusCode::BAD_REQUEST, format!("bad settings: {e}"))),
+                };
+                if let Err(e) = state.tenants.provider.set(tenant, settings) {
+                    return Ok(error(StatusCode::BAD_REQUEST, e));
+                }
+            }
+            let settings = state.tenants.settings(tenant);
+            json_response(StatusCode::OK, &serde_json::to_value(&*settings).expect("settings serialise"))
         }
         ("/api/v1/sessions/{client_id}", method) => {
             let tenant = match tenant_of(&params) {
@@ -342,6 +380,23 @@ async fn handle(state: Arc<AdminState>, request: Request<Incoming>) -> Result<An
     Ok(answer)
 }
 
+/// Most bytes of a request body.
+const BODY_BYTES_MAX: usize = 64 * 1024;
+
+/// Reads a request body of at most [`BODY_BYTES_MAX`]; Err is the 400/413 answer.
+async fn read_body(request: Request<Incoming>) -> Result<Bytes, Box<Answer>> {
+    use http_body_util::BodyExt;
+    let limited = http_body_util::Limited::new(request.into_body(), BODY_BYTES_MAX);
+    match limited.collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(Box::new(error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("the body exceeds {BODY_BYTES_MAX} bytes"),
+        ))),
+        Err(e) => Err(Box::new(error(StatusCode::BAD_REQUEST, format!("cannot read the body: {e}")))),
+    }
+}
+
 fn constant_time_eq(a: &str, b: &str) -> bool {
     a.len() == b.len() && a.bytes().zip(b.bytes()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
@@ -361,6 +416,9 @@ pub fn openapi() -> Value {
         if route.path.contains("{client_id}") {
             parameters.push(json!({ "name": "client_id", "in": "path", "required": true, "schema": { "type": "string" } }));
         }
+        if route.path.contains("{tenant}") {
+            parameters.push(json!({ "name": "tenant", "in": "path", "required": true, "schema": { "type": "integer", "minimum": 0 } }));
+        }
         let responses: serde_json::Map<String, Value> =
             route.responses.iter().map(|(code, d)| (code.to_string(), json!({ "description": d }))).collect();
         let mut operation =
@@ -379,7 +437,7 @@ pub fn openapi() -> Value {
 }
 
 /// The counters of every shard in the Prometheus text format (read with relaxed atomic loads).
-pub fn metrics_text(stats: &[Arc<ShardStats>]) -> String {
+pub fn metrics_text(stats: &[Arc<ShardStats>], tenants: &Tenants) -> String {
     type Field = fn(&ShardStats) -> &AtomicU64;
     let metrics: &[(&str, &str, &str, Field)] = &[
         ("shardmq_connections", "gauge", "Live client connections.", |s| &s.connections),
@@ -471,6 +529,32 @@ pub fn metrics_text(stats: &[Arc<ShardStats>]) -> String {
         let _ = writeln!(out, "# TYPE {name} {kind}");
         for (shard, s) in stats.iter().enumerate() {
             let _ = writeln!(out, "{name}{{shard=\"{shard}\"}} {}", field(s).load(Ordering::Relaxed));
+        }
+    }
+    let all = tenants.all();
+    type TenantField = fn(&shardmq_shards::tenants::TenantState) -> &AtomicU64;
+    let per_tenant: [(&str, &str, &str, TenantField); 3] = [
+        ("shardmq_tenant_connections", "gauge", "Live connections per tenant.", |t| &t.connections),
+        ("shardmq_tenant_connects_total", "counter", "CONNECTs accepted per tenant.", |t| &t.connects_total),
+        ("shardmq_tenant_publishes_received_total", "counter", "PUBLISH packets received per tenant.", |t| {
+            &t.publishes_in
+        }),
+    ];
+    for (name, kind, help, field) in per_tenant {
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} {kind}");
+        for (tenant, state) in &all {
+            let _ =
+                writeln!(out, "{name}{{tenant=\"{}\"}} {}", tenant.0, field(state).load(Ordering::Relaxed));
+        }
+    }
+    let name = "shardmq_tenant_limited_total";
+    let _ = writeln!(out, "# HELP {name} Refusals and throttles per tenant, by the limit that caused them.");
+    let _ = writeln!(out, "# TYPE {name} counter");
+    for (tenant, state) in &all {
+        for (index, limit) in Limit::ALL.iter().enumerate() {
+            let value = state.limited[index].load(Ordering::Relaxed);
+            let _ = writeln!(out, "{name}{{tenant=\"{}\",limit=\"{}\"}} {value}", tenant.0, limit.name());
         }
     }
     out

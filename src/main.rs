@@ -188,6 +188,15 @@ struct ServeArgs {
     /// The file `--events jsonl` appends one JSON object per line to.
     #[arg(long)]
     events_file: Option<PathBuf>,
+    /// Settings for every tenant without its own (config file only: `[tenant_defaults]`).
+    #[arg(skip)]
+    #[serde(default)]
+    tenant_defaults: Option<shardmq_shards::tenants::TenantSettings>,
+    /// Per-tenant settings (config file only: `[tenants."<id>"]`); changeable at runtime through
+    /// the admin API.
+    #[arg(skip)]
+    #[serde(default)]
+    tenants: std::collections::HashMap<String, shardmq_shards::tenants::TenantSettings>,
     /// Log filter (tracing's EnvFilter syntax). Default: info.
     #[arg(long)]
     log: Option<String>,
@@ -339,6 +348,18 @@ fn merge(flags: ServeArgs, file: ServeArgs) -> Result<(BrokerConfig, String, Adm
         (Some(EventsArg::Jsonl), None) => bail!("--events jsonl needs --events-file PATH"),
         (_, Some(_)) => bail!("--events-file needs --events jsonl"),
     }
+    let defaults = file.tenant_defaults.unwrap_or_default();
+    shardmq_shards::tenants::validate(&defaults).map_err(|e| anyhow::anyhow!("tenant_defaults: {e}"))?;
+    let mut tenants = std::collections::HashMap::new();
+    for (id, settings) in file.tenants {
+        let tenant =
+            id.parse::<u32>().map_err(|_| anyhow::anyhow!("tenants.{id:?}: a tenant id is an integer"))?;
+        shardmq_shards::tenants::validate(&settings).map_err(|e| anyhow::anyhow!("tenants.{id}: {e}"))?;
+        tenants.insert(shardmq_shards::message::TenantId(tenant), settings);
+    }
+    cfg.tenants = std::sync::Arc::new(shardmq_shards::tenants::Tenants::new(std::sync::Arc::new(
+        shardmq_shards::tenants::ConfigSettings::new(defaults, tenants),
+    )));
     let log = pick!(log).unwrap_or_else(|| "info".to_string());
     let token = pick!(admin_token).filter(|t| !t.is_empty());
     let listen = match pick!(admin_listen).as_deref() {
@@ -368,6 +389,7 @@ fn serve(mut args: ServeArgs) -> Result<()> {
     tracing_subscriber::fmt().with_env_filter(filter).with_target(false).with_ansi(ansi).init();
     let mut signals = Signals::new([SIGINT, SIGTERM, SIGHUP]).context("cannot install signal handlers")?;
     let auth = cfg.auth.clone();
+    let tenants = cfg.tenants.clone();
     let cores = cfg.cores;
     let data_dir =
         if cfg.persistence { cfg.data_dir.display().to_string() } else { "(in memory)".to_string() };
@@ -376,6 +398,7 @@ fn serve(mut args: ServeArgs) -> Result<()> {
         let state = admin::AdminState {
             handle: broker.admin.clone(),
             stats: broker.stats.clone(),
+            tenants: tenants.clone(),
             token: admin_args.token,
         };
         if let Err(e) = admin::spawn(listen, state) {

@@ -76,11 +76,25 @@ fn start() -> (Proc, tempfile::TempDir) {
 
 /// One HTTP/1.1 exchange (Connection: close): (status, headers, body).
 fn http(addr: SocketAddr, method: &str, path: &str, token: Option<&str>) -> (u16, String, String) {
+    http_with_body(addr, method, path, token, "")
+}
+
+fn http_with_body(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: &str,
+) -> (u16, String, String) {
     let mut stream = TcpStream::connect(addr).expect("connect to the admin API");
     stream.set_read_timeout(Some(BOUND)).expect("timeout");
     let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
-    write!(stream, "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Connection: close\r\n\r\n")
-        .expect("request");
+    let length = body.len();
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Content-Length: {length}\r\nConnection: close\r\n\r\n{body}"
+    )
+    .expect("request");
     let mut raw = String::new();
     stream.read_to_string(&mut raw).expect("response");
     let (head, body) = raw.split_once("\r\n\r\n").expect("a header block");
@@ -257,7 +271,7 @@ async fn openapi_document_describes_exactly_the_served_routes() {
         assert!(paths.len() >= 5);
         let methods = ["get", "put", "post", "delete", "patch"];
         for (path, operations) in paths {
-            let concrete = path.replace("{client_id}", "nobody");
+            let concrete = path.replace("{client_id}", "nobody").replace("{tenant}", "0");
             for method in methods {
                 let (status, _, _) = http(broker.admin, &method.to_uppercase(), &concrete, Some(TOKEN));
                 if operations.get(method).is_some() {
@@ -293,4 +307,61 @@ fn a_non_loopback_admin_address_needs_a_token() {
     assert!(!out.status.success());
     let text = String::from_utf8_lossy(&out.stderr);
     assert!(text.contains("--admin-token"), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tenant_settings_are_read_and_changed_at_runtime() {
+    bounded(async {
+        let (broker, _dir) = start();
+        let (status, _, body) = http(broker.admin, "GET", "/api/v1/tenants/0/settings", Some(TOKEN));
+        assert_eq!(status, 200);
+        assert!(json(&body)["max_connections"].is_null());
+        let (_first, ack) =
+            Raw::connect_with(broker.mqtt, connect_packet(ProtocolVersion::V5, "t-1", true, 60)).await;
+        assert_eq!(ack.reason, ReasonCode::Success);
+        let (status, _, body) = http_with_body(
+            broker.admin,
+            "PUT",
+            "/api/v1/tenants/0/settings",
+            Some(TOKEN),
+            r#"{"max_connections": 1}"#,
+        );
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(json(&body)["max_connections"], 1);
+        let (_, ack) =
+            Raw::connect_with(broker.mqtt, connect_packet(ProtocolVersion::V5, "t-2", true, 60)).await;
+        assert_eq!(ack.reason, ReasonCode::QuotaExceeded, "the new limit applies to the next CONNECT");
+        for (body, why) in [
+            ("{not json", "bad JSON"),
+            (r#"{"max_connectionz": 1}"#, "unknown field"),
+            (r#"{"receive_maximum": 0}"#, "invalid value"),
+            (r#"{"allowed_protocol_levels": [9]}"#, "invalid value"),
+        ] {
+            let (status, _, answer) =
+                http_with_body(broker.admin, "PUT", "/api/v1/tenants/0/settings", Some(TOKEN), body);
+            assert_eq!(status, 400, "{why}: {answer}");
+            assert!(json(&answer)["error"].is_string());
+        }
+        let (status, _, _) = http(broker.admin, "GET", "/api/v1/tenants/x/settings", Some(TOKEN));
+        assert_eq!(status, 400);
+        // Per-tenant metrics: one live connection in tenant 0, one refusal by the connection limit.
+        let (_, _, text) = http(broker.admin, "GET", "/metrics", Some(TOKEN));
+        let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string()))).expect("valid");
+        let sample = |metric: &str, labels: &[(&str, &str)]| {
+            scrape
+                .samples
+                .iter()
+                .find(|s| s.metric == metric && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+                .map(|s| match s.value {
+                    prometheus_parse::Value::Gauge(v) | prometheus_parse::Value::Counter(v) => v,
+                    ref other => panic!("{other:?}"),
+                })
+        };
+        assert_eq!(sample("shardmq_tenant_connections", &[("tenant", "0")]), Some(1.0));
+        assert_eq!(
+            sample("shardmq_tenant_limited_total", &[("tenant", "0"), ("limit", "connections")]),
+            Some(1.0)
+        );
+    })
+    .await;
 }

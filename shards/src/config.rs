@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use crate::auth::{AllowAll, AuthProvider};
 use crate::events::{EventCollector, NoEvents};
+use crate::tenants::Tenants;
 
 pub use shardmq_storage::FsyncPolicy;
 
@@ -83,6 +84,8 @@ pub struct BrokerConfig {
     pub subscriptions_per_session_max: usize,
     /// Who may connect (and as which tenant), publish and subscribe.
     pub auth: Arc<dyn AuthProvider>,
+    /// Per-tenant settings and the tenants' shared state.
+    pub tenants: Arc<Tenants>,
     /// Where connection, subscription and drop events go.
     pub events: Arc<dyn EventCollector>,
     /// Topic filters no client may subscribe to or publish on (matched with MQTT wildcards).
@@ -124,6 +127,7 @@ impl Default for BrokerConfig {
             subscriptions_per_session_max: 1000,
             auth: Arc::new(AllowAll),
             events: Arc::new(NoEvents),
+            tenants: Arc::new(Tenants::default()),
             denied_topic_filters: Vec::new(),
             retained_messages_max: 1_000_000,
             read_buffer_bytes_min: 128,

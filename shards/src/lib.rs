@@ -22,6 +22,7 @@ pub mod runtime;
 pub mod session;
 pub mod shard;
 pub mod store;
+pub mod tenants;
 pub mod trie;
 
 #[cfg(test)]

@@ -16,6 +16,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::rc::Rc;
+use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::BytesMut;
@@ -26,6 +27,7 @@ use shardmq_protocol::{
 
 use crate::conn::ConnShared;
 use crate::message::{Delivery, LazyDelivery, Message, TenantId};
+use crate::tenants::{TenantSettings, TenantState};
 
 /// A session's slot on its home shard, with a generation so a stale key never reaches a reused slot.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -199,6 +201,9 @@ pub struct Session {
     /// Per connection: incoming topic aliases (alias -> topic) and outgoing (topic -> alias).
     pub aliases_in: HashMap<u16, Utf8>,
     pub aliases_out: HashMap<Utf8, u16>,
+    /// The tenant's settings as of the current connection's CONNECT, and the tenant's shared state.
+    pub settings: Arc<TenantSettings>,
+    pub tenant_state: Arc<TenantState>,
     /// The user name of the current (or last) connection, for the auth provider's ACL.
     pub username: Option<Box<str>>,
     /// The session's uid in the home shard's store; 0 when it is not stored.
@@ -234,6 +239,8 @@ impl Session {
             request_problem_information: true,
             aliases_in: HashMap::new(),
             aliases_out: HashMap::new(),
+            settings: Arc::default(),
+            tenant_state: Arc::default(),
             username: None,
             store_uid: 0,
             counted_stored: false,
@@ -296,7 +303,7 @@ impl Session {
         inflight_count_max: u16,
         now: Instant,
         events: &mut Vec<FillEvent>,
-        load: &mut dyn FnMut(u64) -> Option<std::sync::Arc<Message>>,
+        load: &mut dyn FnMut(u64) -> Option<Arc<Message>>,
     ) -> FillStats {
         let mut stats = FillStats::default();
         let version = self.version;

@@ -46,6 +46,7 @@ use crate::session::{
 use crate::store::records::{stored_publish, SessionRec, StoredWill, Target};
 use crate::store::recovery::Recovered;
 use crate::store::{Clock, Store};
+use crate::tenants::{Limit, TenantSettings};
 use crate::trie::TopicTrie;
 use shardmq_storage::Offset;
 
@@ -368,6 +369,17 @@ pub fn recovered_interest(recovered: &Recovered) -> Vec<InterestChange> {
     changes
 }
 
+/// The tenant limit a topic or filter breaks (levels, length), if any.
+fn topic_limit(settings: &TenantSettings, topic_or_filter: &str) -> Option<Limit> {
+    if settings.max_topic_length.is_some_and(|max| topic_or_filter.len() > max) {
+        return Some(Limit::TopicLength);
+    }
+    if settings.max_topic_levels.is_some_and(|max| topic_or_filter.split('/').count() > max) {
+        return Some(Limit::TopicLevels);
+    }
+    None
+}
+
 /// The home shard of a session.
 pub fn home_shard(tenant: TenantId, client_id: &str, shard_count: usize) -> ShardId {
     ShardId((placement_hash((tenant.0, client_id)) % shard_count as u64) as u16)
@@ -565,6 +577,7 @@ impl Shard {
                     if let Some(conn) = session.conn.take() {
                         conn.close(Some(ReasonCode::AdministrativeAction));
                         self.stats.connections.fetch_sub(1, Ordering::Relaxed);
+                        session.tenant_state.connections.fetch_sub(1, Ordering::SeqCst);
                     }
                     self.end_session(key, now);
                 }
@@ -733,6 +746,28 @@ impl Shard {
             }
         }
         let cfg = self.cfg.clone();
+        let settings = cfg.tenants.settings(tenant);
+        let tenant_state = cfg.tenants.state(tenant);
+        if settings.allowed_protocol_levels.as_ref().is_some_and(|levels| !levels.contains(&version.level()))
+        {
+            tenant_state.count(Limit::ProtocolVersion);
+            return refuse(ReasonCode::UnsupportedProtocolVersion);
+        }
+        // A takeover keeps the tenant's connection count; a new connection must fit.
+        let replaces = self
+            .sessions
+            .find(tenant, &client_id)
+            .and_then(|k| self.sessions.get(k))
+            .is_some_and(|s| s.conn.is_some());
+        if !replaces {
+            let now_connected = tenant_state.connections.fetch_add(1, Ordering::SeqCst) + 1;
+            if settings.max_connections.is_some_and(|max| now_connected > max) {
+                tenant_state.connections.fetch_sub(1, Ordering::SeqCst);
+                tenant_state.count(Limit::Connections);
+                return refuse(ReasonCode::QuotaExceeded);
+            }
+        }
+        let session_expiry_max = settings.max_session_expiry_secs.unwrap_or(cfg.session_expiry_secs_max);
         let requested_expiry = if version.is_v5() {
             connect.properties.session_expiry_interval.unwrap_or(0)
         } else if connect.clean_start {
@@ -743,7 +778,7 @@ impl Shard {
         let expiry_secs = if requested_expiry == u32::MAX && !version.is_v5() {
             u32::MAX
         } else {
-            requested_expiry.min(cfg.session_expiry_secs_max)
+            requested_expiry.min(session_expiry_max)
         };
 
         // Takeover or resume.
@@ -759,7 +794,8 @@ impl Shard {
                     reason: "taken over",
                 });
                 // The old connection's `disconnected` will find the session owned by the new one and
-                // return early, so it is counted as gone here.
+                // return early, so it is counted as gone here (the tenant's count stays: the new
+                // connection takes its place).
                 self.stats.connections.fetch_sub(1, Ordering::Relaxed);
             }
             // The old connection's will: sent now if it has no delay or the session ends, else dropped
@@ -796,6 +832,8 @@ impl Shard {
         session.client_packet_size_max = connect.properties.maximum_packet_size.unwrap_or(u32::MAX);
         session.client_topic_alias_max = connect.properties.topic_alias_maximum.unwrap_or(0);
         session.request_problem_information = connect.properties.request_problem_information != Some(0);
+        session.settings = settings.clone();
+        session.tenant_state = tenant_state.clone();
         session.will = connect.will.map(|will| {
             let delay_secs = will.properties.will_delay_interval.unwrap_or(0);
             Box::new(WillState { will, delay_secs })
@@ -812,10 +850,10 @@ impl Shard {
             if requested_expiry != expiry_secs {
                 properties.session_expiry_interval = Some(expiry_secs);
             }
-            properties.receive_maximum = Some(cfg.receive_maximum);
+            properties.receive_maximum = Some(settings.receive_maximum.unwrap_or(cfg.receive_maximum));
             properties.maximum_packet_size = Some(cfg.packet_size_bytes_max);
             properties.topic_alias_maximum = Some(cfg.topic_alias_max);
-            properties.retain_available = Some(1);
+            properties.retain_available = Some(u8::from(settings.retain_available != Some(false)));
             properties.wildcard_subscription_available = Some(1);
             properties.subscription_identifier_available = Some(1);
             properties.shared_subscription_available = Some(1);
@@ -834,6 +872,7 @@ impl Shard {
         self.persist_session(key);
         bump(&self.stats.connects_total, 1);
         bump(&self.stats.connections, 1);
+        tenant_state.connects_total.fetch_add(1, Ordering::Relaxed);
         if let Some(session) = self.sessions.get(key) {
             self.cfg.events.event(&Event::Connected {
                 tenant,
@@ -857,6 +896,7 @@ impl Shard {
         session.aliases_in.clear();
         session.aliases_out.clear();
         self.stats.connections.fetch_sub(1, Ordering::Relaxed);
+        session.tenant_state.connections.fetch_sub(1, Ordering::SeqCst);
         self.cfg.events.event(&Event::Disconnected {
             tenant: session.tenant,
             client_id: session.client_id.as_str(),
@@ -1199,14 +1239,36 @@ impl Shard {
                 }
                 return After::Continue;
             }
-            if session.incoming_qos2.len() >= usize::from(cfg.receive_maximum) {
+            if session.incoming_qos2.len()
+                >= usize::from(session.settings.receive_maximum.unwrap_or(cfg.receive_maximum))
+            {
                 bump(&self.stats.protocol_errors, 1);
                 return After::Close { reason: Some(ReasonCode::ReceiveMaximumExceeded), will: true };
             }
         }
-        let denied = cfg.denied_topic_filters.iter().any(|d| topic::matches(d, &publish.topic))
+        let session = self.sessions.get(key).expect("caller checked");
+        let (settings, tenant_state) = (session.settings.clone(), session.tenant_state.clone());
+        tenant_state.publishes_in.fetch_add(1, Ordering::Relaxed);
+        if publish.retain && settings.retain_available == Some(false) {
+            tenant_state.count(Limit::Retain);
+            if session.version.is_v5() {
+                // MQTT-3.3.1-13: a retained PUBLISH when Retain Available was 0.
+                return After::Close { reason: Some(ReasonCode::RetainNotSupported), will: true };
+            }
+            publish.retain = false;
+        }
+        let topic_limit = topic_limit(&settings, &publish.topic);
+        if let Some(limit) = topic_limit {
+            tenant_state.count(limit);
+        }
+        let denied = topic_limit.is_some()
+            || cfg.denied_topic_filters.iter().any(|d| topic::matches(d, &publish.topic))
             || !self.acl_allows(key, Action::Publish, &publish.topic);
-        let ack_reason = if denied { ReasonCode::NotAuthorized } else { ReasonCode::Success };
+        let ack_reason = match (denied, topic_limit) {
+            (false, _) => ReasonCode::Success,
+            (true, Some(_)) => ReasonCode::TopicNameInvalid,
+            (true, None) => ReasonCode::NotAuthorized,
+        };
         let qos = publish.qos;
         let mut waiting = 0u32;
         let mut failed = false;
@@ -1422,6 +1484,13 @@ impl Shard {
                 continue;
             }
             let inner = shared.map(|s| s.filter).unwrap_or(filter);
+            let session = self.sessions.get(key).expect("caller checked");
+            if let Some(limit) = topic_limit(&session.settings, inner) {
+                session.tenant_state.count(limit);
+                self.event_refused(key, filter, limit.name());
+                reasons.push(if v5 { ReasonCode::TopicFilterInvalid } else { ReasonCode::UnspecifiedError });
+                continue;
+            }
             if self.is_denied(inner) || !self.acl_allows(key, Action::Subscribe, inner) {
                 bump(&self.stats.dropped_denied, 1);
                 self.event_refused(key, filter, "not authorized");
@@ -1430,9 +1499,13 @@ impl Shard {
             }
             let entry = SubEntry { options: subscription.options, subscription_id };
             let session = self.sessions.get_mut(key).expect("caller checked");
-            if session.subscriptions.len() >= self.cfg.subscriptions_per_session_max
-                && !session.subscriptions.contains_key(filter)
+            let subscriptions_max = session
+                .settings
+                .max_subscriptions_per_session
+                .unwrap_or(self.cfg.subscriptions_per_session_max);
+            if session.subscriptions.len() >= subscriptions_max && !session.subscriptions.contains_key(filter)
             {
+                session.tenant_state.count(Limit::Subscriptions);
                 bump(&self.stats.subscriptions_refused_quota, 1);
                 self.event_refused(key, filter, "subscription quota");
                 reasons.push(if v5 { ReasonCode::QuotaExceeded } else { ReasonCode::UnspecifiedError });
@@ -1977,7 +2050,8 @@ impl Shard {
             return Some(delivery.stored);
         }
         let mut evicted = None;
-        if session.queue.len() + session.backlog.len() >= cfg.queued_messages_max {
+        let queued_max = session.settings.max_queued_messages.unwrap_or(cfg.queued_messages_max);
+        if session.queue.len() + session.backlog.len() >= queued_max {
             if delivery.qos == QoS::AtMostOnce {
                 bump(&stats.dropped_queue_full, 1);
                 dropped(session, &delivery, "queue full");

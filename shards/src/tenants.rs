@@ -1,0 +1,193 @@
+//! Per-tenant settings ([`TenantSettings`], from a [`SettingProvider`]) and per-tenant state
+//! shared by every shard ([`TenantState`]: connection count and counters, read by `/metrics`).
+//!
+//! Owner: [`Tenants`] is shared by all shards and the admin thread (`Arc`). Settings are
+//! immutable snapshots (`Arc<TenantSettings>`) replaced whole when changed at runtime; a shard
+//! reads the current snapshot at each decision (one `RwLock` read of a small map, or the cached
+//! `Arc` in its session for per-packet checks). Counters are atomics: no lock on the data path.
+//!
+//! Bounds: one entry per tenant that connected or has settings.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+
+use serde::{Deserialize, Serialize};
+
+use crate::message::TenantId;
+
+/// What a tenant may do. `None` means "the broker's global setting".
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TenantSettings {
+    /// Protocol levels allowed to connect: 3 (3.1), 4 (3.1.1), 5. Others: CONNACK 0x84 / code 1.
+    pub allowed_protocol_levels: Option<Vec<u8>>,
+    /// Live connections of the tenant across all shards. Beyond: CONNACK 0x97 / code 3.
+    pub max_connections: Option<u64>,
+    /// Topic levels of a PUBLISH topic or SUBSCRIBE filter. Beyond: 0x90 / 0x8F (3.x: dropped / 0x80).
+    pub max_topic_levels: Option<usize>,
+    /// Bytes of a topic or filter. Beyond: as for levels.
+    pub max_topic_length: Option<usize>,
+    /// Subscriptions per session. Beyond: SUBACK 0x97 / 0x80.
+    pub max_subscriptions_per_session: Option<usize>,
+    /// Largest session expiry granted (seconds); a larger request is cut (v5 says so in CONNACK).
+    pub max_session_expiry_secs: Option<u32>,
+    /// Receive maximum announced to the tenant's v5 clients.
+    pub receive_maximum: Option<u16>,
+    /// Whether retained messages are accepted. Off: v5 CONNACK says Retain Available 0 and a
+    /// retained PUBLISH is a protocol violation (DISCONNECT 0x9A); 3.x: the retain flag is ignored.
+    pub retain_available: Option<bool>,
+    /// Messages queued per session (inbox size).
+    pub max_queued_messages: Option<usize>,
+    /// PUBLISH packets per second per connection; a faster client is throttled (its socket is
+    /// not read until its budget refills). 0 or absent: unlimited.
+    pub max_publish_rate_per_connection: Option<u32>,
+}
+
+/// Where tenant settings come from.
+pub trait SettingProvider: std::fmt::Debug + Send + Sync {
+    /// The current settings of `tenant`.
+    fn settings(&self, tenant: TenantId) -> Arc<TenantSettings>;
+    /// Replaces `tenant`'s settings at runtime (the admin API). Providers that cannot say so.
+    fn set(&self, tenant: TenantId, settings: TenantSettings) -> Result<(), String>;
+}
+
+/// Settings from the config file, changeable at runtime (kept in memory).
+#[derive(Debug, Default)]
+pub struct ConfigSettings {
+    by_tenant: RwLock<HashMap<TenantId, Arc<TenantSettings>>>,
+    default: Arc<TenantSettings>,
+}
+
+impl ConfigSettings {
+    pub fn new(default: TenantSettings, tenants: HashMap<TenantId, TenantSettings>) -> ConfigSettings {
+        ConfigSettings {
+            by_tenant: RwLock::new(tenants.into_iter().map(|(t, s)| (t, Arc::new(s))).collect()),
+            default: Arc::new(default),
+        }
+    }
+}
+
+/// Checks settings for values that cannot work.
+pub fn validate(settings: &TenantSettings) -> Result<(), String> {
+    if let Some(levels) = &settings.allowed_protocol_levels {
+        if let Some(bad) = levels.iter().find(|l| !(3..=5).contains(*l)) {
+            return Err(format!("allowed_protocol_levels: {bad} is not 3, 4 or 5"));
+        }
+    }
+    if settings.receive_maximum == Some(0) {
+        return Err("receive_maximum must be at least 1".into());
+    }
+    if settings.max_queued_messages == Some(0) {
+        return Err("max_queued_messages must be at least 1".into());
+    }
+    if settings.max_topic_levels == Some(0) || settings.max_topic_length == Some(0) {
+        return Err("max_topic_levels and max_topic_length must be at least 1".into());
+    }
+    Ok(())
+}
+
+impl SettingProvider for ConfigSettings {
+    fn settings(&self, tenant: TenantId) -> Arc<TenantSettings> {
+        let map = self.by_tenant.read().unwrap_or_else(|e| e.into_inner());
+        map.get(&tenant).cloned().unwrap_or_else(|| self.default.clone())
+    }
+
+    fn set(&self, tenant: TenantId, settings: TenantSettings) -> Result<(), String> {
+        validate(&settings)?;
+        self.by_tenant.write().unwrap_or_else(|e| e.into_inner()).insert(tenant, Arc::new(settings));
+        Ok(())
+    }
+}
+
+/// Why something of a tenant was refused or slowed, for the per-tenant counters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Limit {
+    ProtocolVersion,
+    Connections,
+    TopicLevels,
+    TopicLength,
+    Subscriptions,
+    Retain,
+    PublishRate,
+}
+
+impl Limit {
+    pub const ALL: [Limit; 7] = [
+        Limit::ProtocolVersion,
+        Limit::Connections,
+        Limit::TopicLevels,
+        Limit::TopicLength,
+        Limit::Subscriptions,
+        Limit::Retain,
+        Limit::PublishRate,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Limit::ProtocolVersion => "protocol_version",
+            Limit::Connections => "connections",
+            Limit::TopicLevels => "topic_levels",
+            Limit::TopicLength => "topic_length",
+            Limit::Subscriptions => "subscriptions",
+            Limit::Retain => "retain",
+            Limit::PublishRate => "publish_rate",
+        }
+    }
+}
+
+/// A tenant's live state, shared by every shard.
+#[derive(Debug, Default)]
+pub struct TenantState {
+    pub connections: AtomicU64,
+    pub connects_total: AtomicU64,
+    pub publishes_in: AtomicU64,
+    /// Refusals and throttles by [`Limit`] (indexed as `Limit::ALL`).
+    pub limited: [AtomicU64; 7],
+}
+
+impl TenantState {
+    pub fn count(&self, limit: Limit) {
+        let index = Limit::ALL.iter().position(|l| *l == limit).expect("every limit is listed");
+        self.limited[index].fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Settings and state of every tenant.
+#[derive(Debug)]
+pub struct Tenants {
+    pub provider: Arc<dyn SettingProvider>,
+    state: RwLock<HashMap<TenantId, Arc<TenantState>>>,
+}
+
+impl Tenants {
+    pub fn new(provider: Arc<dyn SettingProvider>) -> Tenants {
+        Tenants { provider, state: RwLock::new(HashMap::new()) }
+    }
+
+    pub fn settings(&self, tenant: TenantId) -> Arc<TenantSettings> {
+        self.provider.settings(tenant)
+    }
+
+    /// The tenant's shared state (created on first use).
+    pub fn state(&self, tenant: TenantId) -> Arc<TenantState> {
+        if let Some(state) = self.state.read().unwrap_or_else(|e| e.into_inner()).get(&tenant) {
+            return state.clone();
+        }
+        self.state.write().unwrap_or_else(|e| e.into_inner()).entry(tenant).or_default().clone()
+    }
+
+    /// Every tenant seen so far, with its state (for `/metrics`).
+    pub fn all(&self) -> Vec<(TenantId, Arc<TenantState>)> {
+        let map = self.state.read().unwrap_or_else(|e| e.into_inner());
+        let mut all: Vec<_> = map.iter().map(|(t, s)| (*t, s.clone())).collect();
+        all.sort_by_key(|(t, _)| *t);
+        all
+    }
+}
+
+impl Default for Tenants {
+    fn default() -> Tenants {
+        Tenants::new(Arc::new(ConfigSettings::default()))
+    }
+}

@@ -1,0 +1,181 @@
+//! Per-tenant settings, each limit with its reason code on MQTT 5 and its 3.1.1 equivalent, and
+//! counted per tenant; settings changed at runtime apply to the next connection.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use common::{bounded, connect_packet, publish_packet, Raw, TestBroker};
+use shardmq_protocol::{ConnAck, Disconnect, Packet, Properties, ProtocolVersion, PubResp, ReasonCode};
+use shardmq_shards::tenants::{ConfigSettings, Limit, TenantSettings, Tenants};
+
+const V5: ProtocolVersion = ProtocolVersion::V5;
+const V311: ProtocolVersion = ProtocolVersion::V3_1_1;
+
+/// A broker whose default tenant (every client, with auth off) has `settings`.
+fn start(settings: TenantSettings) -> (TestBroker, Arc<Tenants>) {
+    let tenants = Arc::new(Tenants::new(Arc::new(ConfigSettings::new(settings, Default::default()))));
+    let shared = tenants.clone();
+    let broker = TestBroker::start_with(move |cfg| cfg.tenants = shared);
+    (broker, tenants)
+}
+
+fn limited(tenants: &Tenants, limit: Limit) -> u64 {
+    let state = tenants.state(Default::default());
+    let index = Limit::ALL.iter().position(|l| *l == limit).unwrap();
+    state.limited[index].load(std::sync::atomic::Ordering::Relaxed)
+}
+
+async fn connect(addr: SocketAddr, version: ProtocolVersion, id: &str) -> (Raw, ConnAck) {
+    Raw::connect_with(addr, connect_packet(version, id, true, 60)).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn protocol_versions_and_connection_count() {
+    bounded(async {
+        let (broker, tenants) = start(TenantSettings {
+            allowed_protocol_levels: Some(vec![5]),
+            max_connections: Some(2),
+            ..Default::default()
+        });
+        let (_, ack) = connect(broker.addr, V311, "old").await;
+        assert_eq!(ack.reason.to_v3_connack(), Some(1), "3.1.1: unacceptable protocol version");
+        assert_eq!(limited(&tenants, Limit::ProtocolVersion), 1);
+        let (mut a, ack) = connect(broker.addr, V5, "a").await;
+        assert_eq!(ack.reason, ReasonCode::Success);
+        let (_b, ack) = connect(broker.addr, V5, "b").await;
+        assert_eq!(ack.reason, ReasonCode::Success);
+        let (_, ack) = connect(broker.addr, V5, "c").await;
+        assert_eq!(ack.reason, ReasonCode::QuotaExceeded, "v5: a third connection is over quota");
+        // A takeover replaces a connection: it fits.
+        let (_a2, ack) = connect(broker.addr, V5, "b").await;
+        assert_eq!(ack.reason, ReasonCode::Success);
+        // Freed places are reusable.
+        a.send(&Packet::Disconnect(Disconnect::new(ReasonCode::Success))).await;
+        a.expect_closed().await;
+        broker.wait_connections(1).await;
+        let (_d, ack) = connect(broker.addr, V5, "d").await;
+        assert_eq!(ack.reason, ReasonCode::Success);
+        assert_eq!(limited(&tenants, Limit::Connections), 1);
+        // Runtime change: 3.1.1 allowed, and three connections; the 3.x refusal is code 3.
+        tenants
+            .provider
+            .set(Default::default(), TenantSettings { max_connections: Some(2), ..Default::default() })
+            .unwrap();
+        let (_, ack) = connect(broker.addr, V311, "e").await;
+        assert_eq!(ack.reason.to_v3_connack(), Some(3), "3.1.1: server unavailable when over quota");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn topic_levels_length_and_subscription_count() {
+    bounded(async {
+        let (broker, tenants) = start(TenantSettings {
+            max_topic_levels: Some(3),
+            max_topic_length: Some(24),
+            max_subscriptions_per_session: Some(2),
+            ..Default::default()
+        });
+        let (mut v5, _) = connect(broker.addr, V5, "t5").await;
+        let (mut v3, _) = connect(broker.addr, V311, "t3").await;
+        assert_eq!(v5.subscribe(1, "a/b/c/d", 1).await, vec![0x8F], "v5: too many levels");
+        assert_eq!(v3.subscribe(1, "a/b/c/d", 1).await, vec![0x80]);
+        assert_eq!(v5.subscribe(2, "a/very-long-topic-name-indeed", 1).await, vec![0x8F], "v5: too long");
+        assert_eq!(v5.subscribe(3, "a/#", 1).await, vec![1]);
+        assert_eq!(v5.subscribe(4, "b/+", 1).await, vec![1]);
+        assert_eq!(v5.subscribe(5, "c/#", 1).await, vec![0x97], "v5: a third subscription is over quota");
+        assert_eq!(v3.subscribe(2, "x", 0).await, vec![0]);
+        assert_eq!(v3.subscribe(3, "y", 0).await, vec![0]);
+        assert_eq!(v3.subscribe(4, "z", 0).await, vec![0x80]);
+        // Publishing: v5 gets 0x90 for a topic over the limits; 3.1.1 is acknowledged, and the
+        // message is dropped (the a/# subscriber never sees it).
+        v5.send(&Packet::Publish(publish_packet("a/b/c/d", 1, Some(7), b"deep"))).await;
+        assert!(matches!(v5.expect().await, Packet::PubAck(a) if a.reason == ReasonCode::TopicNameInvalid));
+        v3.send(&Packet::Publish(publish_packet("a/b/c/d", 1, Some(8), b"deep"))).await;
+        assert!(matches!(v3.expect().await, Packet::PubAck(a) if a.packet_id == 8));
+        v3.send(&Packet::Publish(publish_packet("a/ok", 1, Some(9), b"fine"))).await;
+        assert!(matches!(v3.expect().await, Packet::PubAck(a) if a.packet_id == 9));
+        match v5.expect().await {
+            Packet::Publish(p) => {
+                assert_eq!(p.topic.as_str(), "a/ok", "the over-limit message was not routed")
+            }
+            other => panic!("expected a/ok, got {other:?}"),
+        }
+        assert_eq!(limited(&tenants, Limit::TopicLevels), 4);
+        assert_eq!(limited(&tenants, Limit::TopicLength), 1);
+        assert_eq!(limited(&tenants, Limit::Subscriptions), 2);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expiry_cap_receive_maximum_and_retain_off() {
+    bounded(async {
+        let (broker, tenants) = start(TenantSettings {
+            max_session_expiry_secs: Some(10),
+            receive_maximum: Some(5),
+            retain_available: Some(false),
+            ..Default::default()
+        });
+        let mut connect5 = connect_packet(V5, "caps", true, 60);
+        connect5.properties = Properties { session_expiry_interval: Some(100), ..Default::default() };
+        let (mut v5, ack) = Raw::connect_with(broker.addr, connect5).await;
+        assert_eq!(ack.properties.session_expiry_interval, Some(10));
+        assert_eq!(ack.properties.receive_maximum, Some(5));
+        assert_eq!(ack.properties.retain_available, Some(0));
+        // 3.1.1: the retain flag is ignored (no retained message is kept).
+        let (mut v3, _) = connect(broker.addr, V311, "caps3").await;
+        let mut retained = publish_packet("r/x", 1, Some(1), b"kept?");
+        retained.retain = true;
+        v3.send(&Packet::Publish(retained.clone())).await;
+        assert!(matches!(v3.expect().await, Packet::PubAck(_)));
+        let (mut late, _) = connect(broker.addr, V311, "late").await;
+        assert_eq!(late.subscribe(1, "r/#", 1).await, vec![1]);
+        late.send(&Packet::PingReq).await;
+        assert!(matches!(late.expect().await, Packet::PingResp), "no retained message was kept");
+        // v5: a retained PUBLISH after Retain Available 0 is a protocol violation (0x9A).
+        v5.send(&Packet::Publish(retained)).await;
+        let seen = v5.expect_closed().await;
+        assert!(
+            matches!(seen.as_slice(), [Packet::Disconnect(d)] if d.reason == ReasonCode::RetainNotSupported),
+            "{seen:?}"
+        );
+        assert_eq!(limited(&tenants, Limit::Retain), 2);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inbox_size_per_tenant() {
+    bounded(async {
+        let (broker, _) = start(TenantSettings { max_queued_messages: Some(2), ..Default::default() });
+        let (mut sub, _) = Raw::connect_with(broker.addr, connect_packet(V311, "inbox", false, 60)).await;
+        assert_eq!(sub.subscribe(1, "q", 1).await, vec![1]);
+        sub.send(&Packet::Disconnect(Disconnect::new(ReasonCode::Success))).await;
+        sub.expect_closed().await;
+        let (mut publisher, _) = connect(broker.addr, V311, "inbox-pub").await;
+        for n in 1..=3u16 {
+            publisher.send(&Packet::Publish(publish_packet("q", 1, Some(n), &[b'0' + n as u8]))).await;
+            assert!(matches!(publisher.expect().await, Packet::PubAck(_)));
+        }
+        let (mut sub, ack) = Raw::connect_with(broker.addr, connect_packet(V311, "inbox", false, 60)).await;
+        assert!(ack.session_present);
+        let mut got = Vec::new();
+        for _ in 0..2 {
+            match sub.expect().await {
+                Packet::Publish(p) => {
+                    got.push(p.payload[0]);
+                    sub.send(&Packet::PubAck(PubResp::new(p.packet_id.unwrap()))).await;
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        assert_eq!(got, vec![b'2', b'3'], "the inbox kept the newest two (drop-oldest)");
+        sub.send(&Packet::PingReq).await;
+        assert!(matches!(sub.expect().await, Packet::PingResp));
+        assert!(broker.stat(|s| &s.dropped_queue_full) >= 1);
+    })
+    .await;
+}
