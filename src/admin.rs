@@ -121,6 +121,46 @@ fn routes() -> Vec<Route> {
             ],
         },
         Route {
+            method: Method::POST,
+            path: "/api/v1/sessions/{client_id}/subscriptions",
+            auth: true,
+            summary: "Subscribes the session on the server's side. Body: {\"filter\": string, \"qos\": 0|1|2}. No SUBACK is sent and no retained messages are delivered.",
+            query: &[TENANT],
+            responses: &[(200, "Subscribed"), (400, "Bad body, filter or QoS"), (401, "Missing or wrong bearer token"), (404, "No such session")],
+        },
+        Route {
+            method: Method::DELETE,
+            path: "/api/v1/sessions/{client_id}/subscriptions",
+            auth: true,
+            summary: "Unsubscribes the session from `filter` on the server's side.",
+            query: &[TENANT, ("filter", "The subscription's filter (required)")],
+            responses: &[(204, "Unsubscribed"), (400, "Missing filter"), (401, "Missing or wrong bearer token"), (404, "No such session or subscription")],
+        },
+        Route {
+            method: Method::POST,
+            path: "/api/v1/publish",
+            auth: true,
+            summary: "Publishes a message into a tenant. Body: {\"tenant\": int, \"topic\": string, \"payload\": string (UTF-8), \"qos\": 0|1|2, \"retain\": bool}.",
+            query: &[],
+            responses: &[(200, "Published"), (400, "Bad body or topic"), (401, "Missing or wrong bearer token")],
+        },
+        Route {
+            method: Method::GET,
+            path: "/api/v1/retained",
+            auth: true,
+            summary: "Retained messages of a tenant matching `filter` (default `#`), sorted by topic.",
+            query: &[TENANT, ("filter", "A topic filter (default #)")],
+            responses: &[(200, "The messages"), (400, "Bad query parameter"), (401, "Missing or wrong bearer token")],
+        },
+        Route {
+            method: Method::DELETE,
+            path: "/api/v1/retained",
+            auth: true,
+            summary: "Deletes the retained message of `topic` (nothing is delivered).",
+            query: &[TENANT, ("topic", "The topic (required)")],
+            responses: &[(204, "Deleted"), (400, "Missing or bad topic"), (401, "Missing or wrong bearer token"), (404, "No retained message there")],
+        },
+        Route {
             method: Method::GET,
             path: "/api/v1/tenants/{tenant}/settings",
             auth: true,
@@ -331,6 +371,137 @@ async fn handle(state: Arc<AdminState>, request: Request<Incoming>) -> Result<An
                 Err(e) => admin_error(e),
             }
         }
+        ("/api/v1/sessions/{client_id}/subscriptions", method) => {
+            let tenant = match tenant_of(&params) {
+                Ok(t) => t,
+                Err(answer) => return Ok(*answer),
+            };
+            let client_id = param.unwrap_or_default();
+            let handle = state.handle.clone();
+            if method == Method::POST {
+                let body = match read_body(request).await {
+                    Ok(body) => body,
+                    Err(answer) => return Ok(*answer),
+                };
+                #[derive(serde::Deserialize)]
+                #[serde(deny_unknown_fields)]
+                struct Body {
+                    filter: String,
+                    #[serde(default)]
+                    qos: u8,
+                }
+                let body: Body = match serde_json::from_slice(&body) {
+                    Ok(b) => b,
+                    Err(e) => return Ok(error(StatusCode::BAD_REQUEST, format!("bad body: {e}"))),
+                };
+                match blocking(move || handle.subscribe(tenant, &client_id, &body.filter, body.qos)).await {
+                    Ok(Ok(())) => json_response(StatusCode::OK, &json!({ "subscribed": true })),
+                    Ok(Err(e)) if e == "no such session" => error(StatusCode::NOT_FOUND, e),
+                    Ok(Err(e)) => error(StatusCode::BAD_REQUEST, e),
+                    Err(e) => admin_error(e),
+                }
+            } else {
+                let Some(filter) = params.iter().find(|(k, _)| k == "filter").map(|(_, v)| v.clone()) else {
+                    return Ok(error(StatusCode::BAD_REQUEST, "the filter query parameter is required"));
+                };
+                match blocking(move || handle.unsubscribe(tenant, &client_id, &filter)).await {
+                    Ok(Some(true)) => no_content(),
+                    Ok(Some(false)) => error(StatusCode::NOT_FOUND, "no such subscription"),
+                    Ok(None) => error(StatusCode::NOT_FOUND, "no such session"),
+                    Err(e) => admin_error(e),
+                }
+            }
+        }
+        ("/api/v1/publish", _) => {
+            let body = match read_body(request).await {
+                Ok(body) => body,
+                Err(answer) => return Ok(*answer),
+            };
+            #[derive(serde::Deserialize)]
+            #[serde(deny_unknown_fields)]
+            struct Body {
+                #[serde(default)]
+                tenant: u32,
+                topic: String,
+                #[serde(default)]
+                payload: String,
+                #[serde(default)]
+                qos: u8,
+                #[serde(default)]
+                retain: bool,
+            }
+            let body: Body = match serde_json::from_slice(&body) {
+                Ok(b) => b,
+                Err(e) => return Ok(error(StatusCode::BAD_REQUEST, format!("bad body: {e}"))),
+            };
+            let Some(qos) = shardmq_protocol::QoS::from_u8(body.qos) else {
+                return Ok(error(StatusCode::BAD_REQUEST, "qos must be 0, 1 or 2"));
+            };
+            if let Err(e) = shardmq_protocol::topic::validate_topic_name(&body.topic) {
+                return Ok(error(StatusCode::BAD_REQUEST, format!("bad topic {:?}: {e}", body.topic)));
+            }
+            let Ok(topic) = shardmq_protocol::Utf8::new(&body.topic) else {
+                return Ok(error(StatusCode::BAD_REQUEST, "the topic is not a valid MQTT string"));
+            };
+            let msg = Arc::new(shardmq_shards::message::Message {
+                tenant: TenantId(body.tenant),
+                topic,
+                payload: Bytes::from(body.payload.into_bytes()),
+                qos,
+                retain: body.retain,
+                properties: None,
+                expires_at: None,
+                origin: None,
+            });
+            let handle = state.handle.clone();
+            match blocking(move || handle.publish(msg)).await {
+                Ok(()) => json_response(StatusCode::OK, &json!({ "published": true })),
+                Err(e) => admin_error(e),
+            }
+        }
+        ("/api/v1/retained", method) => {
+            let tenant = match tenant_of(&params) {
+                Ok(t) => t,
+                Err(answer) => return Ok(*answer),
+            };
+            let handle = state.handle.clone();
+            if method == Method::DELETE {
+                let Some(topic) = params.iter().find(|(k, _)| k == "topic").map(|(_, v)| v.clone()) else {
+                    return Ok(error(StatusCode::BAD_REQUEST, "the topic query parameter is required"));
+                };
+                if let Err(e) = shardmq_protocol::topic::validate_topic_name(&topic) {
+                    return Ok(error(StatusCode::BAD_REQUEST, format!("bad topic {topic:?}: {e}")));
+                }
+                match blocking(move || handle.retain_delete(tenant, &topic)).await {
+                    Ok(true) => no_content(),
+                    Ok(false) => error(StatusCode::NOT_FOUND, "no retained message on that topic"),
+                    Err(e) => admin_error(e),
+                }
+            } else {
+                let filter =
+                    params.iter().find(|(k, _)| k == "filter").map_or("#".to_string(), |(_, v)| v.clone());
+                if let Err(e) = shardmq_protocol::topic::validate_topic_filter(&filter) {
+                    return Ok(error(StatusCode::BAD_REQUEST, format!("bad filter {filter:?}: {e}")));
+                }
+                match blocking(move || handle.retained(tenant, &filter)).await {
+                    Ok(messages) => {
+                        let list: Vec<Value> = messages
+                            .iter()
+                            .map(|m| {
+                                json!({
+                                    "topic": m.topic.as_str(),
+                                    "payload": std::str::from_utf8(&m.payload).ok(),
+                                    "payload_bytes": m.payload.len(),
+                                    "qos": m.qos as u8,
+                                })
+                            })
+                            .collect();
+                        json_response(StatusCode::OK, &json!({ "messages": list }))
+                    }
+                    Err(e) => admin_error(e),
+                }
+            }
+        }
         ("/api/v1/tenants/{tenant}/settings", method) => {
             let Some(tenant) = param.as_deref().and_then(|t| t.parse::<u32>().ok()).map(TenantId) else {
                 return Ok(error(StatusCode::BAD_REQUEST, "the tenant id must be a non-negative integer"));
@@ -395,6 +566,13 @@ async fn read_body(request: Request<Incoming>) -> Result<Bytes, Box<Answer>> {
         ))),
         Err(e) => Err(Box::new(error(StatusCode::BAD_REQUEST, format!("cannot read the body: {e}")))),
     }
+}
+
+fn no_content() -> Answer {
+    Response::builder()
+        .status(StatusCode::NO_CONTENT)
+        .body(Full::new(Bytes::new()))
+        .expect("static response parts")
 }
 
 fn constant_time_eq(a: &str, b: &str) -> bool {

@@ -365,3 +365,94 @@ async fn tenant_settings_are_read_and_changed_at_runtime() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_retained_and_server_side_subscriptions() {
+    bounded(async {
+        let (broker, _dir) = start();
+        let mut client = connect_v5(broker.mqtt, "srv-sub").await;
+        // Server-side subscribe, then a message published through the API reaches the client.
+        let (status, _, body) = http_with_body(
+            broker.admin,
+            "POST",
+            "/api/v1/sessions/srv-sub/subscriptions",
+            Some(TOKEN),
+            r#"{"filter": "srv/#", "qos": 1}"#,
+        );
+        assert_eq!(status, 200, "{body}");
+        let (status, _, body) = http_with_body(
+            broker.admin,
+            "POST",
+            "/api/v1/publish",
+            Some(TOKEN),
+            r#"{"topic": "srv/x", "payload": "hello", "qos": 1, "retain": true}"#,
+        );
+        assert_eq!(status, 200, "{body}");
+        match client.expect().await {
+            Packet::Publish(p) => {
+                assert_eq!((p.topic.as_str(), &p.payload[..]), ("srv/x", &b"hello"[..]));
+                client.send(&Packet::PubAck(shardmq_protocol::PubResp::new(p.packet_id.unwrap()))).await;
+            }
+            other => panic!("expected the API's message, got {other:?}"),
+        }
+        // The retained copy is listed, then deleted (twice: the second is a 404).
+        let (status, _, body) = http(broker.admin, "GET", "/api/v1/retained?filter=srv/%23", Some(TOKEN));
+        assert_eq!(status, 200);
+        let listed = json(&body);
+        assert_eq!(listed["messages"][0]["topic"], "srv/x");
+        assert_eq!(listed["messages"][0]["payload"], "hello");
+        let (status, _, _) = http(broker.admin, "DELETE", "/api/v1/retained?topic=srv/x", Some(TOKEN));
+        assert_eq!(status, 204);
+        let (status, _, _) = http(broker.admin, "DELETE", "/api/v1/retained?topic=srv/x", Some(TOKEN));
+        assert_eq!(status, 404);
+        let (_, _, body) = http(broker.admin, "GET", "/api/v1/retained", Some(TOKEN));
+        assert_eq!(json(&body)["messages"].as_array().unwrap().len(), 0);
+        // Server-side unsubscribe: the next message does not arrive.
+        let (status, _, _) = http(
+            broker.admin,
+            "DELETE",
+            "/api/v1/sessions/srv-sub/subscriptions?filter=srv/%23",
+            Some(TOKEN),
+        );
+        assert_eq!(status, 204);
+        let (status, _, _) = http(
+            broker.admin,
+            "DELETE",
+            "/api/v1/sessions/srv-sub/subscriptions?filter=srv/%23",
+            Some(TOKEN),
+        );
+        assert_eq!(status, 404);
+        let (status, _, _) = http_with_body(
+            broker.admin,
+            "POST",
+            "/api/v1/publish",
+            Some(TOKEN),
+            r#"{"topic": "srv/y", "payload": "no"}"#,
+        );
+        assert_eq!(status, 200);
+        client.send(&Packet::PingReq).await;
+        assert!(matches!(client.expect().await, Packet::PingResp), "unsubscribed on the server's side");
+        // Bad input.
+        for (method, path, body) in [
+            ("POST", "/api/v1/publish", r#"{"topic": "a/#", "payload": "x"}"#),
+            ("POST", "/api/v1/publish", r#"{"topic": "a", "qos": 3}"#),
+            ("POST", "/api/v1/publish", r#"{"topik": "a"}"#),
+            ("POST", "/api/v1/sessions/srv-sub/subscriptions", r#"{"filter": "a/#/b"}"#),
+            ("DELETE", "/api/v1/retained", ""),
+            ("GET", "/api/v1/retained?filter=a/%23/b", ""),
+        ] {
+            let (status, _, answer) = http_with_body(broker.admin, method, path, Some(TOKEN), body);
+            assert_eq!(status, 400, "{method} {path} {body}: {answer}");
+            assert!(json(&answer)["error"].is_string());
+        }
+        let (status, _, _) = http_with_body(
+            broker.admin,
+            "POST",
+            "/api/v1/sessions/nobody/subscriptions",
+            Some(TOKEN),
+            r#"{"filter": "a"}"#,
+        );
+        assert_eq!(status, 404);
+    })
+    .await;
+}

@@ -16,8 +16,8 @@ use std::time::Duration;
 use crossbeam_channel::{bounded, Receiver, Sender, TrySendError};
 
 use crate::mesh::{Mesh, ShardId};
-use crate::message::TenantId;
-use crate::shard::{home_shard, MeshMsg};
+use crate::message::{Message, TenantId};
+use crate::shard::{home_shard, retain_shard, MeshMsg};
 
 /// Requests one shard's queue holds before callers are refused.
 pub const CONTROL_QUEUE_CAPACITY: usize = 256;
@@ -65,6 +65,40 @@ pub struct SessionDetail {
 /// What the admin thread asks a shard.
 #[derive(Debug)]
 pub enum AdminRequest {
+    /// Publishes a message as if a client of its tenant had (retained if its flag says so).
+    Publish {
+        msg: Arc<Message>,
+        reply: Sender<()>,
+    },
+    /// This shard's retained messages of `tenant` matching `filter`.
+    Retained {
+        tenant: TenantId,
+        filter: String,
+        reply: Sender<Vec<Arc<Message>>>,
+    },
+    /// Deletes the retained message of a topic (on its partition's shard) without delivering
+    /// anything; answers whether there was one.
+    RetainDelete {
+        tenant: TenantId,
+        topic: String,
+        reply: Sender<bool>,
+    },
+    /// Adds a subscription to a session on the server's side (no SUBACK, no retained messages);
+    /// answers an error text for an unknown session or a bad filter.
+    Subscribe {
+        tenant: TenantId,
+        client_id: String,
+        filter: String,
+        qos: u8,
+        reply: Sender<Result<(), String>>,
+    },
+    /// Removes a subscription; answers whether it existed (None: no such session).
+    Unsubscribe {
+        tenant: TenantId,
+        client_id: String,
+        filter: String,
+        reply: Sender<Option<bool>>,
+    },
     /// This shard's sessions of `tenant`, sorted by client id, after `after` (exclusive), at most
     /// `limit`.
     List {
@@ -150,6 +184,54 @@ impl AdminHandle {
         let shard = home_shard(tenant, client_id, self.shard_count()).index();
         let client_id = client_id.to_string();
         self.ask(shard, |reply| AdminRequest::Inspect { tenant, client_id, reply })
+    }
+
+    /// Publishes a message (from shard 0; it is routed like a client's).
+    pub fn publish(&self, msg: Arc<Message>) -> Result<(), AdminError> {
+        self.ask(0, |reply| AdminRequest::Publish { msg, reply })
+    }
+
+    /// Retained messages of `tenant` matching `filter`, sorted by topic.
+    pub fn retained(&self, tenant: TenantId, filter: &str) -> Result<Vec<Arc<Message>>, AdminError> {
+        let mut all = Vec::new();
+        for shard in 0..self.shard_count() {
+            let filter = filter.to_string();
+            all.extend(self.ask(shard, |reply| AdminRequest::Retained { tenant, filter, reply })?);
+        }
+        all.sort_by(|a, b| a.topic.as_str().cmp(b.topic.as_str()));
+        Ok(all)
+    }
+
+    /// Deletes a retained message; false if there was none.
+    pub fn retain_delete(&self, tenant: TenantId, topic: &str) -> Result<bool, AdminError> {
+        let shard = retain_shard(tenant, topic, self.shard_count()).index();
+        let topic = topic.to_string();
+        self.ask(shard, |reply| AdminRequest::RetainDelete { tenant, topic, reply })
+    }
+
+    /// Subscribes a session on the server's side.
+    pub fn subscribe(
+        &self,
+        tenant: TenantId,
+        client_id: &str,
+        filter: &str,
+        qos: u8,
+    ) -> Result<Result<(), String>, AdminError> {
+        let shard = home_shard(tenant, client_id, self.shard_count()).index();
+        let (client_id, filter) = (client_id.to_string(), filter.to_string());
+        self.ask(shard, |reply| AdminRequest::Subscribe { tenant, client_id, filter, qos, reply })
+    }
+
+    /// Unsubscribes a session on the server's side.
+    pub fn unsubscribe(
+        &self,
+        tenant: TenantId,
+        client_id: &str,
+        filter: &str,
+    ) -> Result<Option<bool>, AdminError> {
+        let shard = home_shard(tenant, client_id, self.shard_count()).index();
+        let (client_id, filter) = (client_id.to_string(), filter.to_string());
+        self.ask(shard, |reply| AdminRequest::Unsubscribe { tenant, client_id, filter, reply })
     }
 
     /// Disconnects a session and ends it; false if there was none.

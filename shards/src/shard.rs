@@ -531,6 +531,56 @@ impl Shard {
     /// Answers a request of the admin API (see `admin.rs`).
     pub fn on_admin(&mut self, request: AdminRequest, now: Instant) {
         match request {
+            AdminRequest::Publish { msg, reply } => {
+                if msg.retain {
+                    self.retain(msg.clone(), 0);
+                }
+                self.route(msg, 0);
+                let _ = reply.send(());
+            }
+            AdminRequest::Retained { tenant, filter, reply } => {
+                let mut found = Vec::new();
+                self.collect_retained(tenant, &filter, now, |msg| found.push(msg));
+                let _ = reply.send(found);
+            }
+            AdminRequest::RetainDelete { tenant, topic, reply } => {
+                let existed = self.retained.get(&tenant).is_some_and(|t| t.contains_key(topic.as_str()));
+                if existed {
+                    if let Ok(topic) = Utf8::new(&topic) {
+                        let tombstone = Message {
+                            tenant,
+                            topic,
+                            payload: Default::default(),
+                            qos: QoS::AtMostOnce,
+                            retain: true,
+                            properties: None,
+                            expires_at: None,
+                            origin: None,
+                        };
+                        self.retain_set(Arc::new(tombstone));
+                    }
+                }
+                let _ = reply.send(existed);
+            }
+            AdminRequest::Subscribe { tenant, client_id, filter, qos, reply } => {
+                let answer = self.admin_subscribe(tenant, &client_id, &filter, qos);
+                let _ = reply.send(answer);
+            }
+            AdminRequest::Unsubscribe { tenant, client_id, filter, reply } => {
+                let key = Utf8::new(&client_id).ok().and_then(|id| self.sessions.find(tenant, &id));
+                let answer = key.map(|key| {
+                    let session = self.sessions.get_mut(key).expect("found above");
+                    let existed = session.subscriptions.remove(filter.as_str()).is_some();
+                    if existed {
+                        let mut changes = Vec::new();
+                        self.slice_remove(tenant, key, &filter, &mut changes);
+                        self.broadcast_interest(changes);
+                        self.persist_session(key);
+                    }
+                    existed
+                });
+                let _ = reply.send(answer);
+            }
             AdminRequest::List { tenant, after, limit, reply } => {
                 let mut found: Vec<SessionSummary> = self
                     .sessions
@@ -584,6 +634,34 @@ impl Shard {
                 let _ = reply.send(key.is_some());
             }
         }
+    }
+
+    /// A subscription added by the admin API.
+    fn admin_subscribe(
+        &mut self,
+        tenant: TenantId,
+        client_id: &str,
+        filter: &str,
+        qos: u8,
+    ) -> Result<(), String> {
+        let key = Utf8::new(client_id)
+            .ok()
+            .and_then(|id| self.sessions.find(tenant, &id))
+            .ok_or_else(|| "no such session".to_string())?;
+        let qos = QoS::from_u8(qos).ok_or_else(|| format!("qos {qos} is not 0, 1 or 2"))?;
+        topic::parse_shared(filter).map_err(|e| format!("bad filter {filter:?}: {e}"))?;
+        topic::validate_topic_filter(filter).map_err(|e| format!("bad filter {filter:?}: {e}"))?;
+        let entry = SubEntry {
+            options: shardmq_protocol::SubscriptionOptions { qos, ..Default::default() },
+            subscription_id: None,
+        };
+        let session = self.sessions.get_mut(key).expect("found above");
+        session.subscriptions.insert(filter.into(), entry.clone());
+        let mut changes = Vec::new();
+        self.slice_add(tenant, key, filter, entry, &mut changes);
+        self.broadcast_interest(changes);
+        self.persist_session(key);
+        Ok(())
     }
 
     fn summary(&self, s: &Session) -> SessionSummary {
