@@ -24,7 +24,8 @@ use monoio::buf::IoBufMut;
 use monoio::io::{AsyncReadRent, AsyncWriteRentExt, OwnedReadHalf, OwnedWriteHalf, Splitable};
 use monoio::net::TcpStream;
 use shardmq_protocol::{
-    decode, encode, Connect, DecodeError, Disconnect, Packet, ProtocolVersion, ReasonCode, V3Action,
+    decode, encode, frame_len, Connect, DecodeError, Disconnect, Packet, ProtocolVersion, ReasonCode,
+    V3Action,
 };
 use tracing::debug;
 
@@ -383,6 +384,17 @@ async fn read_loop(
     packet_size_max: u32,
 ) -> bool {
     let version = shared.version;
+    // The tenant's publish rate per connection, as of CONNECT: a client over it is not read until
+    // its budget refills (TCP pushes back on it; nothing is dropped).
+    let (rate, tenant_state) = {
+        let shard = cell.borrow();
+        let session = shard.sessions.get(key);
+        (
+            session.and_then(|s| s.settings.max_publish_rate_per_connection).filter(|r| *r > 0),
+            session.map(|s| s.tenant_state.clone()),
+        )
+    };
+    let mut bucket = rate.map(|rate| RateBucket::new(rate, Instant::now()));
     loop {
         // Handle every complete packet in the buffer, letting other tasks (the writers of the
         // sessions these packets feed) run every `PACKETS_PER_TURN_MAX` packets: one large read
@@ -397,6 +409,23 @@ async fn read_loop(
                 yield_now().await;
             }
             handled += 1;
+            // Throttle before decoding, so no decoded packet is held across the wait (it would sit
+            // in every idle connection's reader future): a complete PUBLISH frame at the front.
+            if let Some(bucket) = bucket.as_mut() {
+                let publish_ready = buf.first().is_some_and(|b| b >> 4 == 3)
+                    && matches!(frame_len(&buf, packet_size_max), Ok(Some(len)) if len <= buf.len());
+                if publish_ready {
+                    if let Some(wait) = bucket.take(Instant::now()) {
+                        if let Some(state) = &tenant_state {
+                            state.count(crate::tenants::Limit::PublishRate);
+                        }
+                        // Boxed: the sleep is rare, and an unboxed one would sit in every idle
+                        // connection's reader future.
+                        Box::pin(monoio::time::sleep(wait)).await;
+                        bucket.take(Instant::now());
+                    }
+                }
+            }
             match decode(&mut buf, version, packet_size_max) {
                 Ok(Some(packet)) => {
                     let after = cell.borrow_mut().handle_packet(key, shared.id, packet, Instant::now());
@@ -422,6 +451,32 @@ async fn read_loop(
             Ok(0) | Err(_) => return true,
             Ok(_) => shared.last_read.set(Instant::now()),
         }
+    }
+}
+
+/// A token bucket: `rate` tokens a second, holding at most one second's worth.
+#[derive(Debug)]
+struct RateBucket {
+    rate: f64,
+    tokens: f64,
+    at: Instant,
+}
+
+impl RateBucket {
+    fn new(rate: u32, now: Instant) -> RateBucket {
+        RateBucket { rate: f64::from(rate), tokens: f64::from(rate), at: now }
+    }
+
+    /// Takes one token; `Some(wait)` when there was none and the caller must wait that long (the
+    /// token is then owed: the balance goes negative and refills).
+    fn take(&mut self, now: Instant) -> Option<Duration> {
+        self.tokens = (self.tokens + now.duration_since(self.at).as_secs_f64() * self.rate).min(self.rate);
+        self.at = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            return None;
+        }
+        Some(Duration::from_secs_f64((1.0 - self.tokens) / self.rate))
     }
 }
 
@@ -549,6 +604,24 @@ mod tests {
     use monoio::io::Splitable;
 
     use super::*;
+
+    #[test]
+    fn rate_bucket_allows_a_burst_then_the_rate() {
+        let start = Instant::now();
+        let mut bucket = RateBucket::new(10, start);
+        for _ in 0..10 {
+            assert_eq!(bucket.take(start), None, "a second's burst is free");
+        }
+        let wait = bucket.take(start).expect("the eleventh must wait");
+        assert!((wait.as_secs_f64() - 0.1).abs() < 1e-6, "{wait:?}");
+        // After waiting, the owed token is there; a second later the bucket is full again.
+        assert_eq!(bucket.take(start + wait), None);
+        let later = start + wait + Duration::from_secs(5);
+        for _ in 0..10 {
+            assert_eq!(bucket.take(later), None);
+        }
+        assert!(bucket.take(later).is_some(), "never more than one second's worth");
+    }
     use crate::config::BrokerConfig;
     use crate::mesh::{Mesh, ShardId};
 
