@@ -91,6 +91,7 @@ pub fn run(args: ChurnArgs) -> anyhow::Result<(Value, Value)> {
             client_id: format!("{}-churn", args.target.client_id_prefix()),
             clean_start: args.clean,
             keep_alive_secs: args.target.keep_alive,
+            credentials: args.target.credentials(),
             session_expiry_secs: if args.clean { None } else { Some(300) },
         },
         threads,

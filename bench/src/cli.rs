@@ -34,9 +34,20 @@ pub struct Target {
     /// Keep-alive in the CONNECT, seconds; clients send PINGREQ when idle (0 disables).
     #[arg(long, default_value_t = 30)]
     pub keep_alive: u16,
+    /// User name every client sends (a broker with authentication places it in a tenant).
+    #[arg(long)]
+    pub username: Option<String>,
+    /// Password every client sends with --username.
+    #[arg(long)]
+    pub password: Option<String>,
 }
 
 impl Target {
+    /// The credentials every client sends, if any.
+    pub fn credentials(&self) -> Option<(String, String)> {
+        self.username.clone().map(|user| (user, self.password.clone().unwrap_or_default()))
+    }
+
     /// The broker's socket address (the first one the host resolves to).
     pub fn addr(&self) -> anyhow::Result<SocketAddr> {
         (self.host.as_str(), self.port)

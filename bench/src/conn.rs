@@ -205,6 +205,7 @@ fn run_local(args: &ConnArgs) -> anyhow::Result<(Outcome, Option<u64>)> {
             client_id: args.target.client_id_prefix(),
             clean_start: true,
             keep_alive_secs: args.target.keep_alive,
+            credentials: args.target.credentials(),
             session_expiry_secs: None,
         },
         src_addrs,

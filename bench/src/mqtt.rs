@@ -61,6 +61,8 @@ pub struct ConnectOptions {
     pub keep_alive_secs: u16,
     /// MQTT 5 session expiry interval; ignored for 3.x (where `clean_start == false` persists).
     pub session_expiry_secs: Option<u32>,
+    /// User name and password, if the run has them.
+    pub credentials: Option<(String, String)>,
 }
 
 /// Opens a TCP connection to `target`, bound to `source` when given.
@@ -136,8 +138,11 @@ impl Conn {
             properties,
             client_id: Utf8::new(&options.client_id).map_err(|e| anyhow!("client id: {e:?}"))?,
             will: None,
-            username: None,
-            password: None,
+            username: match &options.credentials {
+                Some((user, _)) => Some(Utf8::new(user).map_err(|e| anyhow!("user name: {e:?}"))?),
+                None => None,
+            },
+            password: options.credentials.as_ref().map(|(_, p)| bytes::Bytes::copy_from_slice(p.as_bytes())),
         };
         self.queue(&Packet::Connect(Box::new(connect)))?;
         self.flush().await?;

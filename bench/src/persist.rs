@@ -85,6 +85,7 @@ impl Shared {
             client_id: format!("{}-persist-{session}", self.client_id_prefix),
             clean_start,
             keep_alive_secs: self.args.target.keep_alive,
+            credentials: self.args.target.credentials(),
             session_expiry_secs: Some(SESSION_EXPIRY_SECS),
         }
     }
@@ -385,6 +386,7 @@ async fn run_publisher(shared: &Shared, mut phase: PhaseWatch) -> anyhow::Result
         client_id: format!("{}-persist-pub", shared.client_id_prefix),
         clean_start: true,
         keep_alive_secs: shared.args.target.keep_alive,
+        credentials: shared.args.target.credentials(),
         session_expiry_secs: None,
     };
     let (mut conn, _) = connect(shared, &options).await?;

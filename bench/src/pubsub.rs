@@ -199,6 +199,7 @@ impl Shared {
             clean_start: true,
             keep_alive_secs: self.args.target.keep_alive,
             session_expiry_secs: None,
+            credentials: self.args.target.credentials(),
         }
     }
 
