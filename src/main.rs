@@ -5,6 +5,7 @@
 //! reverse start order. Does not own: any broker logic (see `shards/`).
 
 mod admin;
+mod webhook;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -62,6 +63,7 @@ enum EventsArg {
 enum AuthArg {
     AllowAll,
     File,
+    Http,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum, Deserialize)]
@@ -181,6 +183,15 @@ struct ServeArgs {
     /// The users and ACL file of `--auth file` (see `shardmq passwd`).
     #[arg(long)]
     auth_file: Option<PathBuf>,
+    /// The webhook of `--auth http`: each CONNECT's credentials are POSTed there as JSON.
+    #[arg(long)]
+    auth_url: Option<String>,
+    /// How long `--auth http` waits for the webhook, milliseconds. Default: 2000.
+    #[arg(long)]
+    auth_timeout_ms: Option<u64>,
+    /// How long `--auth http` remembers a decision, seconds. Default: 60.
+    #[arg(long)]
+    auth_cache_secs: Option<u64>,
     /// Where events (connect, disconnect with reason, subscribe, unsubscribe, refusals, drops,
     /// session expiry, kicks) go: none (default), log, or jsonl (--events-file).
     #[arg(long, value_enum)]
@@ -328,14 +339,21 @@ fn merge(flags: ServeArgs, file: ServeArgs) -> Result<(BrokerConfig, String, Adm
         }
         cfg.mesh_ring_capacity = count;
     }
-    match (pick!(auth), pick!(auth_file)) {
-        (None | Some(AuthArg::AllowAll), None) => {}
-        (None | Some(AuthArg::AllowAll), Some(_)) => bail!("--auth-file needs --auth file"),
-        (Some(AuthArg::File), None) => bail!("--auth file needs --auth-file PATH"),
-        (Some(AuthArg::File), Some(path)) => {
+    let auth_url = pick!(auth_url);
+    let auth_timeout = Duration::from_millis(pick!(auth_timeout_ms).unwrap_or(2000));
+    let auth_cache = Duration::from_secs(pick!(auth_cache_secs).unwrap_or(60));
+    match (pick!(auth), pick!(auth_file), auth_url) {
+        (None | Some(AuthArg::AllowAll), None, None) => {}
+        (Some(AuthArg::File), Some(path), None) => {
             cfg.auth =
                 std::sync::Arc::new(shardmq_shards::auth::FileAuth::load(path).map_err(anyhow::Error::msg)?);
         }
+        (Some(AuthArg::Http), None, Some(url)) => {
+            cfg.auth = std::sync::Arc::new(webhook::WebhookAuth::start(&url, auth_timeout, auth_cache)?);
+        }
+        (Some(AuthArg::File), None, _) => bail!("--auth file needs --auth-file PATH"),
+        (Some(AuthArg::Http), _, None) => bail!("--auth http needs --auth-url URL"),
+        _ => bail!("--auth-file goes with --auth file, --auth-url with --auth http"),
     }
     match (pick!(events), pick!(events_file)) {
         (None | Some(EventsArg::None), None) => {}

@@ -60,10 +60,53 @@ pub struct Principal<'a> {
     pub username: Option<&'a str>,
 }
 
+/// A decision that another thread will make (an HTTP call): the connection's task waits for it
+/// without blocking its shard.
+#[derive(Debug, Default)]
+pub struct PendingDecision {
+    decision: Mutex<Option<AuthDecision>>,
+    waker: atomic_waker::AtomicWaker,
+}
+
+impl PendingDecision {
+    /// Delivers the decision (from any thread) and wakes the waiting connection.
+    pub fn complete(&self, decision: AuthDecision) {
+        *self.decision.lock().unwrap_or_else(|e| e.into_inner()) = Some(decision);
+        self.waker.wake();
+    }
+
+    /// Waits for the decision.
+    pub async fn wait(&self) -> AuthDecision {
+        std::future::poll_fn(|cx| {
+            if let Some(decision) = self.decision.lock().unwrap_or_else(|e| e.into_inner()).take() {
+                return std::task::Poll::Ready(decision);
+            }
+            self.waker.register(cx.waker());
+            match self.decision.lock().unwrap_or_else(|e| e.into_inner()).take() {
+                Some(decision) => std::task::Poll::Ready(decision),
+                None => std::task::Poll::Pending,
+            }
+        })
+        .await
+    }
+}
+
+/// A decision now, or one to wait for.
+#[derive(Debug)]
+pub enum Verdict {
+    Now(AuthDecision),
+    Later(std::sync::Arc<PendingDecision>),
+}
+
 /// Authentication and authorisation, chosen in config.
 pub trait AuthProvider: fmt::Debug + Send + Sync {
     /// Decides a CONNECT (and its tenant).
     fn authenticate(&self, credentials: &Credentials<'_>) -> AuthDecision;
+    /// Starts deciding a CONNECT: providers that ask another service answer `Later`, so the
+    /// shard's loop never waits on them. By default, `authenticate` now.
+    fn begin(&self, credentials: &Credentials<'_>) -> Verdict {
+        Verdict::Now(self.authenticate(credentials))
+    }
     /// Whether `who` may publish to the topic, or subscribe to the filter (without `$share/...`).
     fn authorize(&self, who: &Principal<'_>, action: Action, topic_or_filter: &str) -> bool;
     /// Re-reads its configuration (SIGHUP, the admin API). Built-ins without one return Ok.

@@ -29,7 +29,7 @@ use shardmq_protocol::{
 };
 use tracing::debug;
 
-use crate::auth::{AuthDecision, Credentials};
+use crate::auth::{AuthDecision, Credentials, Verdict};
 use crate::message::TenantId;
 use crate::session::{ConnId, SessionKey};
 use crate::shard::{home_shard, After, ConnectOutcome, Handoff, MeshMsg, Shard};
@@ -198,7 +198,18 @@ pub async fn serve_accepted(cell: ShardCell, stream: TcpStream) {
         username: connect.username.as_ref().map(|u| u.as_str()),
         password: connect.password.as_deref(),
     };
-    let tenant = match cfg.auth.authenticate(&credentials) {
+    let decision = match cfg.auth.begin(&credentials) {
+        Verdict::Now(decision) => decision,
+        Verdict::Later(pending) => {
+            // Bounded by the connect timeout; a provider that never answers refuses the client.
+            let left = deadline.saturating_duration_since(Instant::now());
+            match monoio::time::timeout(left, pending.wait()).await {
+                Ok(decision) => decision,
+                Err(_) => AuthDecision::NotAuthorized,
+            }
+        }
+    };
+    let tenant = match decision {
         AuthDecision::Allow { tenant } => tenant,
         refusal => {
             cell.borrow().stats.auth_failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
