@@ -88,7 +88,7 @@ fn log_config(cfg: &BrokerConfig, on_durable: Option<DurableNotify>) -> LogConfi
             .saturating_add(64 * 1024)
             .min(cfg.segment_size_bytes.saturating_sub(4096).min(u64::from(u32::MAX)) as u32),
         on_durable,
-        prefault_window_bytes: 0,
+        prefault_window_bytes: cfg.prefault_bytes,
     }
 }
 
