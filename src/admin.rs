@@ -249,6 +249,7 @@ fn summary_json(s: &SessionSummary) -> Value {
         "queued": s.queued,
         "inflight": s.inflight,
         "stored": s.stored,
+        "peer": s.peer.map(|p| p.to_string()),
     })
 }
 

@@ -203,6 +203,12 @@ struct ServeArgs {
     /// The file `--events jsonl` appends one JSON object per line to.
     #[arg(long)]
     events_file: Option<PathBuf>,
+    /// Several listeners (config file only: `[[listeners]]` with `address`, `kind` = tcp,
+    /// `proxy_protocol`, `max_connections`, `default_tenant`); `--listen` on the command line
+    /// replaces them with one plain listener.
+    #[arg(skip)]
+    #[serde(default)]
+    listeners: Vec<ListenerToml>,
     /// Settings for every tenant without its own (config file only: `[tenant_defaults]`).
     #[arg(skip)]
     #[serde(default)]
@@ -224,6 +230,24 @@ fn load_file(path: &Path) -> Result<ServeArgs> {
 }
 
 /// Flags over file over defaults.
+/// One `[[listeners]]` entry of the config file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListenerToml {
+    address: SocketAddr,
+    #[serde(default = "default_kind")]
+    kind: String,
+    #[serde(default)]
+    proxy_protocol: bool,
+    max_connections: Option<u64>,
+    #[serde(default)]
+    default_tenant: u32,
+}
+
+fn default_kind() -> String {
+    "tcp".to_string()
+}
+
 /// The admin API's settings: address (None: off) and token.
 struct AdminArgs {
     listen: Option<SocketAddr>,
@@ -243,8 +267,29 @@ fn merge(flags: ServeArgs, file: ServeArgs) -> Result<(BrokerConfig, String, Adm
         }
         cfg.cores = cores;
     }
+    if flags.listen.is_none() && file.listen.is_some() && !file.listeners.is_empty() {
+        bail!("the config file sets both `listen` and `[[listeners]]`: use one");
+    }
     if let Some(listen) = pick!(listen) {
         cfg.listen = listen;
+    } else {
+        for entry in &file.listeners {
+            use shardmq_shards::listener::{ListenerConfig, ListenerKind};
+            let kind = match entry.kind.as_str() {
+                "tcp" => ListenerKind::Tcp,
+                "tls" => ListenerKind::Tls,
+                "ws" => ListenerKind::Ws,
+                "wss" => ListenerKind::Wss,
+                other => bail!("listener {}: kind {other:?} is not tcp, tls, ws or wss", entry.address),
+            };
+            cfg.listeners.push(ListenerConfig {
+                address: entry.address,
+                kind,
+                proxy_protocol: entry.proxy_protocol,
+                max_connections: entry.max_connections,
+                default_tenant: shardmq_shards::message::TenantId(entry.default_tenant),
+            });
+        }
     }
     if let Some(driver) = pick!(io_driver) {
         cfg.io_driver = match driver {

@@ -42,6 +42,8 @@ pub struct SessionSummary {
     pub inflight: usize,
     /// Whether the session is kept in the store (survives a restart).
     pub stored: bool,
+    /// The client's address (the PROXY header's source on a PROXY listener).
+    pub peer: Option<std::net::SocketAddr>,
 }
 
 /// One subscription of a session.

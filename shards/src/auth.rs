@@ -31,6 +31,10 @@ pub struct Credentials<'a> {
     pub client_id: &'a str,
     pub username: Option<&'a str>,
     pub password: Option<&'a [u8]>,
+    /// The client's address (from the PROXY header on a listener that expects one).
+    pub peer: Option<std::net::SocketAddr>,
+    /// The tenant of the listener the client came through, for providers that do not name one.
+    pub default_tenant: TenantId,
 }
 
 /// The answer to a CONNECT.
@@ -120,8 +124,8 @@ pub trait AuthProvider: fmt::Debug + Send + Sync {
 pub struct AllowAll;
 
 impl AuthProvider for AllowAll {
-    fn authenticate(&self, _: &Credentials<'_>) -> AuthDecision {
-        AuthDecision::Allow { tenant: TenantId::default() }
+    fn authenticate(&self, credentials: &Credentials<'_>) -> AuthDecision {
+        AuthDecision::Allow { tenant: credentials.default_tenant }
     }
 
     fn authorize(&self, _: &Principal<'_>, _: Action, _: &str) -> bool {
@@ -373,7 +377,13 @@ mod tests {
         );
         std::fs::write(&path, text).unwrap();
         let auth = FileAuth::load(&path).unwrap();
-        let creds = |u, p| Credentials { client_id: "c1", username: Some(u), password: Some(p) };
+        let creds = |u, p| Credentials {
+            client_id: "c1",
+            username: Some(u),
+            password: Some(p),
+            peer: None,
+            default_tenant: TenantId::default(),
+        };
         assert_eq!(auth.authenticate(&creds("alice", b"pw")), AuthDecision::Allow { tenant: TenantId(3) });
         // Cached: the second success skips argon2 and gives the same answer.
         assert_eq!(auth.authenticate(&creds("alice", b"pw")), AuthDecision::Allow { tenant: TenantId(3) });

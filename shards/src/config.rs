@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use crate::auth::{AllowAll, AuthProvider};
 use crate::events::{EventCollector, NoEvents};
+use crate::listener::ListenerConfig;
 use crate::tenants::Tenants;
 
 pub use shardmq_storage::FsyncPolicy;
@@ -47,8 +48,11 @@ pub struct BrokerConfig {
     pub cores: usize,
     /// Pin shard threads to cores.
     pub pin_cores: bool,
-    /// MQTT listener address; every shard binds it with SO_REUSEPORT.
+    /// MQTT listener address; every shard binds it with SO_REUSEPORT. Used when `listeners` is
+    /// empty (a single plain TCP listener).
     pub listen: SocketAddr,
+    /// The listeners, each with its kind, limits, default tenant and PROXY protocol switch.
+    pub listeners: Vec<ListenerConfig>,
     pub io_driver: IoDriver,
     /// Where stored data lives: persistent sessions, their queued messages, retained messages.
     pub data_dir: PathBuf,
@@ -111,6 +115,7 @@ impl Default for BrokerConfig {
             cores: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
             pin_cores: true,
             listen: "0.0.0.0:1883".parse().expect("static address"),
+            listeners: Vec::new(),
             io_driver: IoDriver::Epoll,
             data_dir: PathBuf::from("./shardmq-data"),
             persistence: true,

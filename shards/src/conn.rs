@@ -16,6 +16,7 @@ use std::cell::{Cell, RefCell};
 use std::future::poll_fn;
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, RawFd};
 use std::rc::Rc;
+use std::sync::Arc;
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
@@ -27,9 +28,10 @@ use shardmq_protocol::{
     decode, encode, frame_len, Connect, DecodeError, Disconnect, Packet, ProtocolVersion, ReasonCode,
     V3Action,
 };
-use tracing::debug;
+use tracing::{debug, warn};
 
 use crate::auth::{AuthDecision, Credentials, Verdict};
+use crate::listener::{parse_proxy, ListenerInfo, ListenerSlot, ProxyHeader, PROXY_V2_LEN_MAX};
 use crate::message::TenantId;
 use crate::session::{ConnId, SessionKey};
 use crate::shard::{home_shard, After, ConnectOutcome, Handoff, MeshMsg, Shard};
@@ -61,6 +63,8 @@ pub struct ConnShared {
     shard: std::rc::Weak<RefCell<Shard>>,
     /// The reader, when it waits for the writer to drain the session's control queue.
     reader_waker: RefCell<Option<std::task::Waker>>,
+    /// The connection's place on its listener, released when the connection's state goes.
+    slot: RefCell<Option<ListenerSlot>>,
 }
 
 impl ConnShared {
@@ -79,6 +83,7 @@ impl ConnShared {
             this: this.clone(),
             shard,
             reader_waker: RefCell::new(None),
+            slot: RefCell::new(None),
         })
     }
 
@@ -160,7 +165,12 @@ impl KeepaliveQueue {
 
 /// Serves a freshly accepted socket: reads its CONNECT, then either hands it to its home shard or
 /// runs it here.
-pub async fn serve_accepted(cell: ShardCell, stream: TcpStream) {
+pub async fn serve_accepted(
+    cell: ShardCell,
+    stream: TcpStream,
+    listener: Arc<ListenerInfo>,
+    slot: ListenerSlot,
+) {
     let (cfg, me, shard_count) = {
         let shard = cell.borrow();
         (shard.cfg.clone(), shard.id, shard.shard_count())
@@ -168,6 +178,32 @@ pub async fn serve_accepted(cell: ShardCell, stream: TcpStream) {
     let mut stream = stream;
     let mut buf = BytesMut::with_capacity(cfg.read_buffer_bytes_min);
     let deadline = Instant::now() + cfg.connect_timeout;
+    let mut peer = stream.peer_addr().ok();
+    if listener.config.proxy_protocol {
+        // The PROXY header comes first; anything else (a plain MQTT client, garbage) is refused.
+        loop {
+            match parse_proxy(&buf) {
+                Ok(Some((header, len))) => {
+                    if let ProxyHeader::Proxied(source) = header {
+                        peer = Some(source);
+                    }
+                    let _ = buf.split_to(len);
+                    break;
+                }
+                Ok(None) => {}
+                Err(error) => {
+                    listener.proxy_errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    warn!(listener = %listener.config.address, peer = ?peer, %error, "PROXY header refused");
+                    return;
+                }
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            match monoio::time::timeout(left, read_more(&mut stream, buf, PROXY_V2_LEN_MAX + 16)).await {
+                Ok((Ok(n), back)) if n > 0 => buf = back,
+                _ => return,
+            }
+        }
+    }
     let connect = loop {
         // Read before decoding: a failed decode has already split the frame off `buf`.
         let level = peek_connect_level(&buf);
@@ -197,6 +233,8 @@ pub async fn serve_accepted(cell: ShardCell, stream: TcpStream) {
         client_id: connect.client_id.as_str(),
         username: connect.username.as_ref().map(|u| u.as_str()),
         password: connect.password.as_deref(),
+        peer,
+        default_tenant: listener.config.default_tenant,
     };
     let decision = match cfg.auth.begin(&credentials) {
         Verdict::Now(decision) => decision,
@@ -246,20 +284,20 @@ pub async fn serve_accepted(cell: ShardCell, stream: TcpStream) {
         // in a std stream transfers that ownership (it is closed exactly once, by whoever holds it
         // last). Exercised by every cross-shard test (tests/ with --cores 2 and 4).
         let std_stream = unsafe { std::net::TcpStream::from_raw_fd(fd) };
-        let handoff = Handoff { stream: std_stream, connect, buffered: buf, tenant };
+        let handoff = Handoff { stream: std_stream, connect, buffered: buf, tenant, peer, slot: Some(slot) };
         cell.borrow_mut().outbox.send(home, MeshMsg::Handoff(Box::new(handoff)));
         return;
     }
     // New tasks for the connection's life, so the CONNECT phase's state is freed instead of
     // staying inside a long-lived future (idle memory per connection is a headline figure).
-    start(cell, stream, connect, buf, tenant);
+    start(cell, stream, connect, buf, tenant, peer, Some(slot));
 }
 
 /// Serves a socket another shard accepted and handed over.
 pub async fn serve_handoff(cell: ShardCell, handoff: Handoff) {
-    let Handoff { stream, connect, buffered, tenant } = handoff;
+    let Handoff { stream, connect, buffered, tenant, peer, slot } = handoff;
     match TcpStream::from_std(stream) {
-        Ok(stream) => start(cell, stream, connect, buffered, tenant),
+        Ok(stream) => start(cell, stream, connect, buffered, tenant, peer, slot),
         Err(error) => debug!(%error, "could not adopt handed-off socket"),
     }
 }
@@ -342,7 +380,15 @@ const READ_GROW_BYTES_MAX: usize = 64 * 1024;
 /// Starts an accepted connection on its home shard: runs the CONNECT through the shard, then
 /// spawns the writer and reader tasks (or a task that sends the refusal). Synchronous, so that no
 /// long-lived future carries the CONNECT phase's state.
-fn start(cell: ShardCell, stream: TcpStream, connect: Box<Connect>, buf: BytesMut, tenant: TenantId) {
+fn start(
+    cell: ShardCell,
+    stream: TcpStream,
+    connect: Box<Connect>,
+    buf: BytesMut,
+    tenant: TenantId,
+    peer: Option<std::net::SocketAddr>,
+    slot: Option<ListenerSlot>,
+) {
     let version = connect.protocol;
     let fd = stream.as_raw_fd();
     let _ = stream.set_nodelay(true);
@@ -351,9 +397,15 @@ fn start(cell: ShardCell, stream: TcpStream, connect: Box<Connect>, buf: BytesMu
         (shard.new_conn_id(), shard.cfg.packet_size_bytes_max)
     };
     let shared = ConnShared::new(conn_id, fd, version, &cell);
+    *shared.slot.borrow_mut() = slot;
     let outcome = cell.borrow_mut().connect_as(tenant, *connect, shared.clone(), Instant::now());
     let (key, keepalive_secs) = match outcome {
-        ConnectOutcome::Accepted { session, keepalive_secs } => (session, keepalive_secs),
+        ConnectOutcome::Accepted { session, keepalive_secs } => {
+            if let Some(session) = cell.borrow_mut().sessions.get_mut(session) {
+                session.peer = peer.map(Box::new);
+            }
+            (session, keepalive_secs)
+        }
         ConnectOutcome::Refused(connack) => {
             if let Some(connack) = connack {
                 let mut out = BytesMut::new();

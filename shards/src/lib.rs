@@ -16,6 +16,7 @@ pub mod auth;
 pub mod config;
 pub mod conn;
 pub mod events;
+pub mod listener;
 pub mod mesh;
 pub mod message;
 pub mod runtime;

@@ -26,6 +26,7 @@ use tracing::{info, warn};
 use crate::admin::{control_queues, AdminHandle, AdminRequest};
 use crate::config::{BrokerConfig, IoDriver};
 use crate::conn::{serve_accepted, serve_handoff, ShardCell};
+use crate::listener::{ListenerConfig, ListenerInfo, ListenerKind};
 use crate::mesh::{Mesh, ShardId};
 use crate::shard::{recovered_interest, InterestChange, MeshMsg, Shard, ShardStats, SHARDS_MAX};
 use crate::store::recovery::{self, DataDir, Recovered};
@@ -68,8 +69,10 @@ pub struct Broker {
     stops: Vec<Arc<StopSignal>>,
     /// Per-shard counters, readable without locks.
     pub stats: Vec<Arc<ShardStats>>,
-    /// The address the MQTT listener is bound to (with the real port when 0 was asked).
+    /// The address the (first) MQTT listener is bound to (with the real port when 0 was asked).
     pub local_addr: SocketAddr,
+    /// Every listener's bound address, in configuration order, and its run-time state.
+    pub listeners: Vec<Arc<ListenerInfo>>,
     /// The io driver each shard ended up with ("io_uring" or "epoll").
     pub drivers: Vec<&'static str>,
     /// The admin API's way into the shards.
@@ -128,15 +131,42 @@ pub fn start(cfg: BrokerConfig) -> io::Result<Broker> {
     if cfg.cores == 0 || cfg.cores > SHARDS_MAX {
         return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("--cores must be 1..={SHARDS_MAX}")));
     }
-    let cfg = Arc::new(cfg);
-    // The first bind resolves port 0; the others join the same port through SO_REUSEPORT.
-    let first = bind_listener(cfg.listen)
-        .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {}: {e}", cfg.listen)))?;
-    let local_addr = first.local_addr()?;
-    let mut listeners = vec![first];
-    for _ in 1..cfg.cores {
-        listeners.push(bind_listener(local_addr)?);
+    let configured =
+        if cfg.listeners.is_empty() { vec![ListenerConfig::tcp(cfg.listen)] } else { cfg.listeners.clone() };
+    if let Some(other) = configured.iter().find(|l| l.kind != ListenerKind::Tcp) {
+        return Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            format!(
+                "listener {} of kind {} is not implemented yet (issue 7): only tcp is",
+                other.address,
+                other.kind.name()
+            ),
+        ));
     }
+    let cfg = Arc::new(cfg);
+    // Per listener: the first bind resolves port 0; each shard joins the same port through
+    // SO_REUSEPORT. `per_shard[s]` is shard s's sockets, one per listener.
+    let mut per_shard: Vec<Vec<(std::net::TcpListener, Arc<ListenerInfo>)>> =
+        (0..cfg.cores).map(|_| Vec::new()).collect();
+    let mut infos = Vec::new();
+    for (index, config) in configured.into_iter().enumerate() {
+        let first = bind_listener(config.address)
+            .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {}: {e}", config.address)))?;
+        let bound = first.local_addr()?;
+        let info = Arc::new(ListenerInfo {
+            index,
+            config: ListenerConfig { address: bound, ..config },
+            live: Arc::default(),
+            refused_full: Default::default(),
+            proxy_errors: Default::default(),
+        });
+        per_shard[0].push((first, info.clone()));
+        for shard in per_shard.iter_mut().skip(1) {
+            shard.push((bind_listener(bound)?, info.clone()));
+        }
+        infos.push(info);
+    }
+    let local_addr = infos[0].config.address;
     let mesh: Arc<Mesh<MeshMsg>> = Mesh::new(cfg.cores, cfg.mesh_ring_capacity);
     let (admin, mut control) = control_queues(mesh.clone());
     control.reverse();
@@ -163,7 +193,7 @@ pub fn start(cfg: BrokerConfig) -> io::Result<Broker> {
     let mut threads = Vec::new();
     let mut stops = Vec::new();
     let mut stats = Vec::new();
-    for (index, listener) in listeners.into_iter().enumerate() {
+    for (index, listeners) in per_shard.into_iter().enumerate() {
         let stop = Arc::new(StopSignal::default());
         let shard_stats = Arc::new(ShardStats::default());
         let context = ShardContext {
@@ -172,7 +202,7 @@ pub fn start(cfg: BrokerConfig) -> io::Result<Broker> {
             mesh: mesh.clone(),
             stop: stop.clone(),
             stats: shard_stats.clone(),
-            listener,
+            listeners,
             core: if cfg.pin_cores && !core_ids.is_empty() {
                 Some(core_ids[index % core_ids.len()])
             } else {
@@ -199,7 +229,8 @@ pub fn start(cfg: BrokerConfig) -> io::Result<Broker> {
             Err(_) => failure = Some("a shard thread died during start-up".to_string()),
         }
     }
-    let broker = Broker { threads, stops, stats, local_addr, drivers, admin, _data_dir: data_dir };
+    let broker =
+        Broker { threads, stops, stats, local_addr, listeners: infos, drivers, admin, _data_dir: data_dir };
     if let Some(message) = failure {
         broker.stop();
         return Err(io::Error::other(message));
@@ -213,7 +244,7 @@ struct ShardContext {
     mesh: Arc<Mesh<MeshMsg>>,
     stop: Arc<StopSignal>,
     stats: Arc<ShardStats>,
-    listener: std::net::TcpListener,
+    listeners: Vec<(std::net::TcpListener, Arc<ListenerInfo>)>,
     core: Option<core_affinity::CoreId>,
     ready: mpsc::Sender<Result<(usize, &'static str), String>>,
     recovered: Option<Recovered>,
@@ -263,38 +294,33 @@ fn run_shard(context: ShardContext) {
 }
 
 async fn shard_main(context: ShardContext, driver: &'static str) {
-    let ShardContext { id, cfg, mesh, stop, stats, listener, ready, recovered, interest, control, .. } =
+    let ShardContext { id, cfg, mesh, stop, stats, listeners, ready, recovered, interest, control, .. } =
         context;
-    let listener = match monoio::net::TcpListener::from_std(listener) {
-        Ok(listener) => listener,
-        Err(error) => {
-            let _ = ready.send(Err(format!("shard {}: cannot adopt listener: {error}", id.0)));
-            return;
+    let mut adopted = Vec::with_capacity(listeners.len());
+    for (listener, info) in listeners {
+        match monoio::net::TcpListener::from_std(listener) {
+            Ok(listener) => adopted.push((listener, info)),
+            Err(error) => {
+                let _ = ready.send(Err(format!("shard {}: cannot adopt listener: {error}", id.0)));
+                return;
+            }
         }
-    };
+    }
     let shard = Shard::with_store(id, cfg.clone(), mesh.clone(), stats.clone(), recovered, &interest);
     drop(interest);
     let cell: ShardCell = Rc::new(RefCell::new(shard));
-    info!(shard = id.0, driver, listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "shard started");
+    let addresses: Vec<String> = adopted.iter().map(|(_, info)| info.config.address.to_string()).collect();
+    info!(shard = id.0, driver, listen = %addresses.join(","), "shard started");
     let _ = ready.send(Ok((id.index(), driver)));
     monoio::spawn(mesh_loop(cell.clone(), mesh.clone(), id, control));
     monoio::spawn(tick_loop(cell.clone()));
-    loop {
-        monoio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _peer)) => {
-                    monoio::spawn(serve_accepted(cell.clone(), stream));
-                }
-                Err(error) => {
-                    // EMFILE and friends: pause briefly instead of spinning on the error.
-                    warn!(shard = id.0, %error, "accept failed");
-                    monoio::time::sleep(Duration::from_millis(10)).await;
-                }
-            },
-            _ = stop.wait() => break,
-        }
+    let accepting = Rc::new(std::cell::Cell::new(true));
+    for (listener, info) in adopted {
+        monoio::spawn(accept_loop(cell.clone(), listener, info, accepting.clone(), id));
     }
-    drop(listener);
+    stop.wait().await;
+    // The listening sockets close with the runtime; until then, new sockets are closed at once.
+    accepting.set(false);
     cell.borrow_mut().close_all(ReasonCode::ServerShuttingDown);
     // Give writers a bounded time to send their DISCONNECT and close.
     let deadline = Instant::now() + Duration::from_secs(2);
@@ -303,6 +329,34 @@ async fn shard_main(context: ShardContext, driver: &'static str) {
     }
     cell.borrow_mut().close_store();
     info!(shard = id.0, "shard stopped");
+}
+
+/// Accepts on one listener until the shard stops.
+async fn accept_loop(
+    cell: ShardCell,
+    listener: monoio::net::TcpListener,
+    info: Arc<ListenerInfo>,
+    accepting: Rc<std::cell::Cell<bool>>,
+    id: ShardId,
+) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, _peer)) => {
+                if !accepting.get() {
+                    return;
+                }
+                // A full listener closes the socket at once (before reading anything).
+                if let Some(slot) = info.take_slot() {
+                    monoio::spawn(serve_accepted(cell.clone(), stream, info.clone(), slot));
+                }
+            }
+            Err(error) => {
+                // EMFILE and friends: pause briefly instead of spinning on the error.
+                warn!(shard = id.0, %error, "accept failed");
+                monoio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    }
 }
 
 /// Drains the mesh rings addressed to this shard, in batches, and flushes this shard's backlog.

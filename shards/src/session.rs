@@ -204,6 +204,9 @@ pub struct Session {
     /// The tenant's settings as of the current connection's CONNECT, and the tenant's shared state.
     pub settings: Arc<TenantSettings>,
     pub tenant_state: Arc<TenantState>,
+    /// The address of the current (or last) connection's client (boxed: the session's size is a
+    /// per-connection cost, and this is read only by the admin API).
+    pub peer: Option<Box<std::net::SocketAddr>>,
     /// The user name of the current (or last) connection, for the auth provider's ACL.
     pub username: Option<Box<str>>,
     /// The session's uid in the home shard's store; 0 when it is not stored.
@@ -242,6 +245,7 @@ impl Session {
             settings: Arc::default(),
             tenant_state: Arc::default(),
             username: None,
+            peer: None,
             store_uid: 0,
             counted_stored: false,
             pending_acks: VecDeque::new(),

@@ -90,6 +90,10 @@ pub struct Handoff {
     pub buffered: BytesMut,
     /// The tenant the auth provider placed the client in.
     pub tenant: TenantId,
+    /// The client's address (the PROXY header's source when the listener expects one).
+    pub peer: Option<std::net::SocketAddr>,
+    /// The connection's place on its listener.
+    pub slot: Option<crate::listener::ListenerSlot>,
 }
 
 /// The interest of one shard in one filter (or share group on a filter) began or ended.
@@ -676,6 +680,7 @@ impl Shard {
             queued: s.queue.len() + s.backlog.len(),
             inflight: s.inflight.len(),
             stored: s.store_uid != 0,
+            peer: s.peer.as_deref().copied(),
         }
     }
 

@@ -87,6 +87,21 @@ impl TestBroker {
         TestBroker { broker: Some(broker), addr, cores, _data: data }
     }
 
+    /// Every listener's bound address, in configuration order.
+    pub fn listener_addrs(&self) -> Vec<SocketAddr> {
+        self.broker.as_ref().expect("running").listeners.iter().map(|l| l.config.address).collect()
+    }
+
+    /// The run-time state of every listener.
+    pub fn listeners(&self) -> Vec<Arc<shardmq_shards::listener::ListenerInfo>> {
+        self.broker.as_ref().expect("running").listeners.clone()
+    }
+
+    /// The admin handle into the shards.
+    pub fn admin(&self) -> shardmq_shards::AdminHandle {
+        self.broker.as_ref().expect("running").admin.clone()
+    }
+
     /// The sum of one counter over all shards.
     pub fn stat(&self, counter: impl Fn(&ShardStats) -> &AtomicU64) -> u64 {
         self.stats().iter().map(|s| counter(s).load(Ordering::Relaxed)).sum()
