@@ -118,7 +118,7 @@ struct ServeArgs {
     #[arg(long)]
     segment_size: Option<u64>,
     /// Bytes of segment pages the storage sync thread write-faults ahead of each shard's appends
-    /// (keeps page faults off the shard's thread); 0: off. Default: 0.
+    /// (keeps page faults off the shard's thread); 0: off. Default: 4194304 (4 MiB).
     #[arg(long)]
     prefault_bytes: Option<usize>,
     /// Most bytes of log segments on disk, across all shards; persistent messages beyond it are
