@@ -34,7 +34,7 @@ scenarios=(
   "QoS 2, 100 publisher/subscriber pairs|pubsub --mode pairs --pubs 100 --subs 100 --qos 2 --duration $duration"
   "QoS 0, 1 publisher -> 100 subscribers (fan-out)|pubsub --mode fan-out --pubs 1 --subs 100 --qos 0 --duration $duration"
   "Shared subscription: 10 publishers -> group of 10 members, QoS 1|pubsub --mode shared --pubs 10 --subs 10 --qos 1 --duration $duration"
-  "Offline queue: 10 persistent sessions, 8,000 QoS 1 messages each (in memory until storage lands; under the default 10,000-message session queue bound)|persist --sessions 10 --count 8000"
+  "Offline queue: 10 persistent sessions, 8,000 QoS 1 messages each (shardmq stores them: --fsync interval:5 by default; Mosquitto without persistence)|persist --sessions 10 --count 8000"
   "Churn: 20 connections over a pool of 1,000 client ids (takeovers)|churn --clients 1000 --conns 20 --duration $duration"
   "19,000 idle connections (connect storm, 32 source addresses; one round: RSS per connection is only meaningful on a fresh broker)|conn --conns 19000 --src-addrs 127.0.0.2-127.0.0.33 --hold 2"
 )
