@@ -211,3 +211,56 @@ async fn publish_rate_per_connection_throttles_the_sender() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_rate_and_packet_size() {
+    bounded(async {
+        let (broker, tenants) = start(TenantSettings {
+            max_connect_rate: Some(3),
+            max_packet_size: Some(256),
+            ..Default::default()
+        });
+        // Ten CONNECTs in quick succession span at most two one-second windows: at most six fit.
+        let mut accepted = Vec::new();
+        let mut refused = 0;
+        for n in 0..10 {
+            let version = if n % 2 == 0 { V5 } else { V311 };
+            let (raw, ack) = connect(broker.addr, version, &format!("rate-{n}")).await;
+            match (version.is_v5(), ack.reason) {
+                (_, ReasonCode::Success) => accepted.push(raw),
+                (true, reason) => {
+                    assert_eq!(reason, ReasonCode::ConnectionRateExceeded);
+                    refused += 1;
+                }
+                (false, reason) => {
+                    assert_eq!(reason.to_v3_connack(), Some(3), "3.1.1: server unavailable");
+                    refused += 1;
+                }
+            }
+        }
+        assert!(refused >= 4, "{refused} of 10 refused");
+        assert_eq!(limited(&tenants, Limit::ConnectRate), refused);
+        // Packet size: announced in CONNACK; a larger PUBLISH ends the connection (v5: 0x95).
+        tenants
+            .provider
+            .set(Default::default(), TenantSettings { max_packet_size: Some(256), ..Default::default() })
+            .unwrap();
+        let (mut v5, ack) = connect(broker.addr, V5, "big-5").await;
+        assert_eq!(ack.properties.maximum_packet_size, Some(256));
+        v5.send(&Packet::Publish(publish_packet("big", 0, None, &[0u8; 300]))).await;
+        let seen = v5.expect_closed().await;
+        assert!(
+            matches!(seen.as_slice(), [Packet::Disconnect(d)] if d.reason == ReasonCode::PacketTooLarge),
+            "{seen:?}"
+        );
+        let (mut v3, _) = connect(broker.addr, V311, "big-3").await;
+        v3.send(&Packet::Publish(publish_packet("big", 0, None, &[0u8; 300]))).await;
+        assert!(v3.expect_closed().await.is_empty());
+        // A packet within the limit is fine.
+        let (mut ok, _) = connect(broker.addr, V311, "small").await;
+        ok.send(&Packet::Publish(publish_packet("small", 1, Some(1), &[0u8; 100]))).await;
+        assert!(matches!(ok.expect().await, Packet::PubAck(_)));
+        assert_eq!(limited(&tenants, Limit::PacketSize), 2);
+    })
+    .await;
+}

@@ -399,10 +399,14 @@ fn start(
     let shared = ConnShared::new(conn_id, fd, version, &cell);
     *shared.slot.borrow_mut() = slot;
     let outcome = cell.borrow_mut().connect_as(tenant, *connect, shared.clone(), Instant::now());
+    let mut packet_size_max = packet_size_max;
     let (key, keepalive_secs) = match outcome {
         ConnectOutcome::Accepted { session, keepalive_secs } => {
             if let Some(session) = cell.borrow_mut().sessions.get_mut(session) {
                 session.peer = peer.map(Box::new);
+                if let Some(tenant_max) = session.settings.max_packet_size {
+                    packet_size_max = packet_size_max.min(tenant_max);
+                }
             }
             (session, keepalive_secs)
         }
@@ -500,6 +504,9 @@ async fn read_loop(
                 Ok(None) => break,
                 Err(error) => {
                     bump_malformed(cell);
+                    if let (DecodeError::PacketTooLarge { .. }, Some(state)) = (&error, &tenant_state) {
+                        state.count(crate::tenants::Limit::PacketSize);
+                    }
                     debug!(%error, "malformed packet");
                     shared.close(version.is_v5().then(|| error.reason_code()));
                     return true;

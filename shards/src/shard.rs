@@ -836,6 +836,14 @@ impl Shard {
             tenant_state.count(Limit::ProtocolVersion);
             return refuse(ReasonCode::UnsupportedProtocolVersion);
         }
+        if let Some(rate) = settings.max_connect_rate.filter(|r| *r > 0) {
+            let now_secs =
+                std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+            if !tenant_state.admit_connect(rate, now_secs) {
+                tenant_state.count(Limit::ConnectRate);
+                return refuse(ReasonCode::ConnectionRateExceeded);
+            }
+        }
         // A takeover keeps the tenant's connection count; a new connection must fit.
         let replaces = self
             .sessions
@@ -934,7 +942,11 @@ impl Shard {
                 properties.session_expiry_interval = Some(expiry_secs);
             }
             properties.receive_maximum = Some(settings.receive_maximum.unwrap_or(cfg.receive_maximum));
-            properties.maximum_packet_size = Some(cfg.packet_size_bytes_max);
+            properties.maximum_packet_size = Some(
+                settings
+                    .max_packet_size
+                    .map_or(cfg.packet_size_bytes_max, |m| m.min(cfg.packet_size_bytes_max)),
+            );
             properties.topic_alias_maximum = Some(cfg.topic_alias_max);
             properties.retain_available = Some(u8::from(settings.retain_available != Some(false)));
             properties.wildcard_subscription_available = Some(1);

@@ -42,6 +42,11 @@ pub struct TenantSettings {
     /// PUBLISH packets per second per connection; a faster client is throttled (its socket is
     /// not read until its budget refills). 0 or absent: unlimited.
     pub max_publish_rate_per_connection: Option<u32>,
+    /// CONNECTs per second for the whole tenant (across shards). Beyond: CONNACK 0x9F / code 3.
+    pub max_connect_rate: Option<u32>,
+    /// Largest packet the tenant's clients may send (announced in CONNACK). Beyond: v5
+    /// DISCONNECT 0x95, 3.x the connection is closed.
+    pub max_packet_size: Option<u32>,
 }
 
 /// Where tenant settings come from.
@@ -81,6 +86,9 @@ pub fn validate(settings: &TenantSettings) -> Result<(), String> {
     if settings.max_queued_messages == Some(0) {
         return Err("max_queued_messages must be at least 1".into());
     }
+    if settings.max_packet_size.is_some_and(|size| size < 64) {
+        return Err("max_packet_size must be at least 64 bytes".into());
+    }
     if settings.max_topic_levels == Some(0) || settings.max_topic_length == Some(0) {
         return Err("max_topic_levels and max_topic_length must be at least 1".into());
     }
@@ -110,10 +118,12 @@ pub enum Limit {
     Subscriptions,
     Retain,
     PublishRate,
+    ConnectRate,
+    PacketSize,
 }
 
 impl Limit {
-    pub const ALL: [Limit; 7] = [
+    pub const ALL: [Limit; 9] = [
         Limit::ProtocolVersion,
         Limit::Connections,
         Limit::TopicLevels,
@@ -121,6 +131,8 @@ impl Limit {
         Limit::Subscriptions,
         Limit::Retain,
         Limit::PublishRate,
+        Limit::ConnectRate,
+        Limit::PacketSize,
     ];
 
     pub fn name(self) -> &'static str {
@@ -132,6 +144,8 @@ impl Limit {
             Limit::Subscriptions => "subscriptions",
             Limit::Retain => "retain",
             Limit::PublishRate => "publish_rate",
+            Limit::ConnectRate => "connect_rate",
+            Limit::PacketSize => "packet_size",
         }
     }
 }
@@ -143,10 +157,31 @@ pub struct TenantState {
     pub connects_total: AtomicU64,
     pub publishes_in: AtomicU64,
     /// Refusals and throttles by [`Limit`] (indexed as `Limit::ALL`).
-    pub limited: [AtomicU64; 7],
+    pub limited: [AtomicU64; 9],
+    /// The connect-rate window: the second (since the Unix epoch) it counts, and CONNECTs in it.
+    connect_window: AtomicU64,
 }
 
 impl TenantState {
+    /// Counts a CONNECT against a rate of `per_second` in fixed one-second windows shared by all
+    /// shards (one atomic: window second in the high 40 bits, count in the low 24). Returns
+    /// whether it fits.
+    pub fn admit_connect(&self, per_second: u32, now_secs: u64) -> bool {
+        let mut current = self.connect_window.load(Ordering::SeqCst);
+        loop {
+            let (second, count) = (current >> 24, current & 0xFF_FFFF);
+            let next = if second == now_secs & 0xFF_FFFF_FFFF { current + 1 } else { (now_secs << 24) | 1 };
+            let count_after = if second == now_secs & 0xFF_FFFF_FFFF { count + 1 } else { 1 };
+            if count_after > u64::from(per_second) {
+                return false;
+            }
+            match self.connect_window.compare_exchange(current, next, Ordering::SeqCst, Ordering::SeqCst) {
+                Ok(_) => return true,
+                Err(seen) => current = seen,
+            }
+        }
+    }
+
     pub fn count(&self, limit: Limit) {
         let index = Limit::ALL.iter().position(|l| *l == limit).expect("every limit is listed");
         self.limited[index].fetch_add(1, Ordering::Relaxed);
@@ -189,5 +224,36 @@ impl Tenants {
 impl Default for Tenants {
     fn default() -> Tenants {
         Tenants::new(Arc::new(ConfigSettings::default()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connect_rate_windows() {
+        let state = TenantState::default();
+        assert!((0..3).all(|_| state.admit_connect(3, 100)));
+        assert!(!state.admit_connect(3, 100), "the fourth in the same second");
+        assert!(state.admit_connect(3, 101), "a new second starts a new window");
+        assert!(state.admit_connect(3, 101));
+        assert!(state.admit_connect(3, 101));
+        assert!(!state.admit_connect(3, 101));
+        assert!(!state.admit_connect(0, 500), "a zero rate admits nothing");
+    }
+
+    #[test]
+    fn validation_refuses_settings_that_cannot_work() {
+        assert!(validate(&TenantSettings::default()).is_ok());
+        for bad in [
+            TenantSettings { allowed_protocol_levels: Some(vec![6]), ..Default::default() },
+            TenantSettings { receive_maximum: Some(0), ..Default::default() },
+            TenantSettings { max_queued_messages: Some(0), ..Default::default() },
+            TenantSettings { max_topic_levels: Some(0), ..Default::default() },
+            TenantSettings { max_packet_size: Some(10), ..Default::default() },
+        ] {
+            assert!(validate(&bad).is_err(), "{bad:?}");
+        }
     }
 }
