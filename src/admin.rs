@@ -710,6 +710,30 @@ pub fn metrics_text(stats: &[Arc<ShardStats>], tenants: &Tenants) -> String {
             let _ = writeln!(out, "{name}{{shard=\"{shard}\"}} {}", field(s).load(Ordering::Relaxed));
         }
     }
+    let name = "shardmq_puback_latency_seconds";
+    let _ = writeln!(
+        out,
+        "# HELP {name} From a client's QoS 1/2 PUBLISH to its PUBACK/PUBREC (routing, and durability of stored copies)."
+    );
+    let _ = writeln!(out, "# TYPE {name} histogram");
+    for (shard, s) in stats.iter().enumerate() {
+        let h = &s.ack_latency;
+        let mut cumulative = 0u64;
+        for (index, bucket) in h.buckets.iter().enumerate() {
+            cumulative += bucket.load(Ordering::Relaxed);
+            if index + 1 < h.buckets.len() {
+                let le = (1u64 << index) as f64 / 1e6;
+                let _ = writeln!(out, "{name}_bucket{{shard=\"{shard}\",le=\"{le}\"}} {cumulative}");
+            }
+        }
+        let _ = writeln!(out, "{name}_bucket{{shard=\"{shard}\",le=\"+Inf\"}} {cumulative}");
+        let _ = writeln!(
+            out,
+            "{name}_sum{{shard=\"{shard}\"}} {}",
+            h.sum_us.load(Ordering::Relaxed) as f64 / 1e6
+        );
+        let _ = writeln!(out, "{name}_count{{shard=\"{shard}\"}} {}", h.count.load(Ordering::Relaxed));
+    }
     let all = tenants.all();
     type TenantField = fn(&shardmq_shards::tenants::TenantState) -> &AtomicU64;
     let per_tenant: [(&str, &str, &str, TenantField); 3] = [

@@ -140,8 +140,12 @@ async fn token_is_required_except_for_health_and_the_document() {
 async fn metrics_parse_as_prometheus_text_and_count_connections() {
     bounded(async {
         let (broker, _dir) = start();
-        let _a = Raw::connect(broker.mqtt, ProtocolVersion::V3_1_1, "metrics-a").await;
+        let mut a = Raw::connect(broker.mqtt, ProtocolVersion::V3_1_1, "metrics-a").await;
         let _b = Raw::connect(broker.mqtt, ProtocolVersion::V3_1_1, "metrics-b").await;
+        for id in 1..=3 {
+            a.send(&Packet::Publish(publish_packet("m/x", 1, Some(id), b"v"))).await;
+            assert!(matches!(a.expect().await, Packet::PubAck(_)));
+        }
         let (status, head, body) = http(broker.admin, "GET", "/metrics", Some(TOKEN));
         assert_eq!(status, 200);
         assert!(head.contains("content-type: text/plain; version=0.0.4"), "{head}");
@@ -165,6 +169,22 @@ async fn metrics_parse_as_prometheus_text_and_count_connections() {
             .collect();
         assert_eq!(shards.len(), 2, "one sample per shard");
         assert!(scrape.docs.contains_key("shardmq_publishes_received_total"), "HELP lines are there");
+        // The acknowledgement latency histogram counted the three QoS 1 PUBLISHes.
+        let acks: f64 = scrape
+            .samples
+            .iter()
+            .filter(|s| s.metric == "shardmq_puback_latency_seconds")
+            .map(|s| match &s.value {
+                prometheus_parse::Value::Histogram(buckets) => {
+                    let inf = buckets.iter().find(|b| b.less_than.is_infinite()).expect("a +Inf bucket");
+                    let below_first = buckets.iter().map(|b| b.count).fold(f64::MAX, f64::min);
+                    assert!(below_first <= inf.count, "buckets are cumulative");
+                    inf.count
+                }
+                other => panic!("a histogram, got {other:?}"),
+            })
+            .sum();
+        assert_eq!(acks, 3.0);
     })
     .await;
 }

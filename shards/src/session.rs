@@ -142,6 +142,8 @@ pub struct PendingAck {
     pub failed: bool,
     /// The reason when nothing failed (0x87 for a denied topic).
     pub reason: ReasonCode,
+    /// When the PUBLISH was handled, for the acknowledgement latency histogram.
+    pub received_at: Instant,
 }
 
 /// What happened to stored deliveries while encoding, for the shard to record in its store.

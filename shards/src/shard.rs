@@ -122,6 +122,29 @@ pub struct SubscribeDone {
     pub retained: Vec<(usize, Arc<Message>)>,
 }
 
+/// A latency histogram readable from any thread without locks: power-of-two buckets of
+/// microseconds (bucket `i` counts values below `2^i` us; the last one is unbounded), a count and
+/// a sum, as Prometheus histograms need.
+#[derive(Debug, Default)]
+pub struct LatencyHistogram {
+    pub buckets: [AtomicU64; LATENCY_BUCKETS],
+    pub count: AtomicU64,
+    pub sum_us: AtomicU64,
+}
+
+/// Buckets of a [`LatencyHistogram`]: below 1 us, 2 us, ... 2^23 us (8.4 s), and above.
+pub const LATENCY_BUCKETS: usize = 25;
+
+impl LatencyHistogram {
+    pub fn record(&self, elapsed: Duration) {
+        let us = elapsed.as_micros().min(u128::from(u64::MAX)) as u64;
+        let index = (64 - us.leading_zeros() as usize).min(LATENCY_BUCKETS - 1);
+        self.buckets[index].fetch_add(1, Ordering::Relaxed);
+        self.count.fetch_add(1, Ordering::Relaxed);
+        self.sum_us.fetch_add(us, Ordering::Relaxed);
+    }
+}
+
 /// Counters of one shard, readable from any thread without locks.
 #[derive(Debug, Default)]
 pub struct ShardStats {
@@ -142,6 +165,9 @@ pub struct ShardStats {
     pub reader_backpressure_waits: AtomicU64,
     /// Subscriptions refused because the session had `subscriptions_per_session_max` already.
     pub subscriptions_refused_quota: AtomicU64,
+    /// From a client's QoS 1/2 PUBLISH to its PUBACK/PUBREC being queued (routing, and waiting
+    /// for the message to be durable everywhere it was stored).
+    pub ack_latency: LatencyHistogram,
     /// CONNECTs refused by the auth provider (bad credentials or not authorised).
     pub auth_failures: AtomicU64,
     /// PUBLISHes and SUBSCRIBE filters refused by the auth provider's ACL.
@@ -1431,6 +1457,7 @@ impl Shard {
             waiting,
             failed,
             reason: ack_reason,
+            received_at: now,
         });
         if waiting > 0 {
             self.ack_tokens.insert(token, key);
@@ -1447,6 +1474,7 @@ impl Shard {
         let v5 = session.version.is_v5();
         while session.pending_acks.front().is_some_and(|p| p.waiting == 0) {
             let ack = session.pending_acks.pop_front().expect("front checked");
+            self.stats.ack_latency.record(ack.received_at.elapsed());
             let reason = match (ack.failed, v5) {
                 (true, true) => ReasonCode::QuotaExceeded,
                 (false, true) => ack.reason,
