@@ -264,3 +264,36 @@ async fn connect_rate_and_packet_size() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shared_group_member_count() {
+    bounded(async {
+        let (broker, tenants) =
+            start(TenantSettings { max_shared_group_members: Some(2), ..Default::default() });
+        // Members on whichever shards their client ids land on: the count is across shards.
+        let (mut a, _) = connect(broker.addr, V5, &broker.id_on_shard("grp-a", 0)).await;
+        let (mut b, _) = connect(broker.addr, V5, &broker.id_on_shard("grp-b", 1)).await;
+        let (mut c, _) = connect(broker.addr, V5, "grp-c").await;
+        let (mut d, _) = connect(broker.addr, V311, "grp-d").await;
+        assert_eq!(a.subscribe(1, "$share/g/t", 1).await, vec![1]);
+        assert_eq!(b.subscribe(1, "$share/g/t", 1).await, vec![1]);
+        assert_eq!(c.subscribe(1, "$share/g/t", 1).await, vec![0x97], "v5: a third member is over quota");
+        assert_eq!(d.subscribe(1, "$share/g/t", 1).await, vec![0x80], "3.1.1: failure");
+        // Another group, or the same group on another filter, has its own count.
+        assert_eq!(c.subscribe(2, "$share/h/t", 1).await, vec![1]);
+        assert_eq!(c.subscribe(3, "$share/g/u", 1).await, vec![1]);
+        // Re-subscribing an existing member is not a new member.
+        assert_eq!(a.subscribe(2, "$share/g/t", 0).await, vec![0]);
+        // A member leaving frees a place.
+        a.send(&Packet::Unsubscribe(shardmq_protocol::Unsubscribe {
+            packet_id: 3,
+            properties: Properties::default(),
+            filters: vec![shardmq_protocol::Utf8::new("$share/g/t").unwrap()],
+        }))
+        .await;
+        assert!(matches!(a.expect().await, Packet::UnsubAck(_)));
+        assert_eq!(d.subscribe(2, "$share/g/t", 1).await, vec![1]);
+        assert_eq!(limited(&tenants, Limit::SharedGroupMembers), 2);
+    })
+    .await;
+}

@@ -1621,6 +1621,29 @@ impl Shard {
                 continue;
             }
             let entry = SubEntry { options: subscription.options, subscription_id };
+            if let Some(shared) = shared {
+                let session = self.sessions.get(key).expect("caller checked");
+                if let Some(max) = session.settings.max_shared_group_members {
+                    let members = session
+                        .tenant_state
+                        .shared_members
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .get(&(Arc::from(shared.group), Arc::from(shared.filter)))
+                        .copied()
+                        .unwrap_or(0);
+                    if members >= max && !session.subscriptions.contains_key(filter) {
+                        session.tenant_state.count(Limit::SharedGroupMembers);
+                        self.event_refused(key, filter, "shared group members");
+                        reasons.push(if v5 {
+                            ReasonCode::QuotaExceeded
+                        } else {
+                            ReasonCode::UnspecifiedError
+                        });
+                        continue;
+                    }
+                }
+            }
             let session = self.sessions.get_mut(key).expect("caller checked");
             let subscriptions_max = session
                 .settings
@@ -1806,7 +1829,12 @@ impl Shard {
                 let was_empty = group.members.is_empty();
                 match group.members.iter_mut().find(|(k, _)| *k == key) {
                     Some(existing) => existing.1 = entry,
-                    None => group.members.push((key, entry)),
+                    None => {
+                        group.members.push((key, entry));
+                        let state = self.cfg.tenants.state(tenant);
+                        let mut counts = state.shared_members.lock().unwrap_or_else(|e| e.into_inner());
+                        *counts.entry((group.group.clone(), filter_arc.clone())).or_default() += 1;
+                    }
                 }
                 was_empty.then(|| InterestChange {
                     tenant,
@@ -1852,7 +1880,19 @@ impl Shard {
                 Some(shared) => {
                     if let Some(index) = slot.shared.iter().position(|g| &*g.group == shared.group) {
                         let group = &mut slot.shared[index];
+                        let before = group.members.len();
                         group.members.retain(|(k, _)| *k != key);
+                        if group.members.len() < before {
+                            let state = self.cfg.tenants.state(tenant);
+                            let mut counts = state.shared_members.lock().unwrap_or_else(|e| e.into_inner());
+                            let key = (group.group.clone(), slot.filter.clone());
+                            if let Some(count) = counts.get_mut(&key) {
+                                *count -= 1;
+                                if *count == 0 {
+                                    counts.remove(&key);
+                                }
+                            }
+                        }
                         if group.members.is_empty() {
                             let group = slot.shared.swap_remove(index);
                             change = Some(InterestChange {

@@ -47,6 +47,10 @@ pub struct TenantSettings {
     /// Largest packet the tenant's clients may send (announced in CONNACK). Beyond: v5
     /// DISCONNECT 0x95, 3.x the connection is closed.
     pub max_packet_size: Option<u32>,
+    /// Members of one shared subscription group (`$share/<group>/<filter>`) across all shards.
+    /// Beyond: SUBACK 0x97 / 0x80. (Checked before adding: shards subscribing at the same
+    /// instant may overshoot by one each.)
+    pub max_shared_group_members: Option<u32>,
 }
 
 /// Where tenant settings come from.
@@ -120,10 +124,11 @@ pub enum Limit {
     PublishRate,
     ConnectRate,
     PacketSize,
+    SharedGroupMembers,
 }
 
 impl Limit {
-    pub const ALL: [Limit; 9] = [
+    pub const ALL: [Limit; 10] = [
         Limit::ProtocolVersion,
         Limit::Connections,
         Limit::TopicLevels,
@@ -133,6 +138,7 @@ impl Limit {
         Limit::PublishRate,
         Limit::ConnectRate,
         Limit::PacketSize,
+        Limit::SharedGroupMembers,
     ];
 
     pub fn name(self) -> &'static str {
@@ -146,6 +152,7 @@ impl Limit {
             Limit::PublishRate => "publish_rate",
             Limit::ConnectRate => "connect_rate",
             Limit::PacketSize => "packet_size",
+            Limit::SharedGroupMembers => "shared_group_members",
         }
     }
 }
@@ -157,7 +164,9 @@ pub struct TenantState {
     pub connects_total: AtomicU64,
     pub publishes_in: AtomicU64,
     /// Refusals and throttles by [`Limit`] (indexed as `Limit::ALL`).
-    pub limited: [AtomicU64; 9],
+    pub limited: [AtomicU64; 10],
+    /// Members per shared subscription (group, filter), across shards (subscribe path only).
+    pub shared_members: std::sync::Mutex<HashMap<(Arc<str>, Arc<str>), u32>>,
     /// The connect-rate window: the second (since the Unix epoch) it counts, and CONNECTs in it.
     connect_window: AtomicU64,
 }
