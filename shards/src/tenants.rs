@@ -157,6 +157,9 @@ impl Limit {
     }
 }
 
+/// Members per shared subscription: (group, filter) -> members across shards.
+pub type SharedMemberCounts = HashMap<(Arc<str>, Arc<str>), u32>;
+
 /// A tenant's live state, shared by every shard.
 #[derive(Debug, Default)]
 pub struct TenantState {
@@ -166,7 +169,7 @@ pub struct TenantState {
     /// Refusals and throttles by [`Limit`] (indexed as `Limit::ALL`).
     pub limited: [AtomicU64; 10],
     /// Members per shared subscription (group, filter), across shards (subscribe path only).
-    pub shared_members: std::sync::Mutex<HashMap<(Arc<str>, Arc<str>), u32>>,
+    pub shared_members: std::sync::Mutex<SharedMemberCounts>,
     /// The connect-rate window: the second (since the Unix epoch) it counts, and CONNECTs in it.
     connect_window: AtomicU64,
 }
