@@ -122,3 +122,35 @@ async fn a_clients_life_is_written_as_json_lines() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn throttling_is_an_event() {
+    bounded(async {
+        use shardmq_shards::tenants::{ConfigSettings, TenantSettings, Tenants};
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("events.jsonl");
+        let events = Arc::new(JsonlEvents::open(&path).expect("events file"));
+        let settings = TenantSettings { max_publish_rate_per_connection: Some(5), ..Default::default() };
+        let tenants = Arc::new(Tenants::new(Arc::new(ConfigSettings::new(settings, Default::default()))));
+        let broker = TestBroker::start_with(move |cfg| {
+            cfg.events = events;
+            cfg.tenants = tenants;
+        });
+        let mut publisher = Raw::connect(broker.addr, ProtocolVersion::V3_1_1, "fast").await;
+        let mut burst = bytes::BytesMut::new();
+        for _ in 0..8 {
+            shardmq_protocol::encode(
+                &Packet::Publish(publish_packet("t", 0, None, b"x")),
+                ProtocolVersion::V3_1_1,
+                &mut burst,
+            )
+            .unwrap();
+        }
+        publisher.send_bytes(&burst).await;
+        let events =
+            events_until(&path, |events| names(events, "fast").iter().any(|n| n == "throttled:publish rate"))
+                .await;
+        assert!(names(&events, "fast").starts_with(&["connected".to_string()]));
+    })
+    .await;
+}

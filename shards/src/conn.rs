@@ -486,6 +486,16 @@ async fn read_loop(
                         if let Some(state) = &tenant_state {
                             state.count(crate::tenants::Limit::PublishRate);
                         }
+                        {
+                            let shard = cell.borrow();
+                            if let Some(session) = shard.sessions.get(key) {
+                                shard.cfg.events.event(&crate::events::Event::Throttled {
+                                    tenant: session.tenant,
+                                    client_id: session.client_id.as_str(),
+                                    reason: "publish rate",
+                                });
+                            }
+                        }
                         // Boxed: the sleep is rare, and an unboxed one would sit in every idle
                         // connection's reader future.
                         Box::pin(monoio::time::sleep(wait)).await;

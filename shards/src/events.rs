@@ -70,6 +70,12 @@ pub enum Event<'a> {
         tenant: TenantId,
         client_id: &'a str,
     },
+    /// A client was slowed down by a tenant limit (`reason`: `publish rate`).
+    Throttled {
+        tenant: TenantId,
+        client_id: &'a str,
+        reason: &'static str,
+    },
     /// The session was ended by the admin API.
     Kicked {
         tenant: TenantId,
@@ -88,6 +94,7 @@ impl Event<'_> {
             Event::Refused { .. } => "refused",
             Event::Dropped { .. } => "dropped",
             Event::SessionExpired { .. } => "session_expired",
+            Event::Throttled { .. } => "throttled",
             Event::Kicked { .. } => "kicked",
         }
     }
@@ -112,7 +119,8 @@ impl Event<'_> {
                     tenant.0
                 ));
             }
-            Event::Disconnected { tenant, client_id, reason } => {
+            Event::Disconnected { tenant, client_id, reason }
+            | Event::Throttled { tenant, client_id, reason } => {
                 field("client_id", client_id);
                 field("reason", reason);
                 out.push_str(&format!(",\"tenant\":{}", tenant.0));
