@@ -35,6 +35,8 @@ pub const PAGE_LIMIT_MAX: usize = 1000;
 /// What the admin thread serves from.
 pub struct AdminState {
     pub handle: AdminHandle,
+    /// The auth provider, for `POST /api/v1/auth/reload`.
+    pub auth: Arc<dyn shardmq_shards::auth::AuthProvider>,
     pub stats: Vec<Arc<ShardStats>>,
     pub tenants: Arc<Tenants>,
     pub token: Option<String>,
@@ -135,6 +137,14 @@ fn routes() -> Vec<Route> {
             summary: "Unsubscribes the session from `filter` on the server's side.",
             query: &[TENANT, ("filter", "The subscription's filter (required)")],
             responses: &[(204, "Unsubscribed"), (400, "Missing filter"), (401, "Missing or wrong bearer token"), (404, "No such session or subscription")],
+        },
+        Route {
+            method: Method::POST,
+            path: "/api/v1/auth/reload",
+            auth: true,
+            summary: "Re-reads the auth provider's configuration (the `file` provider's users and ACL), as SIGHUP does. The previous one stays on error.",
+            query: &[],
+            responses: &[(200, "Reloaded"), (400, "The new configuration is invalid (the old one stays)"), (401, "Missing or wrong bearer token")],
         },
         Route {
             method: Method::POST,
@@ -413,6 +423,10 @@ async fn handle(state: Arc<AdminState>, request: Request<Incoming>) -> Result<An
                 }
             }
         }
+        ("/api/v1/auth/reload", _) => match state.auth.reload() {
+            Ok(()) => json_response(StatusCode::OK, &json!({ "reloaded": true })),
+            Err(e) => error(StatusCode::BAD_REQUEST, e),
+        },
         ("/api/v1/publish", _) => {
             let body = match read_body(request).await {
                 Ok(body) => body,

@@ -469,6 +469,7 @@ fn serve(mut args: ServeArgs) -> Result<()> {
             handle: broker.admin.clone(),
             stats: broker.stats.clone(),
             tenants: tenants.clone(),
+            auth: auth.clone(),
             token: admin_args.token,
         };
         if let Err(e) = admin::spawn(listen, state) {

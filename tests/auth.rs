@@ -255,3 +255,81 @@ async fn passwd_writes_users_and_sighup_reloads_them() {
     })
     .await;
 }
+
+/// One HTTP/1.1 POST without a body (Connection: close): the status.
+fn post(addr: SocketAddr, path: &str, token: &str) -> (u16, String) {
+    use std::io::Read;
+    let mut stream = std::net::TcpStream::connect(addr).expect("admin API");
+    stream.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    write!(
+        stream,
+        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut raw = String::new();
+    stream.read_to_string(&mut raw).unwrap();
+    let status = raw.split(' ').nth(1).and_then(|s| s.parse().ok()).expect("a status");
+    (status, raw)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_api_reloads_the_users_file() {
+    bounded(async {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let users = users_file(dir.path());
+        let mut child = Command::new(env!("CARGO_BIN_EXE_shardmq"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--admin-token", "t"])
+            .args(["--in-memory", "--cores", "2", "--no-pin", "--auth", "file", "--auth-file"])
+            .arg(&users)
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("broker starts");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let port_of = |line: &str| -> u16 {
+            line.split("127.0.0.1:")
+                .nth(1)
+                .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
+                .and_then(|d| d.parse().ok())
+                .expect("port")
+        };
+        let (mut mqtt, mut admin) = (None, None);
+        while mqtt.is_none() || admin.is_none() {
+            let line = rx.recv_timeout(Duration::from_secs(20)).expect("broker logs");
+            if line.contains("admin API listening") {
+                admin = Some(port_of(&line));
+            } else if line.contains("shardmq listening") {
+                mqtt = Some(port_of(&line));
+            }
+        }
+        let mqtt = SocketAddr::from(([127, 0, 0, 1], mqtt.unwrap()));
+        let admin = SocketAddr::from(([127, 0, 0, 1], admin.unwrap()));
+        assert_eq!(connect_as(mqtt, V5, "f1", "frank", b"pw2").await.1, 0x86, "not a user yet");
+        // Add frank to the file and reload through the API.
+        let hash = hash_password(b"pw2").unwrap();
+        let mut text = std::fs::read_to_string(&users).unwrap();
+        text = format!("[[users]]\nusername = \"frank\"\npassword_hash = \"{hash}\"\ntenant = 1\n\n{text}");
+        std::fs::write(&users, &text).unwrap();
+        let (status, body) =
+            tokio::task::spawn_blocking(move || post(admin, "/api/v1/auth/reload", "t")).await.unwrap();
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(connect_as(mqtt, V5, "f2", "frank", b"pw2").await.1, 0);
+        // A broken file is refused with a 400; the users already loaded still connect.
+        std::fs::write(&users, "[[users]]\nusername = 3\n").unwrap();
+        let (status, body) =
+            tokio::task::spawn_blocking(move || post(admin, "/api/v1/auth/reload", "t")).await.unwrap();
+        assert_eq!(status, 400, "{body}");
+        assert!(body.contains("bad auth file"), "{body}");
+        assert_eq!(connect_as(mqtt, V5, "f3", "frank", b"pw2").await.1, 0, "the previous users stay");
+        let _ = child.kill();
+        let _ = child.wait();
+    })
+    .await;
+}
