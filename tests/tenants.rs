@@ -297,3 +297,59 @@ async fn shared_group_member_count() {
     })
     .await;
 }
+
+/// Sends `count` pipelined QoS 0 PUBLISHes of `size` bytes from a new connection.
+async fn blast(addr: SocketAddr, id: &str, count: u16, size: usize) -> Raw {
+    let (mut publisher, _) = connect(addr, V311, id).await;
+    let mut burst = bytes::BytesMut::new();
+    for n in 0..count {
+        let mut payload = vec![0u8; size.max(2)];
+        payload[..2].copy_from_slice(&n.to_be_bytes());
+        shardmq_protocol::encode(
+            &Packet::Publish(publish_packet("blast", 0, None, &payload)),
+            V311,
+            &mut burst,
+        )
+        .unwrap();
+    }
+    publisher.send_bytes(&burst).await;
+    publisher
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tenant_wide_publish_rate_and_bandwidth_throttle() {
+    bounded(async {
+        // Tenant-wide: 40 messages a second across two connections; 120 messages need three
+        // one-second windows, so at least one full second passes.
+        let (broker, tenants) =
+            start(TenantSettings { max_publish_rate_per_tenant: Some(40), ..Default::default() });
+        let (mut sub, _) = connect(broker.addr, V311, "blast-sub").await;
+        assert_eq!(sub.subscribe(1, "blast", 0).await, vec![0]);
+        let started = std::time::Instant::now();
+        let _one = blast(broker.addr, "blast-1", 60, 8).await;
+        let _two = blast(broker.addr, "blast-2", 60, 8).await;
+        for _ in 0..120 {
+            assert!(matches!(sub.expect().await, Packet::Publish(_)));
+        }
+        assert!(started.elapsed() >= std::time::Duration::from_millis(1000), "{:?}", started.elapsed());
+        assert!(limited(&tenants, Limit::TenantPublishRate) > 0);
+        drop(broker);
+
+        // Bandwidth: 2,000 bytes a second per connection; ~6,300 bytes of frames take over 2 s.
+        let (broker, tenants) =
+            start(TenantSettings { max_bytes_per_second_per_connection: Some(2000), ..Default::default() });
+        let (mut sub, _) = connect(broker.addr, V311, "bw-sub").await;
+        assert_eq!(sub.subscribe(1, "blast", 0).await, vec![0]);
+        let started = std::time::Instant::now();
+        let _fat = blast(broker.addr, "bw-pub", 30, 200).await;
+        for n in 0..30u16 {
+            match sub.expect().await {
+                Packet::Publish(p) => assert_eq!(&p.payload[..2], &n.to_be_bytes(), "in order, nothing lost"),
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        assert!(started.elapsed() >= std::time::Duration::from_millis(1500), "{:?}", started.elapsed());
+        assert!(limited(&tenants, Limit::Bandwidth) > 0);
+    })
+    .await;
+}

@@ -451,17 +451,16 @@ async fn read_loop(
     packet_size_max: u32,
 ) -> bool {
     let version = shared.version;
-    // The tenant's publish rate per connection, as of CONNECT: a client over it is not read until
-    // its budget refills (TCP pushes back on it; nothing is dropped).
-    let (rate, tenant_state) = {
+    // The tenant's publish limits as of CONNECT: a client over one is not read until its budget
+    // refills (TCP pushes back on it; nothing is dropped). Boxed, and absent without limits.
+    let (mut throttle, tenant_state) = {
         let shard = cell.borrow();
         let session = shard.sessions.get(key);
         (
-            session.and_then(|s| s.settings.max_publish_rate_per_connection).filter(|r| *r > 0),
+            session.and_then(|s| Throttle::new(&s.settings, s.tenant_state.clone(), Instant::now())),
             session.map(|s| s.tenant_state.clone()),
         )
     };
-    let mut bucket = rate.map(|rate| RateBucket::new(rate, Instant::now()));
     loop {
         // Handle every complete packet in the buffer, letting other tasks (the writers of the
         // sessions these packets feed) run every `PACKETS_PER_TURN_MAX` packets: one large read
@@ -478,28 +477,29 @@ async fn read_loop(
             handled += 1;
             // Throttle before decoding, so no decoded packet is held across the wait (it would sit
             // in every idle connection's reader future): a complete PUBLISH frame at the front.
-            if let Some(bucket) = bucket.as_mut() {
-                let publish_ready = buf.first().is_some_and(|b| b >> 4 == 3)
-                    && matches!(frame_len(&buf, packet_size_max), Ok(Some(len)) if len <= buf.len());
-                if publish_ready {
-                    if let Some(wait) = bucket.take(Instant::now()) {
-                        if let Some(state) = &tenant_state {
-                            state.count(crate::tenants::Limit::PublishRate);
-                        }
+            if let Some(throttle) = throttle.as_mut() {
+                let publish_len = match frame_len(&buf, packet_size_max) {
+                    Ok(Some(len)) if len <= buf.len() && buf.first().is_some_and(|b| b >> 4 == 3) => {
+                        Some(len)
+                    }
+                    _ => None,
+                };
+                if let Some(len) = publish_len {
+                    while let Some((wait, limit, reason)) = throttle.wait(len, Instant::now()) {
+                        throttle.state.count(limit);
                         {
                             let shard = cell.borrow();
                             if let Some(session) = shard.sessions.get(key) {
                                 shard.cfg.events.event(&crate::events::Event::Throttled {
                                     tenant: session.tenant,
                                     client_id: session.client_id.as_str(),
-                                    reason: "publish rate",
+                                    reason,
                                 });
                             }
                         }
                         // Boxed: the sleep is rare, and an unboxed one would sit in every idle
                         // connection's reader future.
                         Box::pin(monoio::time::sleep(wait)).await;
-                        bucket.take(Instant::now());
                     }
                 }
             }
@@ -534,6 +534,62 @@ async fn read_loop(
     }
 }
 
+/// A connection's publish limits: messages and bytes per second (token buckets) and the
+/// tenant-wide message rate (one-second windows shared by every shard).
+#[derive(Debug)]
+struct Throttle {
+    messages: Option<RateBucket>,
+    bytes: Option<RateBucket>,
+    tenant_rate: Option<u32>,
+    state: Arc<crate::tenants::TenantState>,
+}
+
+impl Throttle {
+    /// `None` (nothing to keep per connection) when the tenant has no publish limit. Boxed: the
+    /// reader future of every idle connection carries only the pointer.
+    fn new(
+        settings: &crate::tenants::TenantSettings,
+        state: Arc<crate::tenants::TenantState>,
+        now: Instant,
+    ) -> Option<Box<Throttle>> {
+        let messages =
+            settings.max_publish_rate_per_connection.filter(|r| *r > 0).map(|r| RateBucket::new(r, now));
+        let bytes =
+            settings.max_bytes_per_second_per_connection.filter(|r| *r > 0).map(|r| RateBucket::new(r, now));
+        let tenant_rate = settings.max_publish_rate_per_tenant.filter(|r| *r > 0);
+        (messages.is_some() || bytes.is_some() || tenant_rate.is_some())
+            .then(|| Box::new(Throttle { messages, bytes, tenant_rate, state }))
+    }
+
+    /// How long to wait before a PUBLISH of `len` bytes, and which limit says so; `None`: go.
+    fn wait(&mut self, len: usize, now: Instant) -> Option<(Duration, crate::tenants::Limit, &'static str)> {
+        use crate::tenants::Limit;
+        if let Some(wait) = self.messages.as_mut().and_then(|b| b.peek(1.0, now)) {
+            return Some((wait, Limit::PublishRate, "publish rate"));
+        }
+        if let Some(wait) = self.bytes.as_mut().and_then(|b| b.peek(len as f64, now)) {
+            return Some((wait, Limit::Bandwidth, "bandwidth"));
+        }
+        if let Some(rate) = self.tenant_rate {
+            let since_epoch =
+                std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+            if !self.state.admit_publish(rate, since_epoch.as_secs()) {
+                let to_next_second =
+                    Duration::from_secs(1) - Duration::from_nanos(u64::from(since_epoch.subsec_nanos()));
+                return Some((to_next_second, Limit::TenantPublishRate, "tenant publish rate"));
+            }
+        }
+        // Admitted: spend the per-connection budgets.
+        if let Some(b) = self.messages.as_mut() {
+            b.spend(1.0);
+        }
+        if let Some(b) = self.bytes.as_mut() {
+            b.spend(len as f64);
+        }
+        None
+    }
+}
+
 /// A token bucket: `rate` tokens a second, holding at most one second's worth.
 #[derive(Debug)]
 struct RateBucket {
@@ -547,16 +603,27 @@ impl RateBucket {
         RateBucket { rate: f64::from(rate), tokens: f64::from(rate), at: now }
     }
 
-    /// Takes one token; `Some(wait)` when there was none and the caller must wait that long (the
-    /// token is then owed: the balance goes negative and refills).
+    /// Takes one token; `Some(wait)` when there was none and the caller must wait that long.
+    #[cfg(test)]
     fn take(&mut self, now: Instant) -> Option<Duration> {
+        let wait = self.peek(1.0, now);
+        if wait.is_none() {
+            self.spend(1.0);
+        }
+        wait
+    }
+
+    /// Refills, then `Some(wait)` if `cost` tokens (at most a full bucket: a cost larger than one
+    /// second's worth waits for a full bucket and then overdraws it) are not there yet.
+    fn peek(&mut self, cost: f64, now: Instant) -> Option<Duration> {
         self.tokens = (self.tokens + now.duration_since(self.at).as_secs_f64() * self.rate).min(self.rate);
         self.at = now;
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            return None;
-        }
-        Some(Duration::from_secs_f64((1.0 - self.tokens) / self.rate))
+        let needed = cost.min(self.rate);
+        (self.tokens < needed).then(|| Duration::from_secs_f64((needed - self.tokens) / self.rate))
+    }
+
+    fn spend(&mut self, cost: f64) {
+        self.tokens -= cost;
     }
 }
 

@@ -42,6 +42,11 @@ pub struct TenantSettings {
     /// PUBLISH packets per second per connection; a faster client is throttled (its socket is
     /// not read until its budget refills). 0 or absent: unlimited.
     pub max_publish_rate_per_connection: Option<u32>,
+    /// PUBLISH packets per second for the whole tenant (all its connections, across shards),
+    /// in one-second windows; a connection that finds the window full is not read until the next.
+    pub max_publish_rate_per_tenant: Option<u32>,
+    /// Bytes of PUBLISH packets per second per connection; throttled like the message rate.
+    pub max_bytes_per_second_per_connection: Option<u32>,
     /// CONNECTs per second for the whole tenant (across shards). Beyond: CONNACK 0x9F / code 3.
     pub max_connect_rate: Option<u32>,
     /// Largest packet the tenant's clients may send (announced in CONNACK). Beyond: v5
@@ -125,10 +130,12 @@ pub enum Limit {
     ConnectRate,
     PacketSize,
     SharedGroupMembers,
+    TenantPublishRate,
+    Bandwidth,
 }
 
 impl Limit {
-    pub const ALL: [Limit; 10] = [
+    pub const ALL: [Limit; 12] = [
         Limit::ProtocolVersion,
         Limit::Connections,
         Limit::TopicLevels,
@@ -139,6 +146,8 @@ impl Limit {
         Limit::ConnectRate,
         Limit::PacketSize,
         Limit::SharedGroupMembers,
+        Limit::TenantPublishRate,
+        Limit::Bandwidth,
     ];
 
     pub fn name(self) -> &'static str {
@@ -153,6 +162,8 @@ impl Limit {
             Limit::ConnectRate => "connect_rate",
             Limit::PacketSize => "packet_size",
             Limit::SharedGroupMembers => "shared_group_members",
+            Limit::TenantPublishRate => "tenant_publish_rate",
+            Limit::Bandwidth => "bandwidth",
         }
     }
 }
@@ -167,7 +178,9 @@ pub struct TenantState {
     pub connects_total: AtomicU64,
     pub publishes_in: AtomicU64,
     /// Refusals and throttles by [`Limit`] (indexed as `Limit::ALL`).
-    pub limited: [AtomicU64; 10],
+    pub limited: [AtomicU64; 12],
+    /// The tenant-wide publish-rate window (packed as `connect_window`).
+    publish_window: AtomicU64,
     /// Members per shared subscription (group, filter), across shards (subscribe path only).
     pub shared_members: std::sync::Mutex<SharedMemberCounts>,
     /// The connect-rate window: the second (since the Unix epoch) it counts, and CONNECTs in it.
@@ -179,24 +192,36 @@ impl TenantState {
     /// shards (one atomic: window second in the high 40 bits, count in the low 24). Returns
     /// whether it fits.
     pub fn admit_connect(&self, per_second: u32, now_secs: u64) -> bool {
-        let mut current = self.connect_window.load(Ordering::SeqCst);
-        loop {
-            let (second, count) = (current >> 24, current & 0xFF_FFFF);
-            let next = if second == now_secs & 0xFF_FFFF_FFFF { current + 1 } else { (now_secs << 24) | 1 };
-            let count_after = if second == now_secs & 0xFF_FFFF_FFFF { count + 1 } else { 1 };
-            if count_after > u64::from(per_second) {
-                return false;
-            }
-            match self.connect_window.compare_exchange(current, next, Ordering::SeqCst, Ordering::SeqCst) {
-                Ok(_) => return true,
-                Err(seen) => current = seen,
-            }
-        }
+        admit(&self.connect_window, per_second, now_secs)
+    }
+
+    /// Counts a PUBLISH against the tenant-wide publish rate (as [`TenantState::admit_connect`]).
+    pub fn admit_publish(&self, per_second: u32, now_secs: u64) -> bool {
+        admit(&self.publish_window, per_second, now_secs)
     }
 
     pub fn count(&self, limit: Limit) {
         let index = Limit::ALL.iter().position(|l| *l == limit).expect("every limit is listed");
         self.limited[index].fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// One-second window admission on a packed atomic: window second in the high 40 bits, count in
+/// the low 24. Returns whether one more fits `per_second`.
+fn admit(window: &AtomicU64, per_second: u32, now_secs: u64) -> bool {
+    let mut current = window.load(Ordering::SeqCst);
+
+    loop {
+        let (second, count) = (current >> 24, current & 0xFF_FFFF);
+        let next = if second == now_secs & 0xFF_FFFF_FFFF { current + 1 } else { (now_secs << 24) | 1 };
+        let count_after = if second == now_secs & 0xFF_FFFF_FFFF { count + 1 } else { 1 };
+        if count_after > u64::from(per_second) {
+            return false;
+        }
+        match window.compare_exchange(current, next, Ordering::SeqCst, Ordering::SeqCst) {
+            Ok(_) => return true,
+            Err(seen) => current = seen,
+        }
     }
 }
 
