@@ -18,7 +18,7 @@ use shardmq_protocol::{Packet, ProtocolVersion, Utf8};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// The webhook: user `u1`/`u1b` -> tenant 1, `u2` -> tenant 2 (password `pw`); `slow` answers after
-/// 3 s; `broken` gets a 500; anyone else is denied. Counts the requests it answers.
+/// 3 s (the broker waits 2 s); `broken` gets a 500; anyone else is denied. Counts the requests it answers.
 async fn webhook(requests: Arc<AtomicU64>) -> SocketAddr {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
@@ -97,7 +97,7 @@ impl Drop for Broker {
 fn start_broker(hook: SocketAddr) -> Broker {
     let mut child = Command::new(env!("CARGO_BIN_EXE_shardmq"))
         .args(["serve", "--listen", "127.0.0.1:0", "--admin-listen", "off", "--in-memory", "--no-pin"])
-        .args(["--cores", "2", "--auth", "http", "--auth-timeout-ms", "500"])
+        .args(["--cores", "2", "--auth", "http", "--auth-timeout-ms", "2000"])
         .arg("--auth-url")
         .arg(format!("http://{hook}/mqtt/auth"))
         .env("NO_COLOR", "1")
