@@ -7,8 +7,11 @@
 //! (the password as UTF-8, lossy). A `200` answer `{"result": "allow", "tenant": <int, optional>}`
 //! allows; `{"result": "deny"}` is a bad user name or password (v5 0x86, 3.1.1 code 4); any other
 //! status, a timeout or an unreachable server refuses as not authorised (0x87 / 5).
-//! Authorisation of PUBLISH and SUBSCRIBE is not asked of the webhook (every topic is allowed):
-//! a call per packet would put a network round trip on the data path.
+//! Authorisation of PUBLISH and SUBSCRIBE is not asked per packet (a network round trip on the
+//! data path): an `allow` answer may carry `"acl": [{"action": "publish"|"subscribe"|"all",
+//! "topic": filter, "permission": "allow"|"deny"}, ...]` (the `file` provider's rule format, with
+//! `%u` / `%c`), kept for that client id until its next authentication; without rules, every topic
+//! is allowed.
 //!
 //! Bounds: at most [`QUEUE_CAPACITY`] requests waiting for the thread (more are refused at once);
 //! at most [`CACHE_ENTRIES_MAX`] cached decisions, each kept for the configured time.
@@ -24,7 +27,8 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use serde_json::{json, Value};
 use shardmq_shards::auth::{
-    Action, AuthDecision, AuthProvider, Credentials, PendingDecision, Principal, Verdict,
+    evaluate_acl, AclRule, Action, AuthDecision, AuthProvider, Credentials, PendingDecision, Principal,
+    Verdict,
 };
 use shardmq_shards::message::TenantId;
 use tracing::warn;
@@ -47,6 +51,8 @@ struct Job {
 /// The `http` provider. See the module docs.
 pub struct WebhookAuth {
     queue: tokio::sync::mpsc::Sender<Job>,
+    /// ACL rules from the last `allow` answer, per client id.
+    acls: Arc<Mutex<HashMap<String, Arc<Vec<AclRule>>>>>,
     cache: Arc<Mutex<HashMap<CacheKey, (AuthDecision, Instant)>>>,
     ttl: Duration,
     keys: RandomState,
@@ -68,6 +74,8 @@ impl WebhookAuth {
         let (queue, mut jobs) = tokio::sync::mpsc::channel::<Job>(QUEUE_CAPACITY);
         let cache: Arc<Mutex<HashMap<CacheKey, (AuthDecision, Instant)>>> = Arc::default();
         let thread_cache = cache.clone();
+        let acls: Arc<Mutex<HashMap<String, Arc<Vec<AclRule>>>>> = Arc::default();
+        let thread_acls = acls.clone();
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
         std::thread::Builder::new().name("auth-http".into()).spawn(move || {
             runtime.block_on(async move {
@@ -75,6 +83,7 @@ impl WebhookAuth {
                     .build_http::<Full<Bytes>>();
                 while let Some(job) = jobs.recv().await {
                     let (client, uri, cache) = (client.clone(), uri.clone(), thread_cache.clone());
+                    let acls = thread_acls.clone();
                     tokio::spawn(async move {
                         let body = json!({ "client_id": job.client_id, "username": job.username, "password": job.password });
                         let request = hyper::Request::post(uri)
@@ -82,7 +91,17 @@ impl WebhookAuth {
                             .body(Full::new(Bytes::from(body.to_string())))
                             .expect("static request parts");
                         let decision = match tokio::time::timeout(timeout, ask(&client, request)).await {
-                            Ok(Ok(decision)) => decision,
+                            Ok(Ok((decision, rules))) => {
+                                let mut acls = acls.lock().unwrap_or_else(|e| e.into_inner());
+                                if acls.len() >= CACHE_ENTRIES_MAX {
+                                    acls.clear();
+                                }
+                                match rules {
+                                    Some(rules) => acls.insert(job.client_id.clone(), Arc::new(rules)),
+                                    None => acls.remove(&job.client_id),
+                                };
+                                decision
+                            }
                             Ok(Err(e)) => {
                                 warn!(error = %e, "auth webhook: request failed; refusing");
                                 AuthDecision::NotAuthorized
@@ -103,7 +122,7 @@ impl WebhookAuth {
                 }
             });
         })?;
-        Ok(WebhookAuth { queue, cache, ttl, keys: RandomState::new() })
+        Ok(WebhookAuth { queue, acls, cache, ttl, keys: RandomState::new() })
     }
 
     fn key(&self, credentials: &Credentials<'_>) -> CacheKey {
@@ -120,14 +139,14 @@ impl WebhookAuth {
     }
 }
 
-/// One webhook call.
+/// One webhook call: the decision, and the ACL rules of an `allow` answer that has them.
 async fn ask(
     client: &hyper_util::client::legacy::Client<
         hyper_util::client::legacy::connect::HttpConnector,
         Full<Bytes>,
     >,
     request: hyper::Request<Full<Bytes>>,
-) -> Result<AuthDecision> {
+) -> Result<(AuthDecision, Option<Vec<AclRule>>)> {
     let response = client.request(request).await?;
     let status = response.status();
     let body = http_body_util::Limited::new(response.into_body(), 64 * 1024)
@@ -136,16 +155,27 @@ async fn ask(
         .map_err(|e| anyhow::anyhow!("reading the answer: {e}"))?
         .to_bytes();
     if status != hyper::StatusCode::OK {
-        return Ok(AuthDecision::NotAuthorized);
+        return Ok((AuthDecision::NotAuthorized, None));
     }
     let answer: Value = serde_json::from_slice(&body).context("the answer is not JSON")?;
     Ok(match answer["result"].as_str() {
         Some("allow") => {
             let tenant = answer["tenant"].as_u64().and_then(|t| u32::try_from(t).ok()).unwrap_or(0);
-            AuthDecision::Allow { tenant: TenantId(tenant) }
+            let rules = match answer.get("acl") {
+                None | Some(Value::Null) => None,
+                Some(rules) => match serde_json::from_value::<Vec<AclRule>>(rules.clone()) {
+                    Ok(rules) => Some(rules),
+                    // Rules that do not parse refuse the client rather than allow everything.
+                    Err(e) => {
+                        warn!(error = %e, "auth webhook: bad acl in the answer; refusing");
+                        return Ok((AuthDecision::NotAuthorized, None));
+                    }
+                },
+            };
+            (AuthDecision::Allow { tenant: TenantId(tenant) }, rules)
         }
-        Some("deny") => AuthDecision::BadCredentials,
-        _ => AuthDecision::NotAuthorized,
+        Some("deny") => (AuthDecision::BadCredentials, None),
+        _ => (AuthDecision::NotAuthorized, None),
     })
 }
 
@@ -174,7 +204,11 @@ impl AuthProvider for WebhookAuth {
         }
     }
 
-    fn authorize(&self, _: &Principal<'_>, _: Action, _: &str) -> bool {
-        true
+    fn authorize(&self, who: &Principal<'_>, action: Action, topic_or_filter: &str) -> bool {
+        let rules = self.acls.lock().unwrap_or_else(|e| e.into_inner()).get(who.client_id).cloned();
+        match rules {
+            Some(rules) => evaluate_acl(&rules, who, action, topic_or_filter),
+            None => true,
+        }
     }
 }

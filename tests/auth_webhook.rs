@@ -69,6 +69,11 @@ async fn webhook(requests: Arc<AtomicU64>) -> SocketAddr {
                         "broken" => ("500 Internal Server Error", "{}".to_string()),
                         "u1" | "u1b" if good => ("200 OK", r#"{"result":"allow","tenant":1}"#.to_string()),
                         "u2" if good => ("200 OK", r#"{"result":"allow","tenant":2}"#.to_string()),
+                        "u3" if good => (
+                            "200 OK",
+                            r#"{"result":"allow","acl":[{"action":"publish","topic":"ok/%c/#","permission":"allow"}]}"#
+                                .to_string(),
+                        ),
                         _ => ("200 OK", r#"{"result":"deny"}"#.to_string()),
                     };
                     let response = format!(
@@ -169,6 +174,15 @@ async fn webhook_decides_connects_with_tenants_a_cache_and_a_timeout() {
         assert_eq!(code, 0, "a CONNECT while the webhook is slow for another client");
         assert!(!slow.is_finished(), "the other client did not wait for the slow one");
         assert_eq!(slow.await.unwrap(), 0x87, "refused when the webhook does not answer in time");
+
+        // ACL rules from the webhook's answer: u3 may publish under ok/<client id>/ only.
+        let (mut u3, code) = connect(addr, V5, "c-u3", "u3", b"pw").await;
+        assert_eq!(code, 0);
+        u3.send(&Packet::Publish(publish_packet("ok/c-u3/x", 1, Some(1), b"fine"))).await;
+        assert!(matches!(u3.expect().await, Packet::PubAck(a) if a.reason.as_u8() == 0));
+        u3.send(&Packet::Publish(publish_packet("no/x", 1, Some(2), b"denied"))).await;
+        assert!(matches!(u3.expect().await, Packet::PubAck(a) if a.reason.as_u8() == 0x87));
+        assert_eq!(u3.subscribe(3, "ok/#", 1).await, vec![0x87], "no subscribe rule: denied");
 
         // Tenants from the webhook's answer: u2 (tenant 2) does not reach u1 (tenant 1); u1b does.
         let (mut u1_live, _) = connect(addr, V5, "c-u1-sub", "u1", b"pw").await;

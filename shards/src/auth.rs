@@ -291,44 +291,7 @@ impl AuthProvider for FileAuth {
 
     fn authorize(&self, who: &Principal<'_>, action: Action, asked: &str) -> bool {
         let inner = self.inner.read().unwrap_or_else(|e| e.into_inner());
-        if inner.acl.is_empty() {
-            return true;
-        }
-        for rule in &inner.acl {
-            if rule.username.as_deref().is_some_and(|u| Some(u) != who.username) {
-                continue;
-            }
-            if rule.client_id.as_deref().is_some_and(|c| c != who.client_id) {
-                continue;
-            }
-            let action_matches = match rule.action {
-                AclAction::All => true,
-                AclAction::Publish => action == Action::Publish,
-                AclAction::Subscribe => action == Action::Subscribe,
-            };
-            if !action_matches {
-                continue;
-            }
-            if rule.topic.contains("%u") && who.username.is_none() {
-                continue;
-            }
-            // A substituted value with wildcard characters or separators never widens the rule.
-            let unsafe_value = |v: &str| v.contains(['+', '#', '/']);
-            if (rule.topic.contains("%u") && who.username.is_some_and(unsafe_value))
-                || (rule.topic.contains("%c") && unsafe_value(who.client_id))
-            {
-                continue;
-            }
-            let filter = rule.topic.replace("%u", who.username.unwrap_or("")).replace("%c", who.client_id);
-            let matches = match action {
-                Action::Publish => topic::matches(&filter, asked),
-                Action::Subscribe => covers(&filter, asked),
-            };
-            if matches {
-                return rule.permission == Permission::Allow;
-            }
-        }
-        false
+        evaluate_acl(&inner.acl, who, action, asked)
     }
 
     fn reload(&self) -> Result<(), String> {
@@ -337,6 +300,49 @@ impl AuthProvider for FileAuth {
         self.verified.lock().unwrap_or_else(|e| e.into_inner()).clear();
         Ok(())
     }
+}
+
+/// Evaluates ACL rules in order: the first whose user, client id, action and topic match decides;
+/// no rules at all allow everything, and when rules exist but none matches the answer is deny.
+pub fn evaluate_acl(rules: &[AclRule], who: &Principal<'_>, action: Action, asked: &str) -> bool {
+    if rules.is_empty() {
+        return true;
+    }
+    for rule in rules {
+        if rule.username.as_deref().is_some_and(|u| Some(u) != who.username) {
+            continue;
+        }
+        if rule.client_id.as_deref().is_some_and(|c| c != who.client_id) {
+            continue;
+        }
+        let action_matches = match rule.action {
+            AclAction::All => true,
+            AclAction::Publish => action == Action::Publish,
+            AclAction::Subscribe => action == Action::Subscribe,
+        };
+        if !action_matches {
+            continue;
+        }
+        if rule.topic.contains("%u") && who.username.is_none() {
+            continue;
+        }
+        // A substituted value with wildcard characters or separators never widens the rule.
+        let unsafe_value = |v: &str| v.contains(['+', '#', '/']);
+        if (rule.topic.contains("%u") && who.username.is_some_and(unsafe_value))
+            || (rule.topic.contains("%c") && unsafe_value(who.client_id))
+        {
+            continue;
+        }
+        let filter = rule.topic.replace("%u", who.username.unwrap_or("")).replace("%c", who.client_id);
+        let matches = match action {
+            Action::Publish => topic::matches(&filter, asked),
+            Action::Subscribe => covers(&filter, asked),
+        };
+        if matches {
+            return rule.permission == Permission::Allow;
+        }
+    }
+    false
 }
 
 /// A new argon2id PHC hash of `password` (OWASP parameters: 19 MiB, 2 passes), for `shardmq passwd`.
