@@ -23,8 +23,7 @@ fn start(settings: TenantSettings) -> (TestBroker, Arc<Tenants>) {
 
 fn limited(tenants: &Tenants, limit: Limit) -> u64 {
     let state = tenants.state(Default::default());
-    let index = Limit::ALL.iter().position(|l| *l == limit).unwrap();
-    state.limited[index].load(std::sync::atomic::Ordering::Relaxed)
+    state.limited[limit.index()].load(std::sync::atomic::Ordering::Relaxed)
 }
 
 async fn connect(addr: SocketAddr, version: ProtocolVersion, id: &str) -> (Raw, ConnAck) {

@@ -603,16 +603,6 @@ impl RateBucket {
         RateBucket { rate: f64::from(rate), tokens: f64::from(rate), at: now }
     }
 
-    /// Takes one token; `Some(wait)` when there was none and the caller must wait that long.
-    #[cfg(test)]
-    fn take(&mut self, now: Instant) -> Option<Duration> {
-        let wait = self.peek(1.0, now);
-        if wait.is_none() {
-            self.spend(1.0);
-        }
-        wait
-    }
-
     /// Refills, then `Some(wait)` if `cost` tokens (at most a full bucket: a cost larger than one
     /// second's worth waits for a full bucket and then overdraws it) are not there yet.
     fn peek(&mut self, cost: f64, now: Instant) -> Option<Duration> {
@@ -756,18 +746,31 @@ mod tests {
     fn rate_bucket_allows_a_burst_then_the_rate() {
         let start = Instant::now();
         let mut bucket = RateBucket::new(10, start);
+        // Takes one token the way the reader does: wait if told to, else spend.
+        let take = |bucket: &mut RateBucket, now: Instant| {
+            let wait = bucket.peek(1.0, now);
+            if wait.is_none() {
+                bucket.spend(1.0);
+            }
+            wait
+        };
         for _ in 0..10 {
-            assert_eq!(bucket.take(start), None, "a second's burst is free");
+            assert_eq!(take(&mut bucket, start), None, "a second's burst is free");
         }
-        let wait = bucket.take(start).expect("the eleventh must wait");
+        let wait = take(&mut bucket, start).expect("the eleventh must wait");
         assert!((wait.as_secs_f64() - 0.1).abs() < 1e-6, "{wait:?}");
-        // After waiting, the owed token is there; a second later the bucket is full again.
-        assert_eq!(bucket.take(start + wait), None);
+        // After waiting, the token is there; a second later the bucket is full again.
+        assert_eq!(take(&mut bucket, start + wait), None);
         let later = start + wait + Duration::from_secs(5);
         for _ in 0..10 {
-            assert_eq!(bucket.take(later), None);
+            assert_eq!(take(&mut bucket, later), None);
         }
-        assert!(bucket.take(later).is_some(), "never more than one second's worth");
+        assert!(take(&mut bucket, later).is_some(), "never more than one second's worth");
+        // A cost above one second's worth waits for a full bucket, then overdraws it.
+        let mut bytes = RateBucket::new(100, start);
+        assert_eq!(bytes.peek(250.0, start), None);
+        bytes.spend(250.0);
+        assert!(bytes.peek(1.0, start + Duration::from_secs(1)).is_some(), "the overdraft is repaid first");
     }
     use crate::config::BrokerConfig;
     use crate::mesh::{Mesh, ShardId};

@@ -1368,19 +1368,19 @@ impl Shard {
             }
         }
         let session = self.sessions.get(key).expect("caller checked");
-        let (settings, tenant_state) = (session.settings.clone(), session.tenant_state.clone());
-        tenant_state.publishes_in.fetch_add(1, Ordering::Relaxed);
-        if publish.retain && settings.retain_available == Some(false) {
-            tenant_state.count(Limit::Retain);
+        let tenant = session.tenant;
+        session.tenant_state.publishes_in.fetch_add(1, Ordering::Relaxed);
+        if publish.retain && session.settings.retain_available == Some(false) {
+            session.tenant_state.count(Limit::Retain);
             if session.version.is_v5() {
                 // MQTT-3.3.1-13: a retained PUBLISH when Retain Available was 0.
                 return After::Close { reason: Some(ReasonCode::RetainNotSupported), will: true };
             }
             publish.retain = false;
         }
-        let topic_limit = topic_limit(&settings, &publish.topic);
+        let topic_limit = topic_limit(&session.settings, &publish.topic);
         if let Some(limit) = topic_limit {
-            tenant_state.count(limit);
+            session.tenant_state.count(limit);
         }
         let denied = topic_limit.is_some()
             || cfg.denied_topic_filters.iter().any(|d| topic::matches(d, &publish.topic))
@@ -1398,7 +1398,6 @@ impl Shard {
             bump(&self.stats.dropped_denied, 1);
             self.event_refused(key, &publish.topic, "not authorized");
         } else {
-            let tenant = self.sessions.get(key).expect("caller checked").tenant;
             let mut properties = std::mem::take(&mut publish.properties);
             let expires_at =
                 properties.message_expiry_interval.map(|s| now + Duration::from_secs(u64::from(s)));

@@ -150,6 +150,11 @@ impl Limit {
         Limit::Bandwidth,
     ];
 
+    /// Its place in [`Limit::ALL`] and in [`TenantState::limited`] (the declaration order).
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Limit::ProtocolVersion => "protocol_version",
@@ -178,7 +183,7 @@ pub struct TenantState {
     pub connects_total: AtomicU64,
     pub publishes_in: AtomicU64,
     /// Refusals and throttles by [`Limit`] (indexed as `Limit::ALL`).
-    pub limited: [AtomicU64; 12],
+    pub limited: [AtomicU64; Limit::ALL.len()],
     /// The tenant-wide publish-rate window (packed as `connect_window`).
     publish_window: AtomicU64,
     /// Members per shared subscription (group, filter), across shards (subscribe path only).
@@ -201,8 +206,7 @@ impl TenantState {
     }
 
     pub fn count(&self, limit: Limit) {
-        let index = Limit::ALL.iter().position(|l| *l == limit).expect("every limit is listed");
-        self.limited[index].fetch_add(1, Ordering::Relaxed);
+        self.limited[limit.index()].fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -267,6 +271,13 @@ impl Default for Tenants {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn limits_are_indexed_in_declaration_order() {
+        for (position, limit) in Limit::ALL.iter().enumerate() {
+            assert_eq!(limit.index(), position, "{limit:?}");
+        }
+    }
 
     #[test]
     fn connect_rate_windows() {

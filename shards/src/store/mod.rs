@@ -479,11 +479,6 @@ impl Store {
             }
         }
     }
-
-    /// Live records and tombstones in limbo, for tests and metrics.
-    pub fn live_counts(&self) -> (usize, usize, usize, usize) {
-        (self.sessions.len(), self.msgs.len(), self.retained.len(), self.limbo.len())
-    }
 }
 
 #[cfg(test)]

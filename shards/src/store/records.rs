@@ -342,6 +342,24 @@ impl<'a> Cursor<'a> {
         std::str::from_utf8(self.take(len)?).map_err(|_| RecError::Invalid("string is not UTF-8"))
     }
 
+    /// The target list of a `Msg` record (count, then per target: uid, flags, subscription ids).
+    fn targets(&mut self) -> Result<Vec<Target>, RecError> {
+        let count = self.u32()? as usize;
+        let mut targets = Vec::with_capacity(count.min(4096));
+        for _ in 0..count {
+            let uid = self.u64()?;
+            let flags = self.u8()?;
+            let qos = QoS::from_u8(flags & 3).ok_or(RecError::Invalid("target QoS"))?;
+            let ids = self.u8()? as usize;
+            let mut subscription_ids = Vec::with_capacity(ids);
+            for _ in 0..ids {
+                subscription_ids.push(self.u32()?);
+            }
+            targets.push(Target { uid, qos, retain: flags & 4 != 0, subscription_ids });
+        }
+        Ok(targets)
+    }
+
     fn publish(&mut self) -> Result<Publish, RecError> {
         let mut buf = BytesMut::from(std::mem::take(&mut self.bytes));
         match decode(&mut buf, ProtocolVersion::V5, u32::MAX) {
@@ -406,19 +424,7 @@ pub fn decode_rec(bytes: &[u8]) -> Result<Rec, RecError> {
             let id = c.u64()?;
             let tenant = TenantId(c.u32()?);
             let expires_at_ms = c.u64()?;
-            let count = c.u32()? as usize;
-            let mut targets = Vec::with_capacity(count.min(4096));
-            for _ in 0..count {
-                let uid = c.u64()?;
-                let flags = c.u8()?;
-                let qos = QoS::from_u8(flags & 3).ok_or(RecError::Invalid("target QoS"))?;
-                let ids = c.u8()? as usize;
-                let mut subscription_ids = Vec::with_capacity(ids);
-                for _ in 0..ids {
-                    subscription_ids.push(c.u32()?);
-                }
-                targets.push(Target { uid, qos, retain: flags & 4 != 0, subscription_ids });
-            }
+            let targets = c.targets()?;
             let publish = c.publish()?;
             Rec::Msg { id, targets, message: StoredMessage { tenant, publish, expires_at_ms } }
         }
@@ -457,20 +463,7 @@ pub fn decode_msg_header(bytes: &[u8]) -> Result<(u64, u64, Vec<Target>), RecErr
     let id = c.u64()?;
     let _tenant = c.u32()?;
     let expires_at_ms = c.u64()?;
-    let count = c.u32()? as usize;
-    let mut targets = Vec::with_capacity(count.min(4096));
-    for _ in 0..count {
-        let uid = c.u64()?;
-        let flags = c.u8()?;
-        let qos = QoS::from_u8(flags & 3).ok_or(RecError::Invalid("target QoS"))?;
-        let ids = c.u8()? as usize;
-        let mut subscription_ids = Vec::with_capacity(ids);
-        for _ in 0..ids {
-            subscription_ids.push(c.u32()?);
-        }
-        targets.push(Target { uid, qos, retain: flags & 4 != 0, subscription_ids });
-    }
-    Ok((id, expires_at_ms, targets))
+    Ok((id, expires_at_ms, c.targets()?))
 }
 
 /// The identity of a record whose position the store's indexes track.

@@ -92,6 +92,11 @@ fn log_config(cfg: &BrokerConfig, on_durable: Option<DurableNotify>) -> LogConfi
     }
 }
 
+/// Opens (recovering) the log in `dir`; the error names the directory.
+fn open_log(cfg: &BrokerConfig, dir: &Path, on_durable: Option<DurableNotify>) -> Result<Log, String> {
+    Log::open(dir, log_config(cfg, on_durable)).map_err(|e| format!("cannot open {}: {e}", dir.display()))
+}
+
 fn shard_dir(data_dir: &Path, generation: u64, shard: usize) -> PathBuf {
     data_dir.join(format!("gen-{generation}")).join(format!("shard-{shard}"))
 }
@@ -210,8 +215,7 @@ fn open_shard(
 ) -> Result<Recovered, String> {
     let started = std::time::Instant::now();
     let dir = shard_dir(&cfg.data_dir, generation, shard);
-    let log = Log::open(&dir, log_config(cfg, Some(notify)))
-        .map_err(|e| format!("cannot open {}: {e}", dir.display()))?;
+    let log = open_log(cfg, &dir, Some(notify))?;
     let report = log.recovery().clone();
     if let Some(torn) = &report.torn_tail {
         warn!(path = %torn.path.display(), position = torn.position, reason = torn.reason, "storage: torn tail cut off");
@@ -259,8 +263,7 @@ fn rehome(cfg: &BrokerConfig, generation: u64, old_cores: usize) -> Result<u64, 
     let mut retained = Vec::new();
     for shard in 0..old_cores {
         let dir = shard_dir(data_dir, generation, shard);
-        let log = Log::open(&dir, log_config(cfg, None))
-            .map_err(|e| format!("cannot open {}: {e}", dir.display()))?;
+        let log = open_log(cfg, &dir, None)?;
         let mut recovered = replay(log, &clock)?;
         // The backlogs are read now: the old generation goes away.
         for session in &mut recovered.sessions {
@@ -288,8 +291,7 @@ fn rehome(cfg: &BrokerConfig, generation: u64, old_cores: usize) -> Result<u64, 
     for shard in 0..cfg.cores {
         let dir = shard_dir(data_dir, next, shard);
         fs::create_dir_all(&dir).map_err(|e| io_error(&dir, "cannot create", e))?;
-        let log = Log::open(&dir, log_config(cfg, None))
-            .map_err(|e| format!("cannot open {}: {e}", dir.display()))?;
+        let log = open_log(cfg, &dir, None)?;
         stores.push(Store::empty(log));
     }
     let moved = (sessions.len(), retained.len());
