@@ -346,7 +346,23 @@ async fn handle(state: Arc<AdminState>, request: Request<Incoming>) -> Result<An
     let Some(params) = query_params(request.uri().query()) else {
         return Ok(error(StatusCode::BAD_REQUEST, "the query string is not valid percent-encoded UTF-8"));
     };
-    let answer = match (route.path, route.method.clone()) {
+    let (route_path, method) = (route.path, route.method.clone());
+    Ok(serve(&state, request, route_path, method, param, params, &path)
+        .await
+        .unwrap_or_else(|answer| *answer))
+}
+
+/// Serves one matched, authorised route. `Err` is an early answer (a 4xx), boxed as it is large.
+async fn serve(
+    state: &Arc<AdminState>,
+    request: Request<Incoming>,
+    route_path: &'static str,
+    method: Method,
+    param: Option<String>,
+    params: Vec<(String, String)>,
+    path: &str,
+) -> Result<Answer, Box<Answer>> {
+    let answer = match (route_path, method) {
         ("/health", _) => {
             json_response(StatusCode::OK, &json!({ "status": "ok", "shards": state.stats.len() }))
         }
@@ -356,10 +372,7 @@ async fn handle(state: Arc<AdminState>, request: Request<Incoming>) -> Result<An
             .expect("static response parts"),
         ("/openapi.json", _) => json_response(StatusCode::OK, &openapi()),
         ("/api/v1/sessions", _) => {
-            let tenant = match tenant_of(&params) {
-                Ok(t) => t,
-                Err(answer) => return Ok(*answer),
-            };
+            let tenant = tenant_of(&params)?;
             let limit = match params.iter().find(|(k, _)| k == "limit").map(|(_, v)| v.parse::<usize>()) {
                 None => 100,
                 Some(Ok(n)) if (1..=PAGE_LIMIT_MAX).contains(&n) => n,
@@ -383,17 +396,10 @@ async fn handle(state: Arc<AdminState>, request: Request<Incoming>) -> Result<An
             }
         }
         ("/api/v1/sessions/{client_id}/subscriptions", method) => {
-            let tenant = match tenant_of(&params) {
-                Ok(t) => t,
-                Err(answer) => return Ok(*answer),
-            };
+            let tenant = tenant_of(&params)?;
             let client_id = param.unwrap_or_default();
             let handle = state.handle.clone();
             if method == Method::POST {
-                let body = match read_body(request).await {
-                    Ok(body) => body,
-                    Err(answer) => return Ok(*answer),
-                };
                 #[derive(serde::Deserialize)]
                 #[serde(deny_unknown_fields)]
                 struct Body {
@@ -401,10 +407,7 @@ async fn handle(state: Arc<AdminState>, request: Request<Incoming>) -> Result<An
                     #[serde(default)]
                     qos: u8,
                 }
-                let body: Body = match serde_json::from_slice(&body) {
-                    Ok(b) => b,
-                    Err(e) => return Ok(error(StatusCode::BAD_REQUEST, format!("bad body: {e}"))),
-                };
+                let body: Body = read_json(request, "bad body").await?;
                 match blocking(move || handle.subscribe(tenant, &client_id, &body.filter, body.qos)).await {
                     Ok(Ok(())) => json_response(StatusCode::OK, &json!({ "subscribed": true })),
                     Ok(Err(e)) if e == "no such session" => error(StatusCode::NOT_FOUND, e),
@@ -428,10 +431,6 @@ async fn handle(state: Arc<AdminState>, request: Request<Incoming>) -> Result<An
             Err(e) => error(StatusCode::BAD_REQUEST, e),
         },
         ("/api/v1/publish", _) => {
-            let body = match read_body(request).await {
-                Ok(body) => body,
-                Err(answer) => return Ok(*answer),
-            };
             #[derive(serde::Deserialize)]
             #[serde(deny_unknown_fields)]
             struct Body {
@@ -445,10 +444,7 @@ async fn handle(state: Arc<AdminState>, request: Request<Incoming>) -> Result<An
                 #[serde(default)]
                 retain: bool,
             }
-            let body: Body = match serde_json::from_slice(&body) {
-                Ok(b) => b,
-                Err(e) => return Ok(error(StatusCode::BAD_REQUEST, format!("bad body: {e}"))),
-            };
+            let body: Body = read_json(request, "bad body").await?;
             let Some(qos) = shardmq_protocol::QoS::from_u8(body.qos) else {
                 return Ok(error(StatusCode::BAD_REQUEST, "qos must be 0, 1 or 2"));
             };
@@ -475,10 +471,7 @@ async fn handle(state: Arc<AdminState>, request: Request<Incoming>) -> Result<An
             }
         }
         ("/api/v1/retained", method) => {
-            let tenant = match tenant_of(&params) {
-                Ok(t) => t,
-                Err(answer) => return Ok(*answer),
-            };
+            let tenant = tenant_of(&params)?;
             let handle = state.handle.clone();
             if method == Method::DELETE {
                 let Some(topic) = params.iter().find(|(k, _)| k == "topic").map(|(_, v)| v.clone()) else {
@@ -522,14 +515,7 @@ async fn handle(state: Arc<AdminState>, request: Request<Incoming>) -> Result<An
                 return Ok(error(StatusCode::BAD_REQUEST, "the tenant id must be a non-negative integer"));
             };
             if method == Method::PUT {
-                let body = match read_body(request).await {
-                    Ok(body) => body,
-                    Err(answer) => return Ok(*answer),
-                };
-                let settings: TenantSettings = match serde_json::from_slice(&body) {
-                    Ok(s) => s,
-                    Err(e) => return Ok(error(StatusCode::BAD_REQUEST, format!("bad settings: {e}"))),
-                };
+                let settings: TenantSettings = read_json(request, "bad settings").await?;
                 if let Err(e) = state.tenants.provider.set(tenant, settings) {
                     return Ok(error(StatusCode::BAD_REQUEST, e));
                 }
@@ -538,10 +524,7 @@ async fn handle(state: Arc<AdminState>, request: Request<Incoming>) -> Result<An
             json_response(StatusCode::OK, &serde_json::to_value(&*settings).expect("settings serialise"))
         }
         ("/api/v1/sessions/{client_id}", method) => {
-            let tenant = match tenant_of(&params) {
-                Ok(t) => t,
-                Err(answer) => return Ok(*answer),
-            };
+            let tenant = tenant_of(&params)?;
             let client_id = param.unwrap_or_default();
             let handle = state.handle.clone();
             if method == Method::DELETE {
@@ -588,6 +571,16 @@ fn no_content() -> Answer {
         .status(StatusCode::NO_CONTENT)
         .body(Full::new(Bytes::new()))
         .expect("static response parts")
+}
+
+/// Reads a JSON request body; Err is the 400 answer naming `what` was wrong.
+async fn read_json<T: serde::de::DeserializeOwned>(
+    request: Request<Incoming>,
+    what: &str,
+) -> Result<T, Box<Answer>> {
+    let body = read_body(request).await?;
+    serde_json::from_slice(&body)
+        .map_err(|e| Box::new(error(StatusCode::BAD_REQUEST, format!("{what}: {e}"))))
 }
 
 fn constant_time_eq(a: &str, b: &str) -> bool {
@@ -718,18 +711,15 @@ pub fn metrics_text(stats: &[Arc<ShardStats>], tenants: &Tenants) -> String {
     ];
     let mut out = String::with_capacity(4096);
     for (name, kind, help, field) in metrics {
-        let _ = writeln!(out, "# HELP {name} {help}");
-        let _ = writeln!(out, "# TYPE {name} {kind}");
+        family(&mut out, name, kind, help);
         for (shard, s) in stats.iter().enumerate() {
             let _ = writeln!(out, "{name}{{shard=\"{shard}\"}} {}", field(s).load(Ordering::Relaxed));
         }
     }
     let name = "shardmq_puback_latency_seconds";
-    let _ = writeln!(
-        out,
-        "# HELP {name} From a client's QoS 1/2 PUBLISH to its PUBACK/PUBREC (routing, and durability of stored copies)."
-    );
-    let _ = writeln!(out, "# TYPE {name} histogram");
+    let help =
+        "From a client's QoS 1/2 PUBLISH to its PUBACK/PUBREC (routing, and durability of stored copies).";
+    family(&mut out, name, "histogram", help);
     for (shard, s) in stats.iter().enumerate() {
         let h = &s.ack_latency;
         let mut cumulative = 0u64;
@@ -758,23 +748,27 @@ pub fn metrics_text(stats: &[Arc<ShardStats>], tenants: &Tenants) -> String {
         }),
     ];
     for (name, kind, help, field) in per_tenant {
-        let _ = writeln!(out, "# HELP {name} {help}");
-        let _ = writeln!(out, "# TYPE {name} {kind}");
+        family(&mut out, name, kind, help);
         for (tenant, state) in &all {
             let _ =
                 writeln!(out, "{name}{{tenant=\"{}\"}} {}", tenant.0, field(state).load(Ordering::Relaxed));
         }
     }
     let name = "shardmq_tenant_limited_total";
-    let _ = writeln!(out, "# HELP {name} Refusals and throttles per tenant, by the limit that caused them.");
-    let _ = writeln!(out, "# TYPE {name} counter");
+    family(&mut out, name, "counter", "Refusals and throttles per tenant, by the limit that caused them.");
     for (tenant, state) in &all {
-        for (index, limit) in Limit::ALL.iter().enumerate() {
-            let value = state.limited[index].load(Ordering::Relaxed);
+        for limit in Limit::ALL {
+            let value = state.limited[limit.index()].load(Ordering::Relaxed);
             let _ = writeln!(out, "{name}{{tenant=\"{}\",limit=\"{}\"}} {value}", tenant.0, limit.name());
         }
     }
     out
+}
+
+/// The `# HELP` and `# TYPE` lines of one metric family.
+fn family(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} {kind}");
 }
 
 /// Refuses a configuration that would expose the API without a token.
