@@ -4,74 +4,29 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::process::Command;
 use std::time::Duration;
 
-use common::{bounded, connect_packet, publish_packet, Raw};
+use common::{bounded, connect_packet, publish_packet, Raw, Spawned};
 use serde_json::Value;
 use shardmq_protocol::{Disconnect, Packet, Properties, ProtocolVersion, ReasonCode};
 
 const TOKEN: &str = "s3cret-token";
 const BOUND: Duration = Duration::from_secs(20);
 
-struct Proc {
-    child: Child,
-    mqtt: SocketAddr,
-    admin: SocketAddr,
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn port_after(line: &str, marker: &str) -> u16 {
-    line.split(marker)
-        .nth(1)
-        .and_then(|rest| rest.split("127.0.0.1:").nth(1))
-        .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
-        .and_then(|digits| digits.parse().ok())
-        .unwrap_or_else(|| panic!("no port in {line:?}"))
-}
-
 /// Starts the binary with its admin API on a free port (token `TOKEN`).
-fn start() -> (Proc, tempfile::TempDir) {
+fn start() -> (Spawned, tempfile::TempDir) {
     let dir = tempfile::tempdir().expect("temp dir");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_shardmq"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--admin-token", TOKEN])
-        .args(["--cores", "2", "--no-pin", "--segment-size", "4194304"])
-        .arg("--data-dir")
-        .arg(dir.path())
-        .env("NO_COLOR", "1")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("binary starts");
-    let stdout = child.stdout.take().expect("stdout");
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if line.contains("admin API listening") || line.contains("shardmq listening") {
-                let _ = tx.send(line);
-            }
-        }
-    });
-    let (mut mqtt, mut admin) = (None, None);
-    while mqtt.is_none() || admin.is_none() {
-        let line = rx.recv_timeout(BOUND).expect("broker logs its listeners");
-        if line.contains("admin API listening") {
-            admin = Some(port_after(&line, "listen="));
-        } else {
-            mqtt = Some(port_after(&line, "listen="));
-        }
-    }
-    let at = |port: Option<u16>| SocketAddr::from(([127, 0, 0, 1], port.expect("port")));
-    (Proc { child, mqtt: at(mqtt), admin: at(admin) }, dir)
+    let mut args: Vec<std::ffi::OsString> =
+        ["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--admin-token", TOKEN]
+            .iter()
+            .map(Into::into)
+            .collect();
+    args.extend(["--cores", "2", "--segment-size", "4194304", "--data-dir"].iter().map(Into::into));
+    args.push(dir.path().into());
+    (Spawned::start(args), dir)
 }
 
 /// One HTTP/1.1 exchange (Connection: close): (status, headers, body).
@@ -119,18 +74,18 @@ async fn connect_v5(addr: SocketAddr, id: &str) -> Raw {
 async fn token_is_required_except_for_health_and_the_document() {
     bounded(async {
         let (broker, _dir) = start();
-        let (status, _, body) = http(broker.admin, "GET", "/health", None);
+        let (status, _, body) = http(broker.admin(), "GET", "/health", None);
         assert_eq!(status, 200);
         assert_eq!(json(&body)["status"], "ok");
         for path in ["/metrics", "/api/v1/sessions", "/api/v1/sessions/someone"] {
-            let (status, head, body) = http(broker.admin, "GET", path, None);
+            let (status, head, body) = http(broker.admin(), "GET", path, None);
             assert_eq!(status, 401, "{path} without a token");
             assert!(head.contains("www-authenticate: bearer"), "{head}");
             assert!(json(&body)["error"].is_string());
-            let (status, _, _) = http(broker.admin, "GET", path, Some("wrong"));
+            let (status, _, _) = http(broker.admin(), "GET", path, Some("wrong"));
             assert_eq!(status, 401, "{path} with a wrong token");
         }
-        let (status, _, _) = http(broker.admin, "DELETE", "/api/v1/sessions/someone", None);
+        let (status, _, _) = http(broker.admin(), "DELETE", "/api/v1/sessions/someone", None);
         assert_eq!(status, 401);
     })
     .await;
@@ -140,13 +95,13 @@ async fn token_is_required_except_for_health_and_the_document() {
 async fn metrics_parse_as_prometheus_text_and_count_connections() {
     bounded(async {
         let (broker, _dir) = start();
-        let mut a = Raw::connect(broker.mqtt, ProtocolVersion::V3_1_1, "metrics-a").await;
-        let _b = Raw::connect(broker.mqtt, ProtocolVersion::V3_1_1, "metrics-b").await;
+        let mut a = Raw::connect(broker.addr, ProtocolVersion::V3_1_1, "metrics-a").await;
+        let _b = Raw::connect(broker.addr, ProtocolVersion::V3_1_1, "metrics-b").await;
         for id in 1..=3 {
             a.send(&Packet::Publish(publish_packet("m/x", 1, Some(id), b"v"))).await;
             assert!(matches!(a.expect().await, Packet::PubAck(_)));
         }
-        let (status, head, body) = http(broker.admin, "GET", "/metrics", Some(TOKEN));
+        let (status, head, body) = http(broker.admin(), "GET", "/metrics", Some(TOKEN));
         assert_eq!(status, 200);
         assert!(head.contains("content-type: text/plain; version=0.0.4"), "{head}");
         let lines = body.lines().map(|l| Ok(l.to_string()));
@@ -195,26 +150,26 @@ async fn sessions_are_listed_paged_inspected_and_disconnected() {
         let (broker, _dir) = start();
         // Three offline persistent sessions with subscriptions, one connected client.
         for n in 0..3 {
-            let mut raw = connect_v5(broker.mqtt, &format!("list-{n}")).await;
+            let mut raw = connect_v5(broker.addr, &format!("list-{n}")).await;
             assert_eq!(raw.subscribe(1, &format!("inbox/{n}/#"), 1).await, vec![1]);
             raw.send(&Packet::Disconnect(Disconnect::new(ReasonCode::Success))).await;
             raw.expect_closed().await;
         }
-        let mut live = connect_v5(broker.mqtt, "list-live").await;
+        let mut live = connect_v5(broker.addr, "list-live").await;
         // Two messages queued for the offline list-1.
-        let mut publisher = Raw::connect(broker.mqtt, ProtocolVersion::V3_1_1, "list-pub").await;
+        let mut publisher = Raw::connect(broker.addr, ProtocolVersion::V3_1_1, "list-pub").await;
         for id in 1..=2 {
             publisher.send(&Packet::Publish(publish_packet("inbox/1/x", 1, Some(id), b"m"))).await;
             assert!(matches!(publisher.expect().await, Packet::PubAck(_)));
         }
 
-        let (status, _, body) = http(broker.admin, "GET", "/api/v1/sessions?limit=2", Some(TOKEN));
+        let (status, _, body) = http(broker.admin(), "GET", "/api/v1/sessions?limit=2", Some(TOKEN));
         assert_eq!(status, 200, "{body}");
         let page = json(&body);
         let ids: Vec<&str> = page["sessions"].as_array().unwrap().iter().map(|s| s["client_id"].as_str().unwrap()).collect();
         assert_eq!(ids, ["list-0", "list-1"]);
         let next = page["next"].as_str().expect("a next cursor on a full page");
-        let (status, _, body) = http(broker.admin, "GET", &format!("/api/v1/sessions?limit=2&after={next}"), Some(TOKEN));
+        let (status, _, body) = http(broker.admin(), "GET", &format!("/api/v1/sessions?limit=2&after={next}"), Some(TOKEN));
         assert_eq!(status, 200);
         let ids: Vec<String> = json(&body)["sessions"]
             .as_array()
@@ -224,10 +179,10 @@ async fn sessions_are_listed_paged_inspected_and_disconnected() {
             .collect();
         assert_eq!(ids, ["list-2", "list-live"]);
         // Another tenant has none.
-        let (_, _, body) = http(broker.admin, "GET", "/api/v1/sessions?tenant=7", Some(TOKEN));
+        let (_, _, body) = http(broker.admin(), "GET", "/api/v1/sessions?tenant=7", Some(TOKEN));
         assert_eq!(json(&body)["sessions"].as_array().unwrap().len(), 0);
 
-        let (status, _, body) = http(broker.admin, "GET", "/api/v1/sessions/list-1", Some(TOKEN));
+        let (status, _, body) = http(broker.admin(), "GET", "/api/v1/sessions/list-1", Some(TOKEN));
         assert_eq!(status, 200);
         let one = json(&body);
         assert_eq!(one["connected"], false);
@@ -237,17 +192,17 @@ async fn sessions_are_listed_paged_inspected_and_disconnected() {
         assert_eq!(one["subscription_list"][0]["qos"], 1);
 
         // Disconnect the live one: it gets DISCONNECT 0x98, and the session is gone.
-        let (status, _, _) = http(broker.admin, "DELETE", "/api/v1/sessions/list-live", Some(TOKEN));
+        let (status, _, _) = http(broker.admin(), "DELETE", "/api/v1/sessions/list-live", Some(TOKEN));
         assert_eq!(status, 204);
         let seen = live.expect_closed().await;
         assert!(
             matches!(seen.as_slice(), [Packet::Disconnect(d)] if d.reason == ReasonCode::AdministrativeAction),
             "{seen:?}"
         );
-        let (status, _, body) = http(broker.admin, "GET", "/api/v1/sessions/list-live", Some(TOKEN));
+        let (status, _, body) = http(broker.admin(), "GET", "/api/v1/sessions/list-live", Some(TOKEN));
         assert_eq!(status, 404);
         assert_eq!(json(&body)["status"], 404);
-        let (status, _, _) = http(broker.admin, "DELETE", "/api/v1/sessions/list-live", Some(TOKEN));
+        let (status, _, _) = http(broker.admin(), "DELETE", "/api/v1/sessions/list-live", Some(TOKEN));
         assert_eq!(status, 404);
     })
     .await;
@@ -265,15 +220,15 @@ async fn bad_input_is_a_400_with_a_json_error() {
             "/api/v1/sessions/x?tenant=many",
             "/api/v1/sessions?after=%zz",
         ] {
-            let (status, head, body) = http(broker.admin, "GET", path, Some(TOKEN));
+            let (status, head, body) = http(broker.admin(), "GET", path, Some(TOKEN));
             assert_eq!(status, 400, "{path}: {body}");
             assert!(head.contains("content-type: application/json"));
             assert!(json(&body)["error"].as_str().is_some_and(|e| !e.is_empty()), "{path}: {body}");
         }
-        let (status, _, body) = http(broker.admin, "GET", "/api/v2/nothing", Some(TOKEN));
+        let (status, _, body) = http(broker.admin(), "GET", "/api/v2/nothing", Some(TOKEN));
         assert_eq!(status, 404);
         assert!(json(&body)["error"].is_string());
-        let (status, _, _) = http(broker.admin, "POST", "/api/v1/sessions", Some(TOKEN));
+        let (status, _, _) = http(broker.admin(), "POST", "/api/v1/sessions", Some(TOKEN));
         assert_eq!(status, 405);
     })
     .await;
@@ -283,7 +238,7 @@ async fn bad_input_is_a_400_with_a_json_error() {
 async fn openapi_document_describes_exactly_the_served_routes() {
     bounded(async {
         let (broker, _dir) = start();
-        let (status, _, body) = http(broker.admin, "GET", "/openapi.json", None);
+        let (status, _, body) = http(broker.admin(), "GET", "/openapi.json", None);
         assert_eq!(status, 200);
         let doc = json(&body);
         assert!(doc["openapi"].as_str().unwrap().starts_with("3."));
@@ -293,7 +248,7 @@ async fn openapi_document_describes_exactly_the_served_routes() {
         for (path, operations) in paths {
             let concrete = path.replace("{client_id}", "nobody").replace("{tenant}", "0");
             for method in methods {
-                let (status, _, _) = http(broker.admin, &method.to_uppercase(), &concrete, Some(TOKEN));
+                let (status, _, _) = http(broker.admin(), &method.to_uppercase(), &concrete, Some(TOKEN));
                 if operations.get(method).is_some() {
                     // Served: not 405, and not 404 unless the path names something (a session).
                     let served = status != 405 && (status != 404 || path.contains('{'));
@@ -333,14 +288,14 @@ fn a_non_loopback_admin_address_needs_a_token() {
 async fn tenant_settings_are_read_and_changed_at_runtime() {
     bounded(async {
         let (broker, _dir) = start();
-        let (status, _, body) = http(broker.admin, "GET", "/api/v1/tenants/0/settings", Some(TOKEN));
+        let (status, _, body) = http(broker.admin(), "GET", "/api/v1/tenants/0/settings", Some(TOKEN));
         assert_eq!(status, 200);
         assert!(json(&body)["max_connections"].is_null());
         let (_first, ack) =
-            Raw::connect_with(broker.mqtt, connect_packet(ProtocolVersion::V5, "t-1", true, 60)).await;
+            Raw::connect_with(broker.addr, connect_packet(ProtocolVersion::V5, "t-1", true, 60)).await;
         assert_eq!(ack.reason, ReasonCode::Success);
         let (status, _, body) = http_with_body(
-            broker.admin,
+            broker.admin(),
             "PUT",
             "/api/v1/tenants/0/settings",
             Some(TOKEN),
@@ -349,7 +304,7 @@ async fn tenant_settings_are_read_and_changed_at_runtime() {
         assert_eq!(status, 200, "{body}");
         assert_eq!(json(&body)["max_connections"], 1);
         let (_, ack) =
-            Raw::connect_with(broker.mqtt, connect_packet(ProtocolVersion::V5, "t-2", true, 60)).await;
+            Raw::connect_with(broker.addr, connect_packet(ProtocolVersion::V5, "t-2", true, 60)).await;
         assert_eq!(ack.reason, ReasonCode::QuotaExceeded, "the new limit applies to the next CONNECT");
         for (body, why) in [
             ("{not json", "bad JSON"),
@@ -358,14 +313,14 @@ async fn tenant_settings_are_read_and_changed_at_runtime() {
             (r#"{"allowed_protocol_levels": [9]}"#, "invalid value"),
         ] {
             let (status, _, answer) =
-                http_with_body(broker.admin, "PUT", "/api/v1/tenants/0/settings", Some(TOKEN), body);
+                http_with_body(broker.admin(), "PUT", "/api/v1/tenants/0/settings", Some(TOKEN), body);
             assert_eq!(status, 400, "{why}: {answer}");
             assert!(json(&answer)["error"].is_string());
         }
-        let (status, _, _) = http(broker.admin, "GET", "/api/v1/tenants/x/settings", Some(TOKEN));
+        let (status, _, _) = http(broker.admin(), "GET", "/api/v1/tenants/x/settings", Some(TOKEN));
         assert_eq!(status, 400);
         // Per-tenant metrics: one live connection in tenant 0, one refusal by the connection limit.
-        let (_, _, text) = http(broker.admin, "GET", "/metrics", Some(TOKEN));
+        let (_, _, text) = http(broker.admin(), "GET", "/metrics", Some(TOKEN));
         let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string()))).expect("valid");
         let sample = |metric: &str, labels: &[(&str, &str)]| {
             scrape
@@ -390,10 +345,10 @@ async fn tenant_settings_are_read_and_changed_at_runtime() {
 async fn publish_retained_and_server_side_subscriptions() {
     bounded(async {
         let (broker, _dir) = start();
-        let mut client = connect_v5(broker.mqtt, "srv-sub").await;
+        let mut client = connect_v5(broker.addr, "srv-sub").await;
         // Server-side subscribe, then a message published through the API reaches the client.
         let (status, _, body) = http_with_body(
-            broker.admin,
+            broker.admin(),
             "POST",
             "/api/v1/sessions/srv-sub/subscriptions",
             Some(TOKEN),
@@ -401,7 +356,7 @@ async fn publish_retained_and_server_side_subscriptions() {
         );
         assert_eq!(status, 200, "{body}");
         let (status, _, body) = http_with_body(
-            broker.admin,
+            broker.admin(),
             "POST",
             "/api/v1/publish",
             Some(TOKEN),
@@ -416,34 +371,34 @@ async fn publish_retained_and_server_side_subscriptions() {
             other => panic!("expected the API's message, got {other:?}"),
         }
         // The retained copy is listed, then deleted (twice: the second is a 404).
-        let (status, _, body) = http(broker.admin, "GET", "/api/v1/retained?filter=srv/%23", Some(TOKEN));
+        let (status, _, body) = http(broker.admin(), "GET", "/api/v1/retained?filter=srv/%23", Some(TOKEN));
         assert_eq!(status, 200);
         let listed = json(&body);
         assert_eq!(listed["messages"][0]["topic"], "srv/x");
         assert_eq!(listed["messages"][0]["payload"], "hello");
-        let (status, _, _) = http(broker.admin, "DELETE", "/api/v1/retained?topic=srv/x", Some(TOKEN));
+        let (status, _, _) = http(broker.admin(), "DELETE", "/api/v1/retained?topic=srv/x", Some(TOKEN));
         assert_eq!(status, 204);
-        let (status, _, _) = http(broker.admin, "DELETE", "/api/v1/retained?topic=srv/x", Some(TOKEN));
+        let (status, _, _) = http(broker.admin(), "DELETE", "/api/v1/retained?topic=srv/x", Some(TOKEN));
         assert_eq!(status, 404);
-        let (_, _, body) = http(broker.admin, "GET", "/api/v1/retained", Some(TOKEN));
+        let (_, _, body) = http(broker.admin(), "GET", "/api/v1/retained", Some(TOKEN));
         assert_eq!(json(&body)["messages"].as_array().unwrap().len(), 0);
         // Server-side unsubscribe: the next message does not arrive.
         let (status, _, _) = http(
-            broker.admin,
+            broker.admin(),
             "DELETE",
             "/api/v1/sessions/srv-sub/subscriptions?filter=srv/%23",
             Some(TOKEN),
         );
         assert_eq!(status, 204);
         let (status, _, _) = http(
-            broker.admin,
+            broker.admin(),
             "DELETE",
             "/api/v1/sessions/srv-sub/subscriptions?filter=srv/%23",
             Some(TOKEN),
         );
         assert_eq!(status, 404);
         let (status, _, _) = http_with_body(
-            broker.admin,
+            broker.admin(),
             "POST",
             "/api/v1/publish",
             Some(TOKEN),
@@ -461,12 +416,12 @@ async fn publish_retained_and_server_side_subscriptions() {
             ("DELETE", "/api/v1/retained", ""),
             ("GET", "/api/v1/retained?filter=a/%23/b", ""),
         ] {
-            let (status, _, answer) = http_with_body(broker.admin, method, path, Some(TOKEN), body);
+            let (status, _, answer) = http_with_body(broker.admin(), method, path, Some(TOKEN), body);
             assert_eq!(status, 400, "{method} {path} {body}: {answer}");
             assert!(json(&answer)["error"].is_string());
         }
         let (status, _, _) = http_with_body(
-            broker.admin,
+            broker.admin(),
             "POST",
             "/api/v1/sessions/nobody/subscriptions",
             Some(TOKEN),

@@ -5,15 +5,17 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::sync::{mpsc, Arc};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::{bounded, connect_packet, publish_packet, Raw, TestBroker, CORES};
+use common::{
+    bounded, connect_packet, connect_with_credentials, publish_packet, Raw, Spawned, TestBroker, CORES,
+};
 use shardmq_protocol::{Packet, ProtocolVersion, PubResp, QoS, ReasonCode, Utf8};
 use shardmq_shards::auth::{hash_password, FileAuth};
 
@@ -49,37 +51,22 @@ fn start(cores: usize, dir: &Path) -> TestBroker {
     })
 }
 
-async fn connect_as(
-    addr: SocketAddr,
-    version: ProtocolVersion,
-    id: &str,
-    user: &str,
-    password: &[u8],
-) -> (Raw, u8) {
-    let mut connect = connect_packet(version, id, true, 60);
-    connect.username = Some(Utf8::new(user).expect("utf8"));
-    connect.password = Some(Bytes::copy_from_slice(password));
-    let (raw, ack) = Raw::connect_with(addr, connect).await;
-    let code = if version.is_v5() { ack.reason.as_u8() } else { ack.reason.to_v3_connack().unwrap_or(0) };
-    (raw, code)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wrong_password_or_unknown_user_is_refused() {
     bounded(async {
         let dir = tempfile::tempdir().expect("temp dir");
         let broker = start(2, dir.path());
-        let (_, code) = connect_as(broker.addr, V5, "x1", "alice", b"wrong").await;
+        let (_, code) = connect_with_credentials(broker.addr, V5, "x1", "alice", b"wrong").await;
         assert_eq!(code, 0x86, "v5: bad user name or password");
-        let (_, code) = connect_as(broker.addr, V311, "x2", "alice", b"wrong").await;
+        let (_, code) = connect_with_credentials(broker.addr, V311, "x2", "alice", b"wrong").await;
         assert_eq!(code, 4, "3.1.1: return code 4");
-        let (_, code) = connect_as(broker.addr, V5, "x3", "mallory", b"pw").await;
+        let (_, code) = connect_with_credentials(broker.addr, V5, "x3", "mallory", b"pw").await;
         assert_eq!(code, 0x86);
         // No credentials at all.
         let (_, ack) = Raw::connect_with(broker.addr, connect_packet(V311, "x4", true, 60)).await;
         assert_eq!(ack.reason.to_v3_connack(), Some(4));
         assert_eq!(broker.stat(|s| &s.auth_failures), 4);
-        let (_, code) = connect_as(broker.addr, V5, "x5", "alice", b"pw").await;
+        let (_, code) = connect_with_credentials(broker.addr, V5, "x5", "alice", b"pw").await;
         assert_eq!(code, 0);
     })
     .await;
@@ -89,14 +76,14 @@ async fn tenants_never_see_each_other(cores: usize) {
     let dir = tempfile::tempdir().expect("temp dir");
     let broker = start(cores, dir.path());
     // alice (tenant 1) and bob (tenant 2) use the same client id and the same topic.
-    let (mut alice, code) = connect_as(broker.addr, V5, "same-id", "alice", b"pw").await;
+    let (mut alice, code) = connect_with_credentials(broker.addr, V5, "same-id", "alice", b"pw").await;
     assert_eq!(code, 0);
-    let (mut bob, code) = connect_as(broker.addr, V5, "same-id", "bob", b"pw").await;
+    let (mut bob, code) = connect_with_credentials(broker.addr, V5, "same-id", "bob", b"pw").await;
     assert_eq!(code, 0);
     assert_eq!(alice.subscribe(1, "public/news", 1).await, vec![1]);
     assert_eq!(bob.subscribe(1, "public/news", 1).await, vec![1]);
     // carol shares alice's tenant.
-    let (mut carol, _) = connect_as(broker.addr, V311, "carol-1", "carol", b"pw").await;
+    let (mut carol, _) = connect_with_credentials(broker.addr, V311, "carol-1", "carol", b"pw").await;
     carol.send(&Packet::Publish(publish_packet("public/news", 1, Some(1), b"for tenant 1"))).await;
     assert!(matches!(carol.expect().await, Packet::PubAck(_)));
     match alice.expect().await {
@@ -126,8 +113,8 @@ async fn acl_denies_publish_and_subscribe_on_both_versions() {
     bounded(async {
         let dir = tempfile::tempdir().expect("temp dir");
         let broker = start(2, dir.path());
-        let (mut v5, _) = connect_as(broker.addr, V5, "acl-5", "alice", b"pw").await;
-        let (mut v3, _) = connect_as(broker.addr, V311, "acl-3", "alice", b"pw").await;
+        let (mut v5, _) = connect_with_credentials(broker.addr, V5, "acl-5", "alice", b"pw").await;
+        let (mut v3, _) = connect_with_credentials(broker.addr, V311, "acl-3", "alice", b"pw").await;
         // Subscribe: own home and public allowed; someone else's home, and a filter wider than
         // the rule, denied.
         assert_eq!(v5.subscribe(1, "home/alice/#", 1).await, vec![1]);
@@ -193,9 +180,8 @@ async fn passwd_writes_users_and_sighup_reloads_them() {
             assert!(child.wait().expect("passwd exits").success());
         };
         passwd("dave", "first", "4");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_shardmq"))
-            .args([
-                "serve",
+        let broker = Spawned::start(
+            [
                 "--listen",
                 "127.0.0.1:0",
                 "--admin-listen",
@@ -203,55 +189,43 @@ async fn passwd_writes_users_and_sighup_reloads_them() {
                 "--in-memory",
                 "--cores",
                 "2",
-            ])
-            .args(["--no-pin", "--auth", "file", "--auth-file"])
-            .arg(&users)
-            .env("NO_COLOR", "1")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("broker starts");
-        let stdout = child.stdout.take().expect("stdout");
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
-        let line = loop {
-            let line = rx.recv_timeout(Duration::from_secs(20)).expect("broker logs");
-            if line.contains("shardmq listening") {
-                break line;
-            }
-        };
-        let port: u16 = line
-            .split("127.0.0.1:")
-            .nth(1)
-            .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
-            .and_then(|d| d.parse().ok())
-            .expect("port");
-        let addr = SocketAddr::from(([127, 0, 0, 1], port));
-        assert_eq!(connect_as(addr, V5, "d1", "dave", b"first").await.1, 0);
-        assert_eq!(connect_as(addr, V5, "e1", "erin", b"second").await.1, 0x86);
+                "--auth",
+                "file",
+            ]
+            .iter()
+            .map(std::ffi::OsString::from)
+            .chain([std::ffi::OsString::from("--auth-file"), users.clone().into()]),
+        );
+        let addr = broker.addr;
+        assert_eq!(connect_with_credentials(addr, V5, "d1", "dave", b"first").await.1, 0);
+        assert_eq!(connect_with_credentials(addr, V5, "e1", "erin", b"second").await.1, 0x86);
         // Change dave's password and add erin, then SIGHUP.
         passwd("dave", "changed", "4");
         passwd("erin", "second", "5");
         let status =
-            Command::new("kill").args(["-HUP", &child.id().to_string()]).status().expect("kill -HUP");
+            Command::new("kill").args(["-HUP", &broker.child.id().to_string()]).status().expect("kill -HUP");
         assert!(status.success());
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            let line =
-                rx.recv_timeout(deadline.saturating_duration_since(Instant::now())).expect("reload logged");
+            let line = broker
+                .lines
+                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+                .expect("reload logged");
             if line.contains("auth configuration reloaded") {
                 break;
             }
         }
-        assert_eq!(connect_as(addr, V5, "e2", "erin", b"second").await.1, 0, "erin added by the reload");
-        assert_eq!(connect_as(addr, V5, "d2", "dave", b"first").await.1, 0x86, "dave's old password is gone");
-        assert_eq!(connect_as(addr, V311, "d3", "dave", b"changed").await.1, 0);
-        let _ = child.kill();
-        let _ = child.wait();
+        assert_eq!(
+            connect_with_credentials(addr, V5, "e2", "erin", b"second").await.1,
+            0,
+            "erin added by the reload"
+        );
+        assert_eq!(
+            connect_with_credentials(addr, V5, "d2", "dave", b"first").await.1,
+            0x86,
+            "dave's old password is gone"
+        );
+        assert_eq!(connect_with_credentials(addr, V311, "d3", "dave", b"changed").await.1, 0);
     })
     .await;
 }
@@ -277,41 +251,15 @@ async fn the_admin_api_reloads_the_users_file() {
     bounded(async {
         let dir = tempfile::tempdir().expect("temp dir");
         let users = users_file(dir.path());
-        let mut child = Command::new(env!("CARGO_BIN_EXE_shardmq"))
-            .args(["serve", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--admin-token", "t"])
-            .args(["--in-memory", "--cores", "2", "--no-pin", "--auth", "file", "--auth-file"])
-            .arg(&users)
-            .env("NO_COLOR", "1")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("broker starts");
-        let stdout = child.stdout.take().expect("stdout");
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
-        let port_of = |line: &str| -> u16 {
-            line.split("127.0.0.1:")
-                .nth(1)
-                .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
-                .and_then(|d| d.parse().ok())
-                .expect("port")
-        };
-        let (mut mqtt, mut admin) = (None, None);
-        while mqtt.is_none() || admin.is_none() {
-            let line = rx.recv_timeout(Duration::from_secs(20)).expect("broker logs");
-            if line.contains("admin API listening") {
-                admin = Some(port_of(&line));
-            } else if line.contains("shardmq listening") {
-                mqtt = Some(port_of(&line));
-            }
-        }
-        let mqtt = SocketAddr::from(([127, 0, 0, 1], mqtt.unwrap()));
-        let admin = SocketAddr::from(([127, 0, 0, 1], admin.unwrap()));
-        assert_eq!(connect_as(mqtt, V5, "f1", "frank", b"pw2").await.1, 0x86, "not a user yet");
+        let broker = Spawned::start(
+            ["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--admin-token", "t", "--in-memory"]
+                .iter()
+                .chain(&["--cores", "2", "--auth", "file", "--auth-file"])
+                .map(std::ffi::OsString::from)
+                .chain([users.clone().into()]),
+        );
+        let (mqtt, admin) = (broker.addr, broker.admin());
+        assert_eq!(connect_with_credentials(mqtt, V5, "f1", "frank", b"pw2").await.1, 0x86, "not a user yet");
         // Add frank to the file and reload through the API.
         let hash = hash_password(b"pw2").unwrap();
         let mut text = std::fs::read_to_string(&users).unwrap();
@@ -320,16 +268,18 @@ async fn the_admin_api_reloads_the_users_file() {
         let (status, body) =
             tokio::task::spawn_blocking(move || post(admin, "/api/v1/auth/reload", "t")).await.unwrap();
         assert_eq!(status, 200, "{body}");
-        assert_eq!(connect_as(mqtt, V5, "f2", "frank", b"pw2").await.1, 0);
+        assert_eq!(connect_with_credentials(mqtt, V5, "f2", "frank", b"pw2").await.1, 0);
         // A broken file is refused with a 400; the users already loaded still connect.
         std::fs::write(&users, "[[users]]\nusername = 3\n").unwrap();
         let (status, body) =
             tokio::task::spawn_blocking(move || post(admin, "/api/v1/auth/reload", "t")).await.unwrap();
         assert_eq!(status, 400, "{body}");
         assert!(body.contains("bad auth file"), "{body}");
-        assert_eq!(connect_as(mqtt, V5, "f3", "frank", b"pw2").await.1, 0, "the previous users stay");
-        let _ = child.kill();
-        let _ = child.wait();
+        assert_eq!(
+            connect_with_credentials(mqtt, V5, "f3", "frank", b"pw2").await.1,
+            0,
+            "the previous users stay"
+        );
     })
     .await;
 }

@@ -4,17 +4,14 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{mpsc, Arc};
+use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
-use common::{bounded, connect_packet, publish_packet, Raw};
+use common::{bounded, connect_with_credentials, publish_packet, Spawned};
 use serde_json::Value;
-use shardmq_protocol::{Packet, ProtocolVersion, Utf8};
+use shardmq_protocol::{Packet, ProtocolVersion};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// The webhook: user `u1`/`u1b` -> tenant 1, `u2` -> tenant 2 (password `pw`); `slow` answers after
@@ -90,58 +87,23 @@ async fn webhook(requests: Arc<AtomicU64>) -> SocketAddr {
     addr
 }
 
-struct Broker(Child, SocketAddr);
-
-impl Drop for Broker {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn start_broker(hook: SocketAddr) -> Broker {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_shardmq"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--admin-listen", "off", "--in-memory", "--no-pin"])
-        .args(["--cores", "2", "--auth", "http", "--auth-timeout-ms", "2000"])
-        .arg("--auth-url")
-        .arg(format!("http://{hook}/mqtt/auth"))
-        .env("NO_COLOR", "1")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("broker starts");
-    let stdout = child.stdout.take().expect("stdout");
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if line.contains("shardmq listening") {
-                let _ = tx.send(line);
-            }
-        }
-    });
-    let line = rx.recv_timeout(Duration::from_secs(20)).expect("broker logs its listener");
-    let port: u16 = line
-        .split("127.0.0.1:")
-        .nth(1)
-        .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
-        .and_then(|d| d.parse().ok())
-        .expect("port");
-    Broker(child, SocketAddr::from(([127, 0, 0, 1], port)))
-}
-
-async fn connect(
-    addr: SocketAddr,
-    version: ProtocolVersion,
-    id: &str,
-    user: &str,
-    password: &'static [u8],
-) -> (Raw, u8) {
-    let mut c = connect_packet(version, id, true, 60);
-    c.username = Some(Utf8::new(user).unwrap());
-    c.password = Some(Bytes::from_static(password));
-    let (raw, ack) = Raw::connect_with(addr, c).await;
-    let code = if version.is_v5() { ack.reason.as_u8() } else { ack.reason.to_v3_connack().unwrap_or(0) };
-    (raw, code)
+fn start_broker(hook: SocketAddr) -> Spawned {
+    let url = format!("http://{hook}/mqtt/auth");
+    Spawned::start([
+        "--listen",
+        "127.0.0.1:0",
+        "--admin-listen",
+        "off",
+        "--in-memory",
+        "--cores",
+        "2",
+        "--auth",
+        "http",
+        "--auth-timeout-ms",
+        "2000",
+        "--auth-url",
+        url.as_str(),
+    ])
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -150,33 +112,34 @@ async fn webhook_decides_connects_with_tenants_a_cache_and_a_timeout() {
         let requests = Arc::new(AtomicU64::new(0));
         let hook = webhook(requests.clone()).await;
         let broker = start_broker(hook);
-        let addr = broker.1;
+        let addr = broker.addr;
         const V5: ProtocolVersion = ProtocolVersion::V5;
         const V311: ProtocolVersion = ProtocolVersion::V3_1_1;
 
         // Allowed, and cached: the same credentials again cost no request.
-        let (_u1, code) = connect(addr, V5, "c-u1", "u1", b"pw").await;
+        let (_u1, code) = connect_with_credentials(addr, V5, "c-u1", "u1", b"pw").await;
         assert_eq!(code, 0);
         let before = requests.load(Ordering::SeqCst);
-        let (_u1_again, code) = connect(addr, V5, "c-u1", "u1", b"pw").await;
+        let (_u1_again, code) = connect_with_credentials(addr, V5, "c-u1", "u1", b"pw").await;
         assert_eq!(code, 0);
         assert_eq!(requests.load(Ordering::SeqCst), before, "the second CONNECT was answered from the cache");
 
         // Denied: bad credentials on both versions; a server error refuses as not authorised.
-        assert_eq!(connect(addr, V5, "c-x", "u1", b"nope").await.1, 0x86);
-        assert_eq!(connect(addr, V311, "c-y", "u1", b"nope").await.1, 4);
-        assert_eq!(connect(addr, V5, "c-b", "broken", b"pw").await.1, 0x87);
+        assert_eq!(connect_with_credentials(addr, V5, "c-x", "u1", b"nope").await.1, 0x86);
+        assert_eq!(connect_with_credentials(addr, V311, "c-y", "u1", b"nope").await.1, 4);
+        assert_eq!(connect_with_credentials(addr, V5, "c-b", "broken", b"pw").await.1, 0x87);
 
         // A slow webhook: its client is refused at the timeout, while another client connects
         // in the meantime on the same broker.
-        let slow = tokio::spawn(async move { connect(addr, V5, "c-slow", "slow", b"pw").await.1 });
-        let (_u1b, code) = connect(addr, V5, "c-u1b", "u1b", b"pw").await;
+        let slow =
+            tokio::spawn(async move { connect_with_credentials(addr, V5, "c-slow", "slow", b"pw").await.1 });
+        let (_u1b, code) = connect_with_credentials(addr, V5, "c-u1b", "u1b", b"pw").await;
         assert_eq!(code, 0, "a CONNECT while the webhook is slow for another client");
         assert!(!slow.is_finished(), "the other client did not wait for the slow one");
         assert_eq!(slow.await.unwrap(), 0x87, "refused when the webhook does not answer in time");
 
         // ACL rules from the webhook's answer: u3 may publish under ok/<client id>/ only.
-        let (mut u3, code) = connect(addr, V5, "c-u3", "u3", b"pw").await;
+        let (mut u3, code) = connect_with_credentials(addr, V5, "c-u3", "u3", b"pw").await;
         assert_eq!(code, 0);
         u3.send(&Packet::Publish(publish_packet("ok/c-u3/x", 1, Some(1), b"fine"))).await;
         assert!(matches!(u3.expect().await, Packet::PubAck(a) if a.reason.as_u8() == 0));
@@ -185,12 +148,12 @@ async fn webhook_decides_connects_with_tenants_a_cache_and_a_timeout() {
         assert_eq!(u3.subscribe(3, "ok/#", 1).await, vec![0x87], "no subscribe rule: denied");
 
         // Tenants from the webhook's answer: u2 (tenant 2) does not reach u1 (tenant 1); u1b does.
-        let (mut u1_live, _) = connect(addr, V5, "c-u1-sub", "u1", b"pw").await;
+        let (mut u1_live, _) = connect_with_credentials(addr, V5, "c-u1-sub", "u1", b"pw").await;
         assert_eq!(u1_live.subscribe(1, "shared/topic", 0).await, vec![0]);
-        let (mut u2, _) = connect(addr, V311, "c-u2", "u2", b"pw").await;
+        let (mut u2, _) = connect_with_credentials(addr, V311, "c-u2", "u2", b"pw").await;
         u2.send(&Packet::Publish(publish_packet("shared/topic", 1, Some(1), b"from tenant 2"))).await;
         assert!(matches!(u2.expect().await, Packet::PubAck(_)));
-        let (mut u1b, _) = connect(addr, V311, "c-u1b-pub", "u1b", b"pw").await;
+        let (mut u1b, _) = connect_with_credentials(addr, V311, "c-u1b-pub", "u1b", b"pw").await;
         u1b.send(&Packet::Publish(publish_packet("shared/topic", 1, Some(1), b"from tenant 1"))).await;
         assert!(matches!(u1b.expect().await, Packet::PubAck(_)));
         match u1_live.expect().await {

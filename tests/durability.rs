@@ -13,72 +13,29 @@
 mod common;
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Read};
+use std::io::Read;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
-use common::{bounded, connect_packet, publish_packet, Raw};
+use common::{bounded, connect_packet, publish_packet, Raw, Spawned};
 use shardmq_protocol::{encode, Disconnect, Packet, Properties, ProtocolVersion, PubResp, QoS, ReasonCode};
 
 const START_BOUND: Duration = Duration::from_secs(30);
 const V311: ProtocolVersion = ProtocolVersion::V3_1_1;
 
-/// A broker process on a data directory.
-struct Proc {
-    child: Child,
-    addr: SocketAddr,
-}
-
-impl Proc {
-    /// Starts `shardmq serve` on a free port with `cores` shards on `dir`; returns once it listens.
-    fn start(dir: &Path, cores: usize, extra: &[&str]) -> Proc {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_shardmq"))
-            .args(["serve", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--no-pin"])
-            .args(["--max-queued-messages", "300000"])
-            .args(["--cores", &cores.to_string(), "--segment-size", &(8 << 20).to_string()])
-            .arg("--data-dir")
-            .arg(dir)
-            .args(extra)
-            .env("NO_COLOR", "1")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("binary starts");
-        let stdout = child.stdout.take().expect("stdout");
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if line.contains("shardmq listening") {
-                    let _ = tx.send(line);
-                }
-            }
-        });
-        let line = rx.recv_timeout(START_BOUND).expect("broker logs its listener");
-        let port: u16 = line
-            .split("127.0.0.1:")
-            .nth(1)
-            .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
-            .and_then(|digits| digits.parse().ok())
-            .unwrap_or_else(|| panic!("no port in {line:?}"));
-        Proc { child, addr: SocketAddr::from(([127, 0, 0, 1], port)) }
+/// Starts `shardmq serve` on a free port with `cores` shards on `dir`; returns once it listens.
+fn start(dir: &Path, cores: usize, extra: &[&str]) -> Spawned {
+    let mut args: Vec<std::ffi::OsString> =
+        ["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"].iter().map(Into::into).collect();
+    for arg in ["--max-queued-messages", "300000", "--segment-size", &(8 << 20).to_string()] {
+        args.push(arg.into());
     }
-
-    /// SIGKILL: no shutdown code runs.
-    fn kill(mut self) {
-        self.child.kill().expect("SIGKILL");
-        self.child.wait().expect("reaped");
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+    args.extend(["--cores".into(), cores.to_string().into(), "--data-dir".into(), dir.into()]);
+    args.extend(extra.iter().map(Into::into));
+    Spawned::start(args)
 }
 
 /// Runs the binary expecting it to fail at start-up; returns its stderr and stdout.
@@ -236,7 +193,7 @@ fn raw_is_idle_soon(seen: &Seen, until: usize) -> bool {
 async fn offline_queue_survives_kills(qos: u8) {
     const COUNT: u32 = 100_000;
     let dir = tempfile::tempdir().expect("temp dir");
-    let broker = Proc::start(dir.path(), 2, &[]);
+    let broker = start(dir.path(), 2, &[]);
     let (mut sub, _) = connect_persistent(broker.addr, "durable-sub").await;
     assert_eq!(sub.subscribe(1, "d/#", qos).await, vec![qos]);
     sub.send(&Packet::Disconnect(Disconnect::new(ReasonCode::Success))).await;
@@ -247,7 +204,7 @@ async fn offline_queue_survives_kills(qos: u8) {
     publish_all(&mut publisher, "d", COUNT, qos, 1000).await;
     broker.kill();
 
-    let broker = Proc::start(dir.path(), 2, &[]);
+    let broker = start(dir.path(), 2, &[]);
     let (mut sub, present) = connect_persistent(broker.addr, "durable-sub").await;
     assert!(present, "the persistent session survived the kill");
     let mut seen = Seen::default();
@@ -256,7 +213,7 @@ async fn offline_queue_survives_kills(qos: u8) {
     // point. Whatever it had not recorded comes again, with DUP.
     broker.kill();
 
-    let broker = Proc::start(dir.path(), 2, &[]);
+    let broker = start(dir.path(), 2, &[]);
     let (mut sub, present) = connect_persistent(broker.addr, "durable-sub").await;
     assert!(present);
     drain(&mut sub, &mut seen, COUNT as usize, None).await;
@@ -292,7 +249,7 @@ async fn qos2_offline_queue_survives_sigkill() {
 async fn retained_messages_and_deletions_survive_sigkill() {
     bounded(async {
         let dir = tempfile::tempdir().expect("temp dir");
-        let broker = Proc::start(dir.path(), 2, &[]);
+        let broker = start(dir.path(), 2, &[]);
         let (mut publisher, _) =
             Raw::connect_with(broker.addr, connect_packet(V311, "ret-pub", true, 60)).await;
         for n in 0..200u16 {
@@ -317,7 +274,7 @@ async fn retained_messages_and_deletions_survive_sigkill() {
         }
         broker.kill();
 
-        let broker = Proc::start(dir.path(), 2, &[]);
+        let broker = start(dir.path(), 2, &[]);
         let mut sub = Raw::connect(broker.addr, V311, "ret-sub").await;
         assert_eq!(sub.subscribe(1, "r/#", 1).await, vec![1]);
         let expected: HashMap<String, String> = (0..200u16)
@@ -359,7 +316,7 @@ async fn connect_v5_expiring(addr: SocketAddr, id: &str, expiry_secs: u32, clean
 async fn session_expiry_counts_while_the_broker_is_down() {
     bounded(async {
         let dir = tempfile::tempdir().expect("temp dir");
-        let broker = Proc::start(dir.path(), 2, &[]);
+        let broker = start(dir.path(), 2, &[]);
         for (id, expiry) in [("short-lived", 1u32), ("long-lived", 3600)] {
             let (mut raw, _) = connect_v5_expiring(broker.addr, id, expiry, true).await;
             raw.send(&Packet::Disconnect(Disconnect::new(ReasonCode::Success))).await;
@@ -371,7 +328,7 @@ async fn session_expiry_counts_while_the_broker_is_down() {
         // condition under test, not a synchronisation.
         let left = Duration::from_millis(1500).saturating_sub(disconnected.elapsed());
         tokio::time::sleep(left).await;
-        let broker = Proc::start(dir.path(), 2, &[]);
+        let broker = start(dir.path(), 2, &[]);
         let (_short, present) = connect_v5_expiring(broker.addr, "short-lived", 60, false).await;
         assert!(!present, "a session that expired while the broker was down is gone");
         let (_long, present) = connect_v5_expiring(broker.addr, "long-lived", 60, false).await;
@@ -387,7 +344,7 @@ async fn changing_cores_rehomes_sessions_and_queues() {
         const PER_CLIENT: u32 = 500;
         let dir = tempfile::tempdir().expect("temp dir");
         let ids: Vec<String> = (0..6).map(|n| format!("rehome-{n}")).collect();
-        let broker = Proc::start(dir.path(), 2, &[]);
+        let broker = start(dir.path(), 2, &[]);
         for id in &ids {
             let (mut sub, _) = connect_persistent(broker.addr, id).await;
             assert_eq!(sub.subscribe(1, &format!("{id}/#"), 1).await, vec![1]);
@@ -404,7 +361,7 @@ async fn changing_cores_rehomes_sessions_and_queues() {
         let mut seen: HashMap<String, Seen> = HashMap::new();
         for cores in [3usize, 1] {
             // Re-home (2 -> 3), then again (3 -> 1), draining half of each queue in between.
-            let broker = Proc::start(dir.path(), cores, &[]);
+            let broker = start(dir.path(), cores, &[]);
             for id in &ids {
                 let (mut sub, present) = connect_persistent(broker.addr, id).await;
                 assert!(present, "{id}: session survives the move to {cores} cores");
@@ -429,7 +386,7 @@ async fn changing_cores_rehomes_sessions_and_queues() {
 async fn damaged_segment_header_is_an_error_naming_the_file() {
     bounded(async {
         let dir = tempfile::tempdir().expect("temp dir");
-        let broker = Proc::start(dir.path(), 1, &[]);
+        let broker = start(dir.path(), 1, &[]);
         let (mut sub, _) = connect_persistent(broker.addr, "damaged").await;
         assert_eq!(sub.subscribe(1, "x/#", 1).await, vec![1]);
         drop(sub);
@@ -455,7 +412,7 @@ async fn damaged_segment_header_is_an_error_naming_the_file() {
 async fn a_second_broker_on_the_same_data_directory_is_refused() {
     bounded(async {
         let dir = tempfile::tempdir().expect("temp dir");
-        let _broker = Proc::start(dir.path(), 1, &[]);
+        let _broker = start(dir.path(), 1, &[]);
         let text = start_fails(dir.path(), 1);
         assert!(text.contains("in use"), "{text}");
     })
@@ -556,7 +513,7 @@ async fn offline_qos0_is_stored_when_configured_and_delivered_once() {
     bounded(async {
         let dir = tempfile::tempdir().expect("temp dir");
         let flags = ["--queue-qos0-offline"];
-        let broker = Proc::start(dir.path(), 2, &flags);
+        let broker = start(dir.path(), 2, &flags);
         let (mut sub, _) = connect_persistent(broker.addr, "qos0-sub").await;
         assert_eq!(sub.subscribe(1, "z/#", 0).await, vec![0]);
         sub.send(&Packet::Disconnect(Disconnect::new(ReasonCode::Success))).await;
@@ -571,7 +528,7 @@ async fn offline_qos0_is_stored_when_configured_and_delivered_once() {
         assert!(matches!(publisher.expect().await, Packet::PubAck(_)));
         broker.kill();
 
-        let broker = Proc::start(dir.path(), 2, &flags);
+        let broker = start(dir.path(), 2, &flags);
         let (mut sub, present) = connect_persistent(broker.addr, "qos0-sub").await;
         assert!(present);
         for n in 0..=100u32 {
@@ -590,7 +547,7 @@ async fn offline_qos0_is_stored_when_configured_and_delivered_once() {
         broker.kill();
 
         // Sent QoS 0 messages are finished: a further restart does not bring them back.
-        let broker = Proc::start(dir.path(), 2, &flags);
+        let broker = start(dir.path(), 2, &flags);
         let (mut sub, present) = connect_persistent(broker.addr, "qos0-sub").await;
         assert!(present);
         sub.send(&Packet::PingReq).await;
@@ -607,7 +564,7 @@ async fn offline_qos0_is_stored_when_configured_and_delivered_once() {
 async fn will_of_a_stored_session_is_published_after_a_kill() {
     bounded(async {
         let dir = tempfile::tempdir().expect("temp dir");
-        let broker = Proc::start(dir.path(), 2, &[]);
+        let broker = start(dir.path(), 2, &[]);
         // A persistent watcher of the will topic, offline during the kill.
         let (mut watcher, _) = connect_v5_expiring(broker.addr, "will-watcher", 3600, true).await;
         assert_eq!(watcher.subscribe(1, "will/#", 1).await, vec![1]);
@@ -630,7 +587,7 @@ async fn will_of_a_stored_session_is_published_after_a_kill() {
         // The CONNACK came after the session (and its will) was written; the kill follows.
         broker.kill();
 
-        let broker = Proc::start(dir.path(), 2, &[]);
+        let broker = start(dir.path(), 2, &[]);
         let (mut watcher, present) = connect_v5_expiring(broker.addr, "will-watcher", 3600, false).await;
         assert!(present);
         match watcher.expect().await {
@@ -653,7 +610,7 @@ async fn will_of_a_stored_session_is_published_after_a_kill() {
 async fn qos2_publish_resent_after_a_kill_is_not_routed_twice() {
     bounded(async {
         let dir = tempfile::tempdir().expect("temp dir");
-        let broker = Proc::start(dir.path(), 2, &[]);
+        let broker = start(dir.path(), 2, &[]);
         let (mut sub, _) = connect_persistent(broker.addr, "q2-sub").await;
         assert_eq!(sub.subscribe(1, "q2/#", 2).await, vec![2]);
         sub.send(&Packet::Disconnect(Disconnect::new(ReasonCode::Success))).await;
@@ -664,7 +621,7 @@ async fn qos2_publish_resent_after_a_kill_is_not_routed_twice() {
         assert!(matches!(publisher.expect().await, Packet::PubRec(rec) if rec.packet_id == 7));
         broker.kill();
 
-        let broker = Proc::start(dir.path(), 2, &[]);
+        let broker = start(dir.path(), 2, &[]);
         let (mut publisher, present) = connect_persistent(broker.addr, "q2-pub").await;
         assert!(present);
         // It may resend the PUBLISH (with DUP) rather than PUBREL: that must not route it again.

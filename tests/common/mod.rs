@@ -972,3 +972,102 @@ impl Raw {
         }
     }
 }
+
+// ----- the real binary ----------------------------------------------------------------------------
+
+/// A `shardmq serve` process started by a test; killed (SIGKILL) when dropped.
+#[derive(Debug)]
+pub struct Spawned {
+    pub child: std::process::Child,
+    /// The MQTT listener.
+    pub addr: SocketAddr,
+    /// The admin API, when the process logged one.
+    pub admin: Option<SocketAddr>,
+    /// The process's log lines after the listener line (stdout), for tests that wait on one.
+    pub lines: std::sync::mpsc::Receiver<String>,
+}
+
+/// The port after `127.0.0.1:` in a log line.
+pub fn logged_port(line: &str) -> u16 {
+    line.split("127.0.0.1:")
+        .nth(1)
+        .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|digits| digits.parse().ok())
+        .unwrap_or_else(|| panic!("no port in {line:?}"))
+}
+
+impl Spawned {
+    /// Runs `shardmq serve <args>` (plus `--no-pin`) and returns once it logs its MQTT listener
+    /// (the admin API, when on, is logged before it). Pass `--listen 127.0.0.1:0` and an
+    /// `--admin-listen` of port 0 or `off` so tests run in parallel.
+    pub fn start<I, S>(args: I) -> Spawned
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<std::ffi::OsStr>,
+    {
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_shardmq"))
+            .arg("serve")
+            .arg("--no-pin")
+            .args(args)
+            .env("NO_COLOR", "1")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("shardmq starts");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let mut admin = None;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let addr = loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = lines.recv_timeout(left).expect("shardmq logs its listener");
+            if line.contains("admin API listening") {
+                admin = Some(SocketAddr::from(([127, 0, 0, 1], logged_port(&line))));
+            } else if line.contains("shardmq listening") {
+                break SocketAddr::from(([127, 0, 0, 1], logged_port(&line)));
+            }
+        };
+        Spawned { child, addr, admin, lines }
+    }
+
+    /// The admin API's address (panics if the process has none).
+    pub fn admin(&self) -> SocketAddr {
+        self.admin.expect("the admin API is on")
+    }
+
+    /// SIGKILL: no shutdown code runs.
+    pub fn kill(mut self) {
+        self.child.kill().expect("SIGKILL");
+        self.child.wait().expect("reaped");
+    }
+}
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Connects with a user name and password; returns the client and the CONNACK code (v5 reason
+/// code, 3.x return code).
+pub async fn connect_with_credentials(
+    addr: SocketAddr,
+    version: ProtocolVersion,
+    id: &str,
+    user: &str,
+    password: &[u8],
+) -> (Raw, u8) {
+    let mut connect = connect_packet(version, id, true, 60);
+    connect.username = Some(Utf8::new(user).expect("user name"));
+    connect.password = Some(Bytes::copy_from_slice(password));
+    let (raw, ack) = Raw::connect_with(addr, connect).await;
+    let code = if version.is_v5() { ack.reason.as_u8() } else { ack.reason.to_v3_connack().unwrap_or(0) };
+    (raw, code)
+}
