@@ -71,15 +71,5 @@ echo '```'
 echo
 echo "<!-- persist:end -->"
 } > "$work/section.md"
-python3 - "$work/section.md" <<'PY'
-import re, sys
-section = open(sys.argv[1]).read()
-path = "perf/RESULTS.md"
-text = open(path).read()
-if "<!-- persist:begin" in text:
-    text = re.sub(r"<!-- persist:begin.*?<!-- persist:end -->\n", section, text, flags=re.S)
-else:
-    text = text.rstrip("\n") + "\n\n" + section
-open(path, "w").write(text)
-PY
+python3 perf/section.py persist "$work/section.md"
 cat "$work/section.md"

@@ -72,16 +72,5 @@ scenarios=(
   done
   echo "<!-- brokers:end -->"
 } > "$out/section.md"
-python3 - "$out/section.md" perf/RESULTS.md <<'PY'
-import re, sys
-section = open(sys.argv[1]).read()
-path = sys.argv[2]
-text = open(path).read()
-pattern = re.compile(r"<!-- brokers:begin.*?<!-- brokers:end -->\n?", re.S)
-if pattern.search(text):
-    text = pattern.sub(lambda _: section, text)
-else:
-    text = text.rstrip("\n") + "\n\n" + section
-open(path, "w").write(text)
-PY
+python3 perf/section.py brokers "$out/section.md"
 echo "perf/RESULTS.md updated" >&2

@@ -62,15 +62,6 @@ connections were paused $throttles times by the publish-rate limit
 <!-- tenants:end -->
 MD
 )
-python3 - "$section" <<'PY'
-import re, sys
-section = sys.argv[1] + "\n"
-path = "perf/RESULTS.md"
-text = open(path).read()
-if "<!-- tenants:begin" in text:
-    text = re.sub(r"<!-- tenants:begin.*?<!-- tenants:end -->\n", section, text, flags=re.S)
-else:
-    text = text.rstrip("\n") + "\n\n" + section
-open(path, "w").write(text)
-PY
+printf '%s\n' "$section" > "$work/section.md"
+python3 perf/section.py tenants "$work/section.md"
 echo "$section"
