@@ -2,7 +2,8 @@
 //!
 //! Owns: the shard threads and their monoio runtimes ([`runtime`]), the connection tasks
 //! ([`conn`]), the per-shard broker state and logic ([`shard`]): sessions ([`session`]), the trie
-//! slice and interest table ([`trie`]), retained messages, and the core-to-core mesh ([`mesh`]).
+//! slice and interest table ([`trie`]), retained messages, the core-to-core mesh ([`mesh`]), and the
+//! sans-I/O WebSocket layer for MQTT over WebSocket ([`ws`]).
 //!
 //! Does not own: the CLI and config files (the `shardmq` binary), the byte layout of packets
 //! (`shardmq-protocol`), the log format (`shardmq-storage`; the
@@ -25,6 +26,7 @@ pub mod shard;
 pub mod store;
 pub mod tenants;
 pub mod trie;
+pub mod ws;
 
 #[cfg(test)]
 mod routing_tests;
