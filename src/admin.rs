@@ -23,6 +23,7 @@ use hyper::header::{AUTHORIZATION, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
 use serde_json::{json, Value};
 use shardmq_shards::admin::{AdminError, SessionDetail, SessionSummary};
+use shardmq_shards::listener::ListenerInfo;
 use shardmq_shards::message::TenantId;
 use shardmq_shards::shard::ShardStats;
 use shardmq_shards::tenants::{Limit, TenantSettings, Tenants};
@@ -39,6 +40,8 @@ pub struct AdminState {
     pub auth: Arc<dyn shardmq_shards::auth::AuthProvider>,
     pub stats: Vec<Arc<ShardStats>>,
     pub tenants: Arc<Tenants>,
+    /// The MQTT listeners, for their connection and refusal counters.
+    pub listeners: Vec<Arc<ListenerInfo>>,
     pub token: Option<String>,
 }
 
@@ -368,7 +371,7 @@ async fn serve(
         }
         ("/metrics", _) => Response::builder()
             .header(CONTENT_TYPE, "text/plain; version=0.0.4")
-            .body(Full::new(Bytes::from(metrics_text(&state.stats, &state.tenants))))
+            .body(Full::new(Bytes::from(metrics_text(&state.stats, &state.tenants, &state.listeners))))
             .expect("static response parts"),
         ("/openapi.json", _) => json_response(StatusCode::OK, &openapi()),
         ("/api/v1/sessions", _) => {
@@ -623,7 +626,7 @@ pub fn openapi() -> Value {
 }
 
 /// The counters of every shard in the Prometheus text format (read with relaxed atomic loads).
-pub fn metrics_text(stats: &[Arc<ShardStats>], tenants: &Tenants) -> String {
+pub fn metrics_text(stats: &[Arc<ShardStats>], tenants: &Tenants, listeners: &[Arc<ListenerInfo>]) -> String {
     type Field = fn(&ShardStats) -> &AtomicU64;
     let metrics: &[(&str, &str, &str, Field)] = &[
         ("shardmq_connections", "gauge", "Live client connections.", |s| &s.connections),
@@ -760,6 +763,32 @@ pub fn metrics_text(stats: &[Arc<ShardStats>], tenants: &Tenants) -> String {
         for limit in Limit::ALL {
             let value = state.limited[limit.index()].load(Ordering::Relaxed);
             let _ = writeln!(out, "{name}{{tenant=\"{}\",limit=\"{}\"}} {value}", tenant.0, limit.name());
+        }
+    }
+    let name = "shardmq_listener_connections";
+    family(&mut out, name, "gauge", "Live connections per listener.");
+    for l in listeners {
+        let labels = format!("listener=\"{}\",kind=\"{}\"", l.config.address, l.config.kind.name());
+        let _ = writeln!(out, "{name}{{{labels}}} {}", l.live.load(Ordering::Relaxed));
+    }
+    let name = "shardmq_listener_refused_total";
+    family(
+        &mut out,
+        name,
+        "counter",
+        "Connections a listener refused, by reason (full, proxy, tls, websocket).",
+    );
+    for l in listeners {
+        let labels = format!("listener=\"{}\",kind=\"{}\"", l.config.address, l.config.kind.name());
+        let counters = [
+            ("full", &l.refused_full),
+            ("proxy", &l.proxy_errors),
+            ("tls", &l.tls_errors),
+            ("websocket", &l.ws_errors),
+        ];
+        for (reason, counter) in counters {
+            let _ =
+                writeln!(out, "{name}{{{labels},reason=\"{reason}\"}} {}", counter.load(Ordering::Relaxed));
         }
     }
     out

@@ -203,9 +203,10 @@ struct ServeArgs {
     /// The file `--events jsonl` appends one JSON object per line to.
     #[arg(long)]
     events_file: Option<PathBuf>,
-    /// Several listeners (config file only: `[[listeners]]` with `address`, `kind` = tcp,
-    /// `proxy_protocol`, `max_connections`, `default_tenant`); `--listen` on the command line
-    /// replaces them with one plain listener.
+    /// Several listeners (config file only: `[[listeners]]` with `address`, `kind` = tcp, tls, ws
+    /// or wss, `proxy_protocol`, `max_connections`, `default_tenant`, and for TLS `cert_file`,
+    /// `key_file`, `client_ca_file`, `require_client_cert`, for WebSocket `ws_path`); `--listen` on
+    /// the command line replaces them with one plain listener.
     #[arg(skip)]
     #[serde(default)]
     listeners: Vec<ListenerToml>,
@@ -242,6 +243,37 @@ struct ListenerToml {
     max_connections: Option<u64>,
     #[serde(default)]
     default_tenant: u32,
+    /// `tls` and `wss`: the certificate chain (PEM, leaf first) and its private key (PEM).
+    cert_file: Option<PathBuf>,
+    key_file: Option<PathBuf>,
+    /// Mutual TLS: CA certificates (PEM) that client certificates must chain to.
+    client_ca_file: Option<PathBuf>,
+    /// With `client_ca_file`: whether a client without a certificate is refused (default true).
+    require_client_cert: Option<bool>,
+    /// `ws` and `wss`: the HTTP path of the upgrade (default `/mqtt`).
+    ws_path: Option<String>,
+}
+
+impl ListenerToml {
+    /// The TLS files of this entry; an error when they are incomplete.
+    fn tls_files(&self) -> Result<Option<shardmq_shards::tls::TlsFiles>> {
+        let files = match (&self.cert_file, &self.key_file) {
+            (Some(cert_file), Some(key_file)) => shardmq_shards::tls::TlsFiles {
+                cert_file: cert_file.clone(),
+                key_file: key_file.clone(),
+                client_ca_file: self.client_ca_file.clone(),
+                require_client_cert: self.require_client_cert.unwrap_or(true),
+            },
+            (None, None) if self.client_ca_file.is_none() && self.require_client_cert.is_none() => {
+                return Ok(None)
+            }
+            _ => bail!(
+                "listener {}: cert_file and key_file go together (client_ca_file needs both)",
+                self.address
+            ),
+        };
+        Ok(Some(files))
+    }
 }
 
 fn default_kind() -> String {
@@ -288,6 +320,8 @@ fn merge(flags: ServeArgs, file: ServeArgs) -> Result<(BrokerConfig, String, Adm
                 proxy_protocol: entry.proxy_protocol,
                 max_connections: entry.max_connections,
                 default_tenant: shardmq_shards::message::TenantId(entry.default_tenant),
+                tls: entry.tls_files()?,
+                ws_path: entry.ws_path.clone(),
             });
         }
     }
@@ -469,6 +503,7 @@ fn serve(mut args: ServeArgs) -> Result<()> {
             handle: broker.admin.clone(),
             stats: broker.stats.clone(),
             tenants: tenants.clone(),
+            listeners: broker.listeners.clone(),
             auth: auth.clone(),
             token: admin_args.token,
         };
@@ -477,6 +512,9 @@ fn serve(mut args: ServeArgs) -> Result<()> {
             return Err(e);
         }
     }
+    for listener in &broker.listeners {
+        info!(listener = %listener.config.address, kind = listener.config.kind.name(), path = ?listener.ws_path, "listener ready");
+    }
     info!(listen = %broker.local_addr, cores, drivers = ?broker.drivers, data_dir = %data_dir, "shardmq listening");
     for signal in signals.forever() {
         if signal == SIGHUP {
@@ -484,6 +522,19 @@ fn serve(mut args: ServeArgs) -> Result<()> {
                 Ok(()) => info!("SIGHUP: auth configuration reloaded"),
                 Err(e) => {
                     tracing::warn!(error = %e, "SIGHUP: auth configuration not reloaded, the previous one stays")
+                }
+            }
+            for listener in &broker.listeners {
+                let Some(tls) = &listener.tls else { continue };
+                match tls.reload() {
+                    Ok(()) => {
+                        info!(listener = %listener.config.address, "SIGHUP: certificate and key reloaded")
+                    }
+                    Err(e) => tracing::warn!(
+                        listener = %listener.config.address,
+                        error = %e,
+                        "SIGHUP: certificate not reloaded, the previous one stays"
+                    ),
                 }
             }
             continue;

@@ -38,12 +38,15 @@ const QUEUE_CAPACITY: usize = 4096;
 /// Cached decisions kept at most (the cache is cleared when full).
 const CACHE_ENTRIES_MAX: usize = 100_000;
 
+/// Client id, username, and a keyed hash of the password and the client certificate's subject.
 type CacheKey = (String, Option<String>, u64);
 
 struct Job {
     client_id: String,
     username: Option<String>,
     password: Option<String>,
+    /// The verified client certificate of a mutual-TLS listener.
+    cert: Option<shardmq_shards::tls::ClientCert>,
     key: CacheKey,
     pending: Arc<PendingDecision>,
 }
@@ -85,7 +88,12 @@ impl WebhookAuth {
                     let (client, uri, cache) = (client.clone(), uri.clone(), thread_cache.clone());
                     let acls = thread_acls.clone();
                     tokio::spawn(async move {
-                        let body = json!({ "client_id": job.client_id, "username": job.username, "password": job.password });
+                        let mut body = json!({ "client_id": job.client_id, "username": job.username, "password": job.password });
+                        if let Some(cert) = &job.cert {
+                            body["cert_subject"] = json!(cert.subject);
+                            body["cert_common_name"] = json!(cert.common_name);
+                            body["cert_sans"] = json!(cert.sans);
+                        }
                         let request = hyper::Request::post(uri)
                             .header(hyper::header::CONTENT_TYPE, "application/json")
                             .body(Full::new(Bytes::from(body.to_string())))
@@ -129,7 +137,8 @@ impl WebhookAuth {
         (
             credentials.client_id.to_string(),
             credentials.username.map(str::to_string),
-            self.keys.hash_one(credentials.password.unwrap_or(&[])),
+            self.keys
+                .hash_one((credentials.password.unwrap_or(&[]), credentials.client_cert.map(|c| &c.subject))),
         )
     }
 
@@ -195,6 +204,7 @@ impl AuthProvider for WebhookAuth {
             client_id: credentials.client_id.to_string(),
             username: credentials.username.map(str::to_string),
             password: credentials.password.map(|p| String::from_utf8_lossy(p).into_owned()),
+            cert: credentials.client_cert.cloned(),
             key,
             pending: pending.clone(),
         };

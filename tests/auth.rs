@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use common::{
@@ -202,19 +202,8 @@ async fn passwd_writes_users_and_sighup_reloads_them() {
         // Change dave's password and add erin, then SIGHUP.
         passwd("dave", "changed", "4");
         passwd("erin", "second", "5");
-        let status =
-            Command::new("kill").args(["-HUP", &broker.child.id().to_string()]).status().expect("kill -HUP");
-        assert!(status.success());
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let line = broker
-                .lines
-                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-                .expect("reload logged");
-            if line.contains("auth configuration reloaded") {
-                break;
-            }
-        }
+        broker.sighup();
+        broker.wait_line(|line| line.contains("auth configuration reloaded"));
         assert_eq!(
             connect_with_credentials(addr, V5, "e2", "erin", b"second").await.1,
             0,

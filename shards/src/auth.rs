@@ -35,6 +35,8 @@ pub struct Credentials<'a> {
     pub peer: Option<std::net::SocketAddr>,
     /// The tenant of the listener the client came through, for providers that do not name one.
     pub default_tenant: TenantId,
+    /// The client certificate verified by a mutual-TLS listener: its subject and SANs.
+    pub client_cert: Option<&'a crate::tls::ClientCert>,
 }
 
 /// The answer to a CONNECT.
@@ -264,14 +266,18 @@ fn covers(allowed: &str, asked: &str) -> bool {
 
 impl AuthProvider for FileAuth {
     fn authenticate(&self, credentials: &Credentials<'_>) -> AuthDecision {
-        let (Some(username), Some(password)) = (credentials.username, credentials.password) else {
-            return AuthDecision::BadCredentials;
-        };
+        let Some(username) = credentials.username else { return AuthDecision::BadCredentials };
         let inner = self.inner.read().unwrap_or_else(|e| e.into_inner());
         let Some(user) = inner.users.iter().find(|u| u.username == username) else {
             return AuthDecision::BadCredentials;
         };
         let tenant = TenantId(user.tenant);
+        let Some(password) = credentials.password else {
+            // No password: only a client certificate the listener verified, naming this user as
+            // its common name, vouches for the client (mutual TLS).
+            let by_cert = credentials.client_cert.is_some_and(|c| c.common_name.as_deref() == Some(username));
+            return if by_cert { AuthDecision::Allow { tenant } } else { AuthDecision::BadCredentials };
+        };
         let key = (username.to_string(), self.password_key(password));
         if self.verified.lock().unwrap_or_else(|e| e.into_inner()).contains(&key) {
             return AuthDecision::Allow { tenant };
@@ -389,8 +395,24 @@ mod tests {
             password: Some(p),
             peer: None,
             default_tenant: TenantId::default(),
+            client_cert: None,
         };
         assert_eq!(auth.authenticate(&creds("alice", b"pw")), AuthDecision::Allow { tenant: TenantId(3) });
+        // No password: only a verified client certificate naming the user stands in for it.
+        let cert = |cn: &str| crate::tls::ClientCert {
+            subject: format!("CN={cn}"),
+            common_name: Some(cn.to_string()),
+            sans: Vec::new(),
+        };
+        let (alice, bob) = (cert("alice"), cert("bob"));
+        for (cert, want) in [
+            (Some(&alice), AuthDecision::Allow { tenant: TenantId(3) }),
+            (Some(&bob), AuthDecision::BadCredentials),
+            (None, AuthDecision::BadCredentials),
+        ] {
+            let credentials = Credentials { password: None, client_cert: cert, ..creds("alice", b"") };
+            assert_eq!(auth.authenticate(&credentials), want, "{cert:?}");
+        }
         // Cached: the second success skips argon2 and gives the same answer.
         assert_eq!(auth.authenticate(&creds("alice", b"pw")), AuthDecision::Allow { tenant: TenantId(3) });
         assert_eq!(auth.authenticate(&creds("alice", b"nope")), AuthDecision::BadCredentials);

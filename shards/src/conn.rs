@@ -35,6 +35,7 @@ use crate::listener::{parse_proxy, ListenerInfo, ListenerSlot, ProxyHeader, PROX
 use crate::message::TenantId;
 use crate::session::{ConnId, SessionKey};
 use crate::shard::{home_shard, After, ConnectOutcome, Handoff, MeshMsg, Shard};
+use crate::transport::{Flow, LayerError, Layers};
 
 /// The shard state as its tasks share it.
 pub type ShardCell = Rc<RefCell<Shard>>;
@@ -65,6 +66,8 @@ pub struct ConnShared {
     reader_waker: RefCell<Option<std::task::Waker>>,
     /// The connection's place on its listener, released when the connection's state goes.
     slot: RefCell<Option<ListenerSlot>>,
+    /// TLS and WebSocket between the socket and MQTT; `None` on plain TCP.
+    layers: RefCell<Option<Box<Layers>>>,
 }
 
 impl ConnShared {
@@ -84,7 +87,44 @@ impl ConnShared {
             shard,
             reader_waker: RefCell::new(None),
             slot: RefCell::new(None),
+            layers: RefCell::new(None),
         })
+    }
+
+    /// Hands socket bytes to the connection's layers (see [`through_layers`]; here the writer
+    /// task sends what they answer). False when the connection must end.
+    fn layers_inbound(&self, raw: BytesMut, mqtt: &mut BytesMut) -> bool {
+        let mut layers = self.layers.borrow_mut();
+        let Some(layers) = layers.as_mut() else { return false };
+        let flow = layers.inbound(raw, mqtt);
+        let answer = layers.has_output();
+        match flow {
+            Ok(Flow::Open) => {
+                if answer {
+                    self.wake();
+                }
+                true
+            }
+            Ok(Flow::Closed) => false,
+            Err(error) => {
+                layers.count_error(&error);
+                false
+            }
+        }
+    }
+
+    /// Passes the MQTT bytes in `out` through the layers, leaving in `out` what goes on the wire
+    /// (with anything the layers owed the peer). `goodbye` adds the layers' closing words.
+    fn layers_outbound(&self, out: &mut BytesMut, goodbye: bool) -> Result<(), LayerError> {
+        let mut layers = self.layers.borrow_mut();
+        let Some(layers) = layers.as_mut() else { return Ok(()) };
+        let result = layers.outbound(out);
+        if goodbye {
+            layers.close();
+        }
+        out.clear();
+        layers.take_output(out);
+        result
     }
 
     /// Wakes the reader if it waits for the writer to make progress.
@@ -204,6 +244,25 @@ pub async fn serve_accepted(
             }
         }
     }
+    let mut layers = match listener.new_layers() {
+        None => None,
+        Some(Ok(mut layers)) => {
+            layers.listener = Some(listener.clone());
+            Some(layers)
+        }
+        Some(Err(error)) => {
+            listener.count_layer_error(&error);
+            warn!(listener = %listener.config.address, peer = ?peer, %error, "connection refused");
+            return;
+        }
+    };
+    if let Some(layers) = layers.as_mut() {
+        // What followed the PROXY header is the start of the TLS or WebSocket stream.
+        let raw = buf.split();
+        if !through_layers(&mut stream, layers, raw, &mut buf).await {
+            return;
+        }
+    }
     let connect = loop {
         // Read before decoding: a failed decode has already split the frame off `buf`.
         let level = peek_connect_level(&buf);
@@ -217,24 +276,44 @@ pub async fn serve_accepted(
             }
             Ok(None) => {}
             Err(error) => {
-                refuse_bad_connect(&cell, &mut stream, level, &error).await;
+                refuse_bad_connect(&cell, &mut stream, layers, level, &error).await;
                 return;
             }
         }
         let left = deadline.saturating_duration_since(Instant::now());
-        match monoio::time::timeout(left, read_more(&mut stream, buf, cfg.packet_size_bytes_max as usize))
-            .await
-        {
-            Ok((Ok(n), back)) if n > 0 => buf = back,
-            _ => return, // closed, failed or timed out before CONNECT
+        let limit = cfg.packet_size_bytes_max as usize;
+        let Some(layer) = layers.as_mut() else {
+            match monoio::time::timeout(left, read_more(&mut stream, buf, limit)).await {
+                Ok((Ok(n), back)) if n > 0 => buf = back,
+                _ => return, // closed, failed or timed out before CONNECT
+            }
+            continue;
+        };
+        let raw = layer.take_read_buf();
+        match monoio::time::timeout(left, read_more(&mut stream, raw, limit)).await {
+            Ok((Ok(n), raw)) if n > 0 => {
+                if !through_layers(&mut stream, layer, raw, &mut buf).await {
+                    return;
+                }
+            }
+            _ => return,
         }
     };
+    let client_cert = layers.as_ref().and_then(|layers| layers.client_cert());
+    let mut connect = connect;
+    if connect.username.is_none() {
+        // Mutual TLS without a username: the certificate's common name is the username (what
+        // Mosquitto's `use_identity_as_username` does), so ACL rules with %u apply to it.
+        let name = client_cert.as_ref().and_then(|cert| cert.common_name.as_deref());
+        connect.username = name.and_then(|name| shardmq_protocol::Utf8::try_from(name).ok());
+    }
     let credentials = Credentials {
         client_id: connect.client_id.as_str(),
         username: connect.username.as_ref().map(|u| u.as_str()),
         password: connect.password.as_deref(),
         peer,
         default_tenant: listener.config.default_tenant,
+        client_cert: client_cert.as_ref(),
     };
     let decision = match cfg.auth.begin(&credentials) {
         Verdict::Now(decision) => decision,
@@ -269,11 +348,10 @@ pub async fn serve_accepted(
             let connack =
                 shardmq_protocol::ConnAck { session_present: false, reason, properties: Default::default() };
             let mut out = BytesMut::new();
-            if (connect.protocol.is_v5() || reason.to_v3_connack().is_some())
-                && encode(&Packet::ConnAck(connack), connect.protocol, &mut out).is_ok()
-            {
-                let _ = stream.write_all(out).await;
+            if connect.protocol.is_v5() || reason.to_v3_connack().is_some() {
+                let _ = encode(&Packet::ConnAck(connack), connect.protocol, &mut out);
             }
+            send_and_close(&mut stream, layers, out).await;
             return;
         }
     };
@@ -284,20 +362,21 @@ pub async fn serve_accepted(
         // in a std stream transfers that ownership (it is closed exactly once, by whoever holds it
         // last). Exercised by every cross-shard test (tests/ with --cores 2 and 4).
         let std_stream = unsafe { std::net::TcpStream::from_raw_fd(fd) };
-        let handoff = Handoff { stream: std_stream, connect, buffered: buf, tenant, peer, slot: Some(slot) };
+        let handoff =
+            Handoff { stream: std_stream, connect, buffered: buf, tenant, peer, slot: Some(slot), layers };
         cell.borrow_mut().outbox.send(home, MeshMsg::Handoff(Box::new(handoff)));
         return;
     }
     // New tasks for the connection's life, so the CONNECT phase's state is freed instead of
     // staying inside a long-lived future (idle memory per connection is a headline figure).
-    start(cell, stream, connect, buf, tenant, peer, Some(slot));
+    start(cell, stream, connect, buf, tenant, peer, Some(slot), layers);
 }
 
 /// Serves a socket another shard accepted and handed over.
 pub async fn serve_handoff(cell: ShardCell, handoff: Handoff) {
-    let Handoff { stream, connect, buffered, tenant, peer, slot } = handoff;
+    let Handoff { stream, connect, buffered, tenant, peer, slot, layers } = handoff;
     match TcpStream::from_std(stream) {
-        Ok(stream) => start(cell, stream, connect, buffered, tenant, peer, slot),
+        Ok(stream) => start(cell, stream, connect, buffered, tenant, peer, slot, layers),
         Err(error) => debug!(%error, "could not adopt handed-off socket"),
     }
 }
@@ -333,6 +412,7 @@ fn peek_connect_level(buf: &[u8]) -> Option<u8> {
 async fn refuse_bad_connect(
     cell: &ShardCell,
     stream: &mut TcpStream,
+    layers: Option<Box<Layers>>,
     level: Option<u8>,
     error: &DecodeError,
 ) {
@@ -351,8 +431,52 @@ async fn refuse_bad_connect(
         (_, V3Action::ConnAck(code)) => Some(vec![0x20, 0x02, 0x00, code]),
         (_, V3Action::Close) => None,
     };
-    if let Some(bytes) = bytes {
-        let _ = stream.write_all(bytes).await;
+    send_and_close(stream, layers, BytesMut::from(bytes.unwrap_or_default().as_slice())).await;
+}
+
+/// Hands bytes read from the socket (`raw`) to the layers, appending the MQTT bytes they carry to
+/// `mqtt`, and writes what the layers answer at once (the socket is not split yet: the CONNECT
+/// phase). False when the connection must end: the peer closed the layer, or a layer failed (the
+/// failure is counted on the listener and logged).
+async fn through_layers(
+    stream: &mut TcpStream,
+    layers: &mut Layers,
+    raw: BytesMut,
+    mqtt: &mut BytesMut,
+) -> bool {
+    let flow = layers.inbound(raw, mqtt);
+    if layers.has_output() {
+        let mut out = BytesMut::new();
+        layers.take_output(&mut out);
+        if stream.write_all(out).await.0.is_err() {
+            return false;
+        }
+    }
+    match flow {
+        Ok(Flow::Open) => true,
+        Ok(Flow::Closed) => false,
+        Err(error) => {
+            layers.count_error(&error);
+            false
+        }
+    }
+}
+
+/// Sends `mqtt` bytes (a refusal) on a socket that is not split yet, through its layers, and the
+/// layers' goodbye; the caller then drops the socket.
+async fn send_and_close(stream: &mut TcpStream, layers: Option<Box<Layers>>, mqtt: BytesMut) {
+    let out = match layers {
+        None => mqtt,
+        Some(mut layers) => {
+            let _ = layers.outbound(&mqtt);
+            layers.close();
+            let mut out = BytesMut::new();
+            layers.take_output(&mut out);
+            out
+        }
+    };
+    if !out.is_empty() {
+        let _ = stream.write_all(out).await;
     }
 }
 
@@ -380,6 +504,7 @@ const READ_GROW_BYTES_MAX: usize = 64 * 1024;
 /// Starts an accepted connection on its home shard: runs the CONNECT through the shard, then
 /// spawns the writer and reader tasks (or a task that sends the refusal). Synchronous, so that no
 /// long-lived future carries the CONNECT phase's state.
+#[allow(clippy::too_many_arguments)]
 fn start(
     cell: ShardCell,
     stream: TcpStream,
@@ -388,6 +513,7 @@ fn start(
     tenant: TenantId,
     peer: Option<std::net::SocketAddr>,
     slot: Option<ListenerSlot>,
+    layers: Option<Box<Layers>>,
 ) {
     let version = connect.protocol;
     let fd = stream.as_raw_fd();
@@ -398,6 +524,8 @@ fn start(
     };
     let shared = ConnShared::new(conn_id, fd, version, &cell);
     *shared.slot.borrow_mut() = slot;
+    let layered = layers.is_some();
+    *shared.layers.borrow_mut() = layers;
     let outcome = cell.borrow_mut().connect_as(tenant, *connect, shared.clone(), Instant::now());
     let mut packet_size_max = packet_size_max;
     let (key, keepalive_secs) = match outcome {
@@ -411,14 +539,14 @@ fn start(
             (session, keepalive_secs)
         }
         ConnectOutcome::Refused(connack) => {
+            let mut out = BytesMut::new();
             if let Some(connack) = connack {
-                let mut out = BytesMut::new();
-                if encode(&Packet::ConnAck(*connack), version, &mut out).is_ok() {
-                    let mut stream = stream;
-                    monoio::spawn(async move {
-                        let _ = stream.write_all(out).await;
-                    });
-                }
+                let _ = encode(&Packet::ConnAck(*connack), version, &mut out);
+            }
+            let layers = shared.layers.borrow_mut().take();
+            if !out.is_empty() || layered {
+                let mut stream = stream;
+                monoio::spawn(async move { send_and_close(&mut stream, layers, out).await });
             }
             return;
         }
@@ -525,11 +653,23 @@ async fn read_loop(
         }
         wait_for_mesh_room(cell).await;
         wait_for_writer(cell, shared, key).await;
-        let (result, back) = read_more(&mut reader, buf, packet_size_max as usize).await;
-        buf = back;
-        match result {
-            Ok(0) | Err(_) => return true,
-            Ok(_) => shared.last_read.set(Instant::now()),
+        let layer_buf = shared.layers.borrow_mut().as_mut().map(|layers| layers.take_read_buf());
+        let Some(raw) = layer_buf else {
+            let (result, back) = read_more(&mut reader, buf, packet_size_max as usize).await;
+            buf = back;
+            match result {
+                Ok(0) | Err(_) => return true,
+                Ok(_) => shared.last_read.set(Instant::now()),
+            }
+            continue;
+        };
+        let (result, raw) = read_more(&mut reader, raw, packet_size_max as usize).await;
+        if !matches!(result, Ok(n) if n > 0) {
+            return true;
+        }
+        shared.last_read.set(Instant::now());
+        if !shared.layers_inbound(raw, &mut buf) {
+            return true;
         }
     }
 }
@@ -688,6 +828,13 @@ async fn write_task(
         loop {
             out.clear();
             let owns = cell.borrow_mut().fill_output(key, shared.id, &mut out, Instant::now());
+            if let Err(error) = shared.layers_outbound(&mut out, false) {
+                debug!(%error, "cannot send through the connection's layers");
+                if shared.closing.get().is_none() {
+                    shared.closing.set(Some(None));
+                }
+                break;
+            }
             if out.is_empty() {
                 break;
             }
@@ -705,12 +852,13 @@ async fn write_task(
             }
         }
         if let Some(reason) = shared.closing() {
+            out.clear();
             if let (Some(reason), true) = (reason, shared.version.is_v5()) {
-                out.clear();
-                if encode(&Packet::Disconnect(Disconnect::new(reason)), ProtocolVersion::V5, &mut out).is_ok()
-                {
-                    let _ = writer.write_all(out).await;
-                }
+                let _ = encode(&Packet::Disconnect(Disconnect::new(reason)), ProtocolVersion::V5, &mut out);
+            }
+            let _ = shared.layers_outbound(&mut out, true);
+            if !out.is_empty() {
+                let _ = writer.write_all(out).await;
             }
             // SAFETY: `shutdown` on a descriptor this connection still owns (the read half keeps it
             // open until the reader task ends); it only ends the TCP streams and does not close the

@@ -25,6 +25,8 @@ pub mod session;
 pub mod shard;
 pub mod store;
 pub mod tenants;
+pub mod tls;
+pub mod transport;
 pub mod trie;
 pub mod ws;
 

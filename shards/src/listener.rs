@@ -15,6 +15,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use crate::message::TenantId;
+use crate::tls::{TlsAcceptor, TlsFiles};
+use crate::transport::{LayerError, Layers};
 
 /// What a listener speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -47,7 +49,14 @@ pub struct ListenerConfig {
     pub max_connections: Option<u64>,
     /// The tenant of its clients when the auth provider does not name one (allow-all).
     pub default_tenant: TenantId,
+    /// Certificate, key and client CAs: required by `tls` and `wss`, refused by the others.
+    pub tls: Option<TlsFiles>,
+    /// The HTTP path of the WebSocket upgrade (`ws` and `wss`; default [`WS_PATH_DEFAULT`]).
+    pub ws_path: Option<String>,
 }
+
+/// Where MQTT over WebSocket is served unless a listener says otherwise (the usual `/mqtt`).
+pub const WS_PATH_DEFAULT: &str = "/mqtt";
 
 impl ListenerConfig {
     pub fn tcp(address: SocketAddr) -> ListenerConfig {
@@ -57,7 +66,44 @@ impl ListenerConfig {
             proxy_protocol: false,
             max_connections: None,
             default_tenant: TenantId::default(),
+            tls: None,
+            ws_path: None,
         }
+    }
+
+    /// Checks that the kind and its settings agree.
+    pub fn validate(&self) -> Result<(), String> {
+        let wants_tls = matches!(self.kind, ListenerKind::Tls | ListenerKind::Wss);
+        let wants_ws = matches!(self.kind, ListenerKind::Ws | ListenerKind::Wss);
+        match (wants_tls, self.tls.is_some()) {
+            (true, false) => {
+                return Err(format!(
+                    "listener {} of kind {} needs cert_file and key_file",
+                    self.address,
+                    self.kind.name()
+                ))
+            }
+            (false, true) => {
+                return Err(format!(
+                    "listener {} of kind {} takes no certificate (use kind tls or wss)",
+                    self.address,
+                    self.kind.name()
+                ))
+            }
+            _ => {}
+        }
+        if let Some(path) = &self.ws_path {
+            if !wants_ws {
+                return Err(format!("listener {}: ws_path is only for kinds ws and wss", self.address));
+            }
+            if !path.starts_with('/') || path.contains(char::is_whitespace) {
+                return Err(format!(
+                    "listener {}: ws_path {path:?} must start with / and hold no spaces",
+                    self.address
+                ));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -70,9 +116,59 @@ pub struct ListenerInfo {
     /// Connections refused by `max_connections`, and PROXY headers refused.
     pub refused_full: AtomicU64,
     pub proxy_errors: AtomicU64,
+    /// Connections closed for failed TLS (handshake, certificate, records) and for failed
+    /// WebSocket upgrades or frames.
+    pub tls_errors: AtomicU64,
+    pub ws_errors: AtomicU64,
+    /// The TLS configuration of a `tls` or `wss` listener.
+    pub tls: Option<Arc<TlsAcceptor>>,
+    /// The WebSocket path of a `ws` or `wss` listener.
+    pub ws_path: Option<Arc<str>>,
 }
 
 impl ListenerInfo {
+    /// The run-time state of listener `index`: loads its TLS files (an error names the file).
+    pub fn new(index: usize, config: ListenerConfig) -> Result<ListenerInfo, String> {
+        config.validate()?;
+        let tls = match &config.tls {
+            Some(files) => Some(Arc::new(
+                TlsAcceptor::load(files.clone()).map_err(|e| format!("listener {}: {e}", config.address))?,
+            )),
+            None => None,
+        };
+        let ws_path = matches!(config.kind, ListenerKind::Ws | ListenerKind::Wss)
+            .then(|| Arc::from(config.ws_path.as_deref().unwrap_or(WS_PATH_DEFAULT)));
+        Ok(ListenerInfo {
+            index,
+            config,
+            live: Default::default(),
+            refused_full: Default::default(),
+            proxy_errors: Default::default(),
+            tls_errors: Default::default(),
+            ws_errors: Default::default(),
+            tls,
+            ws_path,
+        })
+    }
+
+    /// The layers of a new connection; `None` for plain TCP.
+    pub fn new_layers(&self) -> Option<Result<Box<Layers>, LayerError>> {
+        if self.tls.is_none() && self.ws_path.is_none() {
+            return None;
+        }
+        let tls = self.tls.as_ref().map(|acceptor| acceptor.config());
+        Some(Layers::new(tls, self.ws_path.clone()).map(Box::new))
+    }
+
+    /// Counts a layer failure on its counter.
+    pub fn count_layer_error(&self, error: &LayerError) {
+        match error {
+            LayerError::Tls(_) => &self.tls_errors,
+            LayerError::Upgrade(_) | LayerError::WebSocket(_) => &self.ws_errors,
+        }
+        .fetch_add(1, Ordering::Relaxed);
+    }
+
     /// Takes a place for a new connection; `None` when the listener is full.
     pub fn take_slot(&self) -> Option<ListenerSlot> {
         let now = self.live.fetch_add(1, Ordering::SeqCst) + 1;
@@ -306,16 +402,11 @@ mod tests {
 
     #[test]
     fn slots_bound_a_listener() {
-        let info = ListenerInfo {
-            index: 0,
-            config: ListenerConfig {
-                max_connections: Some(2),
-                ..ListenerConfig::tcp("127.0.0.1:0".parse().unwrap())
-            },
-            live: Arc::default(),
-            refused_full: AtomicU64::new(0),
-            proxy_errors: AtomicU64::new(0),
+        let config = ListenerConfig {
+            max_connections: Some(2),
+            ..ListenerConfig::tcp("127.0.0.1:0".parse().unwrap())
         };
+        let info = ListenerInfo::new(0, config).unwrap();
         let a = info.take_slot().unwrap();
         let _b = info.take_slot().unwrap();
         assert!(info.take_slot().is_none());

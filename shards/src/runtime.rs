@@ -26,7 +26,7 @@ use tracing::{info, warn};
 use crate::admin::{control_queues, AdminHandle, AdminRequest};
 use crate::config::{BrokerConfig, IoDriver};
 use crate::conn::{serve_accepted, serve_handoff, ShardCell};
-use crate::listener::{ListenerConfig, ListenerInfo, ListenerKind};
+use crate::listener::{ListenerConfig, ListenerInfo};
 use crate::mesh::{Mesh, ShardId};
 use crate::shard::{recovered_interest, InterestChange, MeshMsg, Shard, ShardStats, SHARDS_MAX};
 use crate::store::recovery::{self, DataDir, Recovered};
@@ -133,33 +133,27 @@ pub fn start(cfg: BrokerConfig) -> io::Result<Broker> {
     }
     let configured =
         if cfg.listeners.is_empty() { vec![ListenerConfig::tcp(cfg.listen)] } else { cfg.listeners.clone() };
-    if let Some(other) = configured.iter().find(|l| l.kind != ListenerKind::Tcp) {
-        return Err(io::Error::new(
-            io::ErrorKind::Unsupported,
-            format!(
-                "listener {} of kind {} is not implemented yet (issue 7): only tcp is",
-                other.address,
-                other.kind.name()
-            ),
-        ));
-    }
+    // Load every listener's files before binding anything: a bad certificate path is an error
+    // naming the file, not a half-started broker.
+    let configured = configured
+        .into_iter()
+        .enumerate()
+        .map(|(index, config)| ListenerInfo::new(index, config))
+        .collect::<Result<Vec<_>, String>>()
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
     let cfg = Arc::new(cfg);
     // Per listener: the first bind resolves port 0; each shard joins the same port through
     // SO_REUSEPORT. `per_shard[s]` is shard s's sockets, one per listener.
     let mut per_shard: Vec<Vec<(std::net::TcpListener, Arc<ListenerInfo>)>> =
         (0..cfg.cores).map(|_| Vec::new()).collect();
     let mut infos = Vec::new();
-    for (index, config) in configured.into_iter().enumerate() {
-        let first = bind_listener(config.address)
-            .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {}: {e}", config.address)))?;
+    for mut info in configured {
+        let first = bind_listener(info.config.address).map_err(|e| {
+            io::Error::new(e.kind(), format!("cannot listen on {}: {e}", info.config.address))
+        })?;
         let bound = first.local_addr()?;
-        let info = Arc::new(ListenerInfo {
-            index,
-            config: ListenerConfig { address: bound, ..config },
-            live: Arc::default(),
-            refused_full: Default::default(),
-            proxy_errors: Default::default(),
-        });
+        info.config.address = bound;
+        let info = Arc::new(info);
         per_shard[0].push((first, info.clone()));
         for shard in per_shard.iter_mut().skip(1) {
             shard.push((bind_listener(bound)?, info.clone()));

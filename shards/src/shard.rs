@@ -94,6 +94,8 @@ pub struct Handoff {
     pub peer: Option<std::net::SocketAddr>,
     /// The connection's place on its listener.
     pub slot: Option<crate::listener::ListenerSlot>,
+    /// Its TLS and WebSocket state (`None` on plain TCP).
+    pub layers: Option<Box<crate::transport::Layers>>,
 }
 
 /// The interest of one shard in one filter (or share group on a filter) began or ended.

@@ -1041,6 +1041,27 @@ impl Spawned {
         self.admin.expect("the admin API is on")
     }
 
+    /// Sends SIGHUP (reload), as an operator would with `kill -HUP`.
+    pub fn sighup(&self) {
+        let status = std::process::Command::new("kill")
+            .args(["-HUP", &self.child.id().to_string()])
+            .status()
+            .expect("kill -HUP runs");
+        assert!(status.success(), "kill -HUP failed");
+    }
+
+    /// Waits (bounded) for a log line that `want` accepts, and returns it.
+    pub fn wait_line(&self, want: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = self.lines.recv_timeout(left).expect("the expected line is logged in time");
+            if want(&line) {
+                return line;
+            }
+        }
+    }
+
     /// SIGKILL: no shutdown code runs.
     pub fn kill(mut self) {
         self.child.kill().expect("SIGKILL");
