@@ -219,10 +219,21 @@ impl Layers {
         match self.tls.as_mut() {
             None => self.output.extend_from_slice(bytes),
             Some(tls) => {
-                tls.writer().write_all(bytes).map_err(|e| LayerError::Tls(e.to_string()))?;
-                while tls.wants_write() {
-                    tls.write_tls(&mut (&mut self.output).writer())
-                        .map_err(|e| LayerError::Tls(e.to_string()))?;
+                // rustls takes at most its buffer limit (64 KiB) of plaintext at a time: encrypt,
+                // move the records out, and go on until all is taken.
+                let mut rest = bytes;
+                while !rest.is_empty() {
+                    let taken = tls.writer().write(rest).map_err(|e| LayerError::Tls(e.to_string()))?;
+                    rest = &rest[taken..];
+                    let mut moved = 0;
+                    while tls.wants_write() {
+                        moved += tls
+                            .write_tls(&mut (&mut self.output).writer())
+                            .map_err(|e| LayerError::Tls(e.to_string()))?;
+                    }
+                    if taken == 0 && moved == 0 {
+                        return Err(LayerError::Tls("TLS session takes no more data".into()));
+                    }
                 }
             }
         }

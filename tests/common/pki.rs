@@ -1,6 +1,8 @@
 //! Certificates for the TLS tests, generated per test (rcgen) and written as PEM files: a CA, a
 //! server certificate for `localhost` and 127.0.0.1, and client certificates signed by it.
 
+#![allow(dead_code)] // each test binary uses part of it
+
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
 
