@@ -3,6 +3,8 @@
 //! default tenants, and bad input (no header, a broken header) refused without disturbing others.
 
 mod common;
+#[path = "common/pki.rs"]
+mod pki;
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
@@ -10,8 +12,10 @@ use std::time::Duration;
 
 use common::{bounded, connect_packet, publish_packet, Raw, TestBroker};
 use shardmq_protocol::{encode, Packet, ProtocolVersion};
-use shardmq_shards::listener::{proxy_v2_header, ListenerConfig};
+use shardmq_shards::events::JsonlEvents;
+use shardmq_shards::listener::{proxy_v2_header, ListenerConfig, ListenerKind};
 use shardmq_shards::message::TenantId;
+use shardmq_shards::tls::TlsFiles;
 
 const V311: ProtocolVersion = ProtocolVersion::V3_1_1;
 
@@ -22,7 +26,16 @@ fn any_port() -> SocketAddr {
 /// Listener 0: plain, tenant 1, at most 2 connections. Listener 1: PROXY protocol, tenant 2.
 /// Listener 2: plain, tenant 1.
 fn start() -> TestBroker {
+    start_with_events(None)
+}
+
+/// [`start`], with events written as JSON lines to `events` when given.
+fn start_with_events(events: Option<&std::path::Path>) -> TestBroker {
+    let events = events.map(|path| JsonlEvents::open(path).expect("events file"));
     TestBroker::start_with(|cfg| {
+        if let Some(events) = events {
+            cfg.events = std::sync::Arc::new(events);
+        }
         cfg.listeners = vec![
             ListenerConfig {
                 max_connections: Some(2),
@@ -55,7 +68,9 @@ async fn connect_proxied(addr: SocketAddr, header: &[u8], id: &str) -> (Raw, boo
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn proxy_headers_give_the_client_address() {
     bounded(async {
-        let broker = start();
+        let dir = tempfile::tempdir().expect("temp dir");
+        let events_path = dir.path().join("events.jsonl");
+        let broker = start_with_events(Some(&events_path));
         let addrs = broker.listener_addrs();
         assert_eq!(addrs.len(), 3);
         let (_v1, ok) =
@@ -77,6 +92,25 @@ async fn proxy_headers_give_the_client_address() {
         };
         assert_eq!(peer("via-v1").await, Some("203.0.113.7:5555".parse().unwrap()));
         assert_eq!(peer("via-v2").await, Some(source));
+        // The events name the same address (the writer thread appends asynchronously: poll).
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let text = std::fs::read_to_string(&events_path).unwrap_or_default();
+            let connected: Vec<serde_json::Value> = text
+                .lines()
+                .map(|line| serde_json::from_str(line).expect("a JSON line"))
+                .filter(|e: &serde_json::Value| e["event"] == "connected")
+                .collect();
+            let peer_of =
+                |id: &str| connected.iter().find(|e| e["client_id"] == id).map(|e| e["peer"].clone());
+            if let (Some(v1), Some(v2)) = (peer_of("via-v1"), peer_of("via-v2")) {
+                assert_eq!(v1, "203.0.113.7:5555");
+                assert_eq!(v2, source.to_string().as_str());
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "connected events: {connected:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         // The plain listener's clients keep their socket address.
         let _plain = Raw::connect(addrs[2], V311, "plain").await;
         let local = tokio::task::spawn_blocking(move || {
@@ -155,13 +189,80 @@ async fn listener_limits_and_default_tenants() {
 }
 
 #[test]
-fn listener_kinds_not_implemented_are_refused_at_start() {
-    let mut cfg =
-        shardmq_shards::BrokerConfig { cores: 1, pin_cores: false, persistence: false, ..Default::default() };
-    cfg.listeners = vec![ListenerConfig {
-        kind: shardmq_shards::listener::ListenerKind::Tls,
-        ..ListenerConfig::tcp(any_port())
-    }];
-    let error = shardmq_shards::start(cfg).expect_err("tls is not implemented");
-    assert!(error.to_string().contains("not implemented"), "{error}");
+fn bad_listener_settings_are_refused_at_start_naming_the_file() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let ca = pki::Ca::new(dir.path(), "main");
+    let server = ca.server(dir.path(), "server");
+    let other = ca.server(dir.path(), "other");
+    let garbage = dir.path().join("garbage.pem");
+    std::fs::write(&garbage, "not a certificate").unwrap();
+    let missing = dir.path().join("missing.pem");
+    let tls = |cert: &std::path::Path, key: &std::path::Path| {
+        Some(TlsFiles {
+            cert_file: cert.to_path_buf(),
+            key_file: key.to_path_buf(),
+            client_ca_file: None,
+            require_client_cert: true,
+        })
+    };
+    let cases: Vec<(ListenerConfig, String)> = vec![
+        (
+            ListenerConfig { kind: ListenerKind::Tls, ..ListenerConfig::tcp(any_port()) },
+            "needs cert_file".into(),
+        ),
+        (
+            ListenerConfig {
+                tls: tls(&server.cert_file, &server.key_file),
+                ..ListenerConfig::tcp(any_port())
+            },
+            "takes no certificate".into(),
+        ),
+        (
+            ListenerConfig { ws_path: Some("/mqtt".into()), ..ListenerConfig::tcp(any_port()) },
+            "only for kinds ws and wss".into(),
+        ),
+        (
+            ListenerConfig {
+                kind: ListenerKind::Ws,
+                ws_path: Some("mqtt".into()),
+                ..ListenerConfig::tcp(any_port())
+            },
+            "must start with /".into(),
+        ),
+        (
+            ListenerConfig {
+                kind: ListenerKind::Tls,
+                tls: tls(&missing, &server.key_file),
+                ..ListenerConfig::tcp(any_port())
+            },
+            missing.display().to_string(),
+        ),
+        (
+            ListenerConfig {
+                kind: ListenerKind::Wss,
+                tls: tls(&garbage, &server.key_file),
+                ..ListenerConfig::tcp(any_port())
+            },
+            format!("{}: no PEM certificate", garbage.display()),
+        ),
+        (
+            ListenerConfig {
+                kind: ListenerKind::Tls,
+                tls: tls(&server.cert_file, &other.key_file),
+                ..ListenerConfig::tcp(any_port())
+            },
+            format!("{}: does not match", other.key_file.display()),
+        ),
+    ];
+    for (listener, want) in cases {
+        let cfg = shardmq_shards::BrokerConfig {
+            cores: 1,
+            pin_cores: false,
+            persistence: false,
+            listeners: vec![listener],
+            ..Default::default()
+        };
+        let error = shardmq_shards::start(cfg).expect_err("a bad listener is refused").to_string();
+        assert!(error.contains(&want), "{error:?} should contain {want:?}");
+    }
 }

@@ -344,6 +344,7 @@ pub async fn serve_accepted(
                 } else {
                     "bad credentials"
                 },
+                peer,
             });
             let connack =
                 shardmq_protocol::ConnAck { session_present: false, reason, properties: Default::default() };
@@ -526,12 +527,11 @@ fn start(
     *shared.slot.borrow_mut() = slot;
     let layered = layers.is_some();
     *shared.layers.borrow_mut() = layers;
-    let outcome = cell.borrow_mut().connect_as(tenant, *connect, shared.clone(), Instant::now());
+    let outcome = cell.borrow_mut().connect_as(tenant, *connect, shared.clone(), peer, Instant::now());
     let mut packet_size_max = packet_size_max;
     let (key, keepalive_secs) = match outcome {
         ConnectOutcome::Accepted { session, keepalive_secs } => {
-            if let Some(session) = cell.borrow_mut().sessions.get_mut(session) {
-                session.peer = peer.map(Box::new);
+            if let Some(session) = cell.borrow().sessions.get(session) {
                 if let Some(tenant_max) = session.settings.max_packet_size {
                     packet_size_max = packet_size_max.min(tenant_max);
                 }

@@ -26,6 +26,8 @@ pub enum Event<'a> {
         username: Option<&'a str>,
         protocol_level: u8,
         session_present: bool,
+        /// The client's address (a PROXY header's source on a PROXY listener).
+        peer: Option<std::net::SocketAddr>,
     },
     /// The connection ended: `reason` is `normal` (DISCONNECT), `abnormal` (network, keep-alive,
     /// protocol error: the will is published), `taken over` or `kicked`.
@@ -39,6 +41,7 @@ pub enum Event<'a> {
         client_id: &'a str,
         username: Option<&'a str>,
         reason: &'static str,
+        peer: Option<std::net::SocketAddr>,
     },
     Subscribed {
         tenant: TenantId,
@@ -109,10 +112,13 @@ impl Event<'_> {
             json_string(&mut out, value);
         };
         match *self {
-            Event::Connected { tenant, client_id, username, protocol_level, session_present } => {
+            Event::Connected { tenant, client_id, username, protocol_level, session_present, peer } => {
                 field("client_id", client_id);
                 if let Some(u) = username {
                     field("username", u);
+                }
+                if let Some(peer) = peer {
+                    field("peer", &peer.to_string());
                 }
                 out.push_str(&format!(
                     ",\"tenant\":{},\"protocol_level\":{protocol_level},\"session_present\":{session_present}",
@@ -125,10 +131,13 @@ impl Event<'_> {
                 field("reason", reason);
                 out.push_str(&format!(",\"tenant\":{}", tenant.0));
             }
-            Event::AuthFailed { client_id, username, reason } => {
+            Event::AuthFailed { client_id, username, reason, peer } => {
                 field("client_id", client_id);
                 if let Some(u) = username {
                     field("username", u);
+                }
+                if let Some(peer) = peer {
+                    field("peer", &peer.to_string());
                 }
                 field("reason", reason);
             }

@@ -65,7 +65,7 @@ impl World {
                 username: None,
                 password: None,
             };
-            let outcome = cell.borrow_mut().connect_as(tenant, connect, conn.clone(), Instant::now());
+            let outcome = cell.borrow_mut().connect_as(tenant, connect, conn.clone(), None, Instant::now());
             let ConnectOutcome::Accepted { session, .. } = outcome else { panic!("connect refused") };
             world.clients.push((home, session, conn));
         }

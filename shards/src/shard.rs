@@ -786,16 +786,18 @@ impl Shard {
         conn: Rc<crate::conn::ConnShared>,
         now: Instant,
     ) -> ConnectOutcome {
-        self.connect_as(TenantId::default(), connect, conn, now)
+        self.connect_as(TenantId::default(), connect, conn, None, now)
     }
 
     /// Handles a CONNECT for a client of `tenant` (the auth provider's answer; the default tenant
     /// until authentication arrives). Everything the session does stays inside its tenant.
+    /// `peer` is the client's address, for the admin API and the events.
     pub fn connect_as(
         &mut self,
         tenant: TenantId,
         connect: Connect,
         conn: Rc<crate::conn::ConnShared>,
+        peer: Option<std::net::SocketAddr>,
         now: Instant,
     ) -> ConnectOutcome {
         let version = connect.protocol;
@@ -996,13 +998,15 @@ impl Shard {
         bump(&self.stats.connects_total, 1);
         bump(&self.stats.connections, 1);
         tenant_state.connects_total.fetch_add(1, Ordering::Relaxed);
-        if let Some(session) = self.sessions.get(key) {
+        if let Some(session) = self.sessions.get_mut(key) {
+            session.peer = peer.map(Box::new);
             self.cfg.events.event(&Event::Connected {
                 tenant,
                 client_id: session.client_id.as_str(),
                 username: session.username.as_deref(),
                 protocol_level: version.level(),
                 session_present,
+                peer,
             });
         }
         ConnectOutcome::Accepted { session: key, keepalive_secs }

@@ -118,11 +118,32 @@ fn build(files: &TlsFiles) -> Result<Arc<ServerConfig>, TlsError> {
             builder.with_client_cert_verifier(verifier)
         }
     };
-    let config = builder.with_single_cert(certs, key).map_err(|e| TlsError::Content {
+    let mismatch = |what: String| TlsError::Content {
         path: files.key_file.clone(),
-        what: format!("does not match the certificate in {}: {e}", files.cert_file.display()),
-    })?;
+        what: format!("does not match the certificate in {}: {what}", files.cert_file.display()),
+    };
+    check_key_matches(&certs[0], &key).map_err(mismatch)?;
+    let config = builder.with_single_cert(certs, key).map_err(|e| mismatch(e.to_string()))?;
     Ok(Arc::new(config))
+}
+
+/// Whether `key` is the private key of `cert`: a signature made with the key must verify with the
+/// certificate's public key. Without this check a wrong key is found only by failing handshakes.
+fn check_key_matches(cert: &CertificateDer<'_>, key: &PrivateKeyDer<'_>) -> Result<(), String> {
+    let signing_key = rustls::crypto::ring::sign::any_supported_type(key).map_err(|e| e.to_string())?;
+    let mapping = rustls::crypto::ring::default_provider().signature_verification_algorithms.mapping;
+    let schemes: Vec<_> = mapping.iter().map(|(scheme, _)| *scheme).collect();
+    let signer = signing_key.choose_scheme(&schemes).ok_or("the key's type is not supported")?;
+    let message = b"shardmq: does this key belong to this certificate?";
+    let signature = signer.sign(message).map_err(|e| e.to_string())?;
+    let algorithms =
+        mapping.iter().find(|(scheme, _)| *scheme == signer.scheme()).map_or(&[][..], |(_, a)| *a);
+    let cert = webpki::EndEntityCert::try_from(cert).map_err(|e| format!("bad certificate: {e}"))?;
+    if algorithms.iter().any(|alg| cert.verify_signature(*alg, message, &signature).is_ok()) {
+        Ok(())
+    } else {
+        Err("a signature made with the key does not verify with the certificate".into())
+    }
 }
 
 /// What a verified client certificate says about its holder, for the auth provider.
