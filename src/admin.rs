@@ -743,12 +743,18 @@ pub fn metrics_text(stats: &[Arc<ShardStats>], tenants: &Tenants, listeners: &[A
     }
     let all = tenants.all();
     type TenantField = fn(&shardmq_shards::tenants::TenantState) -> &AtomicU64;
-    let per_tenant: [(&str, &str, &str, TenantField); 3] = [
+    let per_tenant: [(&str, &str, &str, TenantField); 4] = [
         ("shardmq_tenant_connections", "gauge", "Live connections per tenant.", |t| &t.connections),
         ("shardmq_tenant_connects_total", "counter", "CONNECTs accepted per tenant.", |t| &t.connects_total),
         ("shardmq_tenant_publishes_received_total", "counter", "PUBLISH packets received per tenant.", |t| {
             &t.publishes_in
         }),
+        (
+            "shardmq_tenant_auth_failures_total",
+            "counter",
+            "CONNECTs refused by the auth provider, under the user's tenant when known, else the listener's.",
+            |t| &t.auth_failures,
+        ),
     ];
     for (name, kind, help, field) in per_tenant {
         family(&mut out, name, kind, help);

@@ -18,6 +18,8 @@ use common::{
 };
 use shardmq_protocol::{Packet, ProtocolVersion, PubResp, QoS, ReasonCode, Utf8};
 use shardmq_shards::auth::{hash_password, FileAuth};
+use shardmq_shards::message::TenantId;
+use shardmq_shards::tenants::Tenants;
 
 const V5: ProtocolVersion = ProtocolVersion::V5;
 const V311: ProtocolVersion = ProtocolVersion::V3_1_1;
@@ -44,18 +46,27 @@ fn users_file(dir: &Path) -> std::path::PathBuf {
 }
 
 fn start(cores: usize, dir: &Path) -> TestBroker {
+    start_with_tenants(cores, dir).0
+}
+
+/// [`start`], also returning the tenants' shared state (for the per-tenant counters).
+fn start_with_tenants(cores: usize, dir: &Path) -> (TestBroker, Arc<Tenants>) {
     let auth = Arc::new(FileAuth::load(users_file(dir)).expect("auth file loads"));
-    TestBroker::start_with(move |cfg| {
+    let tenants = Arc::new(Tenants::default());
+    let shared = tenants.clone();
+    let broker = TestBroker::start_with(move |cfg| {
         cfg.cores = cores;
         cfg.auth = auth;
-    })
+        cfg.tenants = shared;
+    });
+    (broker, tenants)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wrong_password_or_unknown_user_is_refused() {
     bounded(async {
         let dir = tempfile::tempdir().expect("temp dir");
-        let broker = start(2, dir.path());
+        let (broker, tenants) = start_with_tenants(2, dir.path());
         let (_, code) = connect_with_credentials(broker.addr, V5, "x1", "alice", b"wrong").await;
         assert_eq!(code, 0x86, "v5: bad user name or password");
         let (_, code) = connect_with_credentials(broker.addr, V311, "x2", "alice", b"wrong").await;
@@ -66,6 +77,11 @@ async fn wrong_password_or_unknown_user_is_refused() {
         let (_, ack) = Raw::connect_with(broker.addr, connect_packet(V311, "x4", true, 60)).await;
         assert_eq!(ack.reason.to_v3_connack(), Some(4));
         assert_eq!(broker.stat(|s| &s.auth_failures), 4);
+        // Per tenant: alice's two failures under her tenant 1; mallory (unknown) and the client
+        // without credentials under the listener's default tenant 0.
+        let failures =
+            |t: u32| tenants.state(TenantId(t)).auth_failures.load(std::sync::atomic::Ordering::Relaxed);
+        assert_eq!((failures(1), failures(0), failures(2)), (2, 2, 0));
         let (_, code) = connect_with_credentials(broker.addr, V5, "x5", "alice", b"pw").await;
         assert_eq!(code, 0);
     })

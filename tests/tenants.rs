@@ -359,3 +359,39 @@ async fn tenant_wide_publish_rate_and_bandwidth_throttle() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tenant_wide_bandwidth_throttles_all_connections_together() {
+    bounded(async {
+        // 3,000 bytes a second for the whole tenant; two connections send ~4,300 bytes of frames
+        // each. Alone, each would fit in two windows; together they need at least three, so more
+        // than one full second passes. Nothing is lost and each publisher's order is kept.
+        let (broker, tenants) =
+            start(TenantSettings { max_bytes_per_second_per_tenant: Some(3000), ..Default::default() });
+        let (mut sub, _) = connect(broker.addr, V311, "tbw-sub").await;
+        assert_eq!(sub.subscribe(1, "blast", 0).await, vec![0]);
+        let started = std::time::Instant::now();
+        let _one = blast(broker.addr, "tbw-1", 20, 200).await;
+        let _two = blast(broker.addr, "tbw-2", 20, 200).await;
+        let mut next = [0u16; 2];
+        let mut seen = 0;
+        while seen < 40 {
+            match sub.expect().await {
+                Packet::Publish(p) => {
+                    let n = u16::from_be_bytes([p.payload[0], p.payload[1]]);
+                    // Both publishers number from 0; each stream must be in order.
+                    let stream = if next[0] == n { 0 } else { 1 };
+                    assert_eq!(next[stream], n, "in order per publisher: {next:?}, got {n}");
+                    next[stream] += 1;
+                    seen += 1;
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        assert_eq!(next, [20, 20]);
+        assert!(started.elapsed() > std::time::Duration::from_millis(1000), "{:?}", started.elapsed());
+        assert!(limited(&tenants, Limit::TenantBandwidth) > 0);
+        assert_eq!(limited(&tenants, Limit::Bandwidth), 0, "no per-connection limit was set");
+    })
+    .await;
+}

@@ -119,6 +119,11 @@ pub trait AuthProvider: fmt::Debug + Send + Sync {
     fn reload(&self) -> Result<(), String> {
         Ok(())
     }
+    /// The tenant a client belongs to as far as the provider knows without authenticating it
+    /// (the file provider: a known user's tenant), so a refusal is counted under that tenant.
+    fn tenant_of(&self, _credentials: &Credentials<'_>) -> Option<TenantId> {
+        None
+    }
 }
 
 /// Everyone connects to the default tenant and may do anything.
@@ -298,6 +303,12 @@ impl AuthProvider for FileAuth {
     fn authorize(&self, who: &Principal<'_>, action: Action, asked: &str) -> bool {
         let inner = self.inner.read().unwrap_or_else(|e| e.into_inner());
         evaluate_acl(&inner.acl, who, action, asked)
+    }
+
+    fn tenant_of(&self, credentials: &Credentials<'_>) -> Option<TenantId> {
+        let username = credentials.username?;
+        let inner = self.inner.read().unwrap_or_else(|e| e.into_inner());
+        inner.users.iter().find(|u| u.username == username).map(|u| TenantId(u.tenant))
     }
 
     fn reload(&self) -> Result<(), String> {

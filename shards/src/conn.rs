@@ -330,6 +330,8 @@ pub async fn serve_accepted(
         AuthDecision::Allow { tenant } => tenant,
         refusal => {
             cell.borrow().stats.auth_failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let tenant = cfg.auth.tenant_of(&credentials).unwrap_or(listener.config.default_tenant);
+            cfg.tenants.state(tenant).auth_failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let reason = if refusal == AuthDecision::NotAuthorized {
                 ReasonCode::NotAuthorized
             } else {
@@ -675,12 +677,13 @@ async fn read_loop(
 }
 
 /// A connection's publish limits: messages and bytes per second (token buckets) and the
-/// tenant-wide message rate (one-second windows shared by every shard).
+/// tenant-wide message and byte rates (one-second windows shared by every shard).
 #[derive(Debug)]
 struct Throttle {
     messages: Option<RateBucket>,
     bytes: Option<RateBucket>,
     tenant_rate: Option<u32>,
+    tenant_bytes: Option<u64>,
     state: Arc<crate::tenants::TenantState>,
 }
 
@@ -697,8 +700,9 @@ impl Throttle {
         let bytes =
             settings.max_bytes_per_second_per_connection.filter(|r| *r > 0).map(|r| RateBucket::new(r, now));
         let tenant_rate = settings.max_publish_rate_per_tenant.filter(|r| *r > 0);
-        (messages.is_some() || bytes.is_some() || tenant_rate.is_some())
-            .then(|| Box::new(Throttle { messages, bytes, tenant_rate, state }))
+        let tenant_bytes = settings.max_bytes_per_second_per_tenant.filter(|r| *r > 0);
+        (messages.is_some() || bytes.is_some() || tenant_rate.is_some() || tenant_bytes.is_some())
+            .then(|| Box::new(Throttle { messages, bytes, tenant_rate, tenant_bytes, state }))
     }
 
     /// How long to wait before a PUBLISH of `len` bytes, and which limit says so; `None`: go.
@@ -710,13 +714,24 @@ impl Throttle {
         if let Some(wait) = self.bytes.as_mut().and_then(|b| b.peek(len as f64, now)) {
             return Some((wait, Limit::Bandwidth, "bandwidth"));
         }
-        if let Some(rate) = self.tenant_rate {
+        if self.tenant_rate.is_some() || self.tenant_bytes.is_some() {
             let since_epoch =
                 std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-            if !self.state.admit_publish(rate, since_epoch.as_secs()) {
-                let to_next_second =
-                    Duration::from_secs(1) - Duration::from_nanos(u64::from(since_epoch.subsec_nanos()));
-                return Some((to_next_second, Limit::TenantPublishRate, "tenant publish rate"));
+            let second = since_epoch.as_secs();
+            let to_next_second =
+                Duration::from_secs(1) - Duration::from_nanos(u64::from(since_epoch.subsec_nanos()));
+            if let Some(rate) = self.tenant_rate {
+                if !self.state.admit_publish(rate, second) {
+                    return Some((to_next_second, Limit::TenantPublishRate, "tenant publish rate"));
+                }
+            }
+            if let Some(rate) = self.tenant_bytes {
+                if !self.state.admit_bytes(rate, len as u64, second) {
+                    if self.tenant_rate.is_some() {
+                        self.state.unadmit_publish(second);
+                    }
+                    return Some((to_next_second, Limit::TenantBandwidth, "tenant bandwidth"));
+                }
             }
         }
         // Admitted: spend the per-connection budgets.

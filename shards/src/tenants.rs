@@ -47,6 +47,10 @@ pub struct TenantSettings {
     pub max_publish_rate_per_tenant: Option<u32>,
     /// Bytes of PUBLISH packets per second per connection; throttled like the message rate.
     pub max_bytes_per_second_per_connection: Option<u32>,
+    /// Bytes of PUBLISH packets per second for the whole tenant (across shards), in one-second
+    /// windows like the tenant-wide message rate. A single packet larger than a second's worth
+    /// waits for an empty window and then passes.
+    pub max_bytes_per_second_per_tenant: Option<u64>,
     /// CONNECTs per second for the whole tenant (across shards). Beyond: CONNACK 0x9F / code 3.
     pub max_connect_rate: Option<u32>,
     /// Largest packet the tenant's clients may send (announced in CONNACK). Beyond: v5
@@ -132,10 +136,11 @@ pub enum Limit {
     SharedGroupMembers,
     TenantPublishRate,
     Bandwidth,
+    TenantBandwidth,
 }
 
 impl Limit {
-    pub const ALL: [Limit; 12] = [
+    pub const ALL: [Limit; 13] = [
         Limit::ProtocolVersion,
         Limit::Connections,
         Limit::TopicLevels,
@@ -148,6 +153,7 @@ impl Limit {
         Limit::SharedGroupMembers,
         Limit::TenantPublishRate,
         Limit::Bandwidth,
+        Limit::TenantBandwidth,
     ];
 
     /// Its place in [`Limit::ALL`] and in [`TenantState::limited`] (the declaration order).
@@ -169,6 +175,7 @@ impl Limit {
             Limit::SharedGroupMembers => "shared_group_members",
             Limit::TenantPublishRate => "tenant_publish_rate",
             Limit::Bandwidth => "bandwidth",
+            Limit::TenantBandwidth => "tenant_bandwidth",
         }
     }
 }
@@ -182,10 +189,16 @@ pub struct TenantState {
     pub connections: AtomicU64,
     pub connects_total: AtomicU64,
     pub publishes_in: AtomicU64,
+    /// CONNECTs refused by the auth provider. A failure counts under the tenant the provider
+    /// names for the client (`AuthProvider::tenant_of`), else under the listener's default tenant.
+    pub auth_failures: AtomicU64,
     /// Refusals and throttles by [`Limit`] (indexed as `Limit::ALL`).
     pub limited: [AtomicU64; Limit::ALL.len()],
     /// The tenant-wide publish-rate window (packed as `connect_window`).
     publish_window: AtomicU64,
+    /// The tenant-wide bandwidth window: the second (mod 2^24) in the high 24 bits, bytes in the
+    /// low 40.
+    bytes_window: AtomicU64,
     /// Members per shared subscription (group, filter), across shards (subscribe path only).
     pub shared_members: std::sync::Mutex<SharedMemberCounts>,
     /// The connect-rate window: the second (since the Unix epoch) it counts, and CONNECTs in it.
@@ -203,6 +216,36 @@ impl TenantState {
     /// Counts a PUBLISH against the tenant-wide publish rate (as [`TenantState::admit_connect`]).
     pub fn admit_publish(&self, per_second: u32, now_secs: u64) -> bool {
         admit(&self.publish_window, per_second, now_secs)
+    }
+
+    /// Counts `bytes` of PUBLISH against the tenant-wide bandwidth (one-second windows shared by
+    /// all shards). Returns whether they fit; a window with nothing in it admits any amount.
+    pub fn admit_bytes(&self, per_second: u64, bytes: u64, now_secs: u64) -> bool {
+        const COUNT_BITS: u32 = 40;
+        const COUNT_MASK: u64 = (1 << COUNT_BITS) - 1;
+        let second = now_secs & 0xFF_FFFF;
+        let bytes = bytes.min(COUNT_MASK);
+        let mut current = self.bytes_window.load(Ordering::SeqCst);
+        loop {
+            let used = if current >> COUNT_BITS == second { current & COUNT_MASK } else { 0 };
+            if used > 0 && used + bytes > per_second {
+                return false;
+            }
+            let next = (second << COUNT_BITS) | (used + bytes).min(COUNT_MASK);
+            match self.bytes_window.compare_exchange(current, next, Ordering::SeqCst, Ordering::SeqCst) {
+                Ok(_) => return true,
+                Err(seen) => current = seen,
+            }
+        }
+    }
+
+    /// Gives back a PUBLISH admitted by [`TenantState::admit_publish`] in second `now_secs` that
+    /// another limit then held back (it will be counted again when it goes).
+    pub fn unadmit_publish(&self, now_secs: u64) {
+        let _ = self.publish_window.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |current| {
+            let (second, count) = (current >> 24, current & 0xFF_FFFF);
+            (second == now_secs & 0xFF_FFFF_FFFF && count > 0).then(|| current - 1)
+        });
     }
 
     pub fn count(&self, limit: Limit) {
