@@ -49,6 +49,31 @@ pub enum AuthDecision {
     BadCredentials,
     /// Known but not allowed to connect: v5 0x87, 3.1.1 return code 5.
     NotAuthorized,
+    /// An enhanced-authentication method the provider does not support: v5 0x8C.
+    BadAuthenticationMethod,
+}
+
+impl AuthDecision {
+    /// The CONNACK reason code of a refusal (v5; the 3.x return code follows from it).
+    pub fn reason_code(&self) -> shardmq_protocol::ReasonCode {
+        use shardmq_protocol::ReasonCode;
+        match self {
+            AuthDecision::Allow { .. } => ReasonCode::Success,
+            AuthDecision::BadCredentials => ReasonCode::BadUserNameOrPassword,
+            AuthDecision::NotAuthorized => ReasonCode::NotAuthorized,
+            AuthDecision::BadAuthenticationMethod => ReasonCode::BadAuthenticationMethod,
+        }
+    }
+
+    /// The refusal's name in events and logs.
+    pub fn name(&self) -> &'static str {
+        match self {
+            AuthDecision::Allow { .. } => "allowed",
+            AuthDecision::BadCredentials => "bad credentials",
+            AuthDecision::NotAuthorized => "not authorized",
+            AuthDecision::BadAuthenticationMethod => "bad authentication method",
+        }
+    }
 }
 
 /// What a client asks to do with a topic.
@@ -119,11 +144,35 @@ pub trait AuthProvider: fmt::Debug + Send + Sync {
     fn reload(&self) -> Result<(), String> {
         Ok(())
     }
+    /// Starts an enhanced authentication (MQTT 5: CONNECT with an Authentication Method, then
+    /// AUTH packets) with `method`. `None`: the provider does not support the method, and the
+    /// client is refused with 0x8C (bad authentication method). Each exchange's steps run on the
+    /// shard's thread, so they must be quick (no I/O).
+    fn start_enhanced(&self, _method: &str, _credentials: &Credentials<'_>) -> Option<Box<dyn EnhancedAuth>> {
+        None
+    }
     /// The tenant a client belongs to as far as the provider knows without authenticating it
     /// (the file provider: a known user's tenant), so a refusal is counted under that tenant.
     fn tenant_of(&self, _credentials: &Credentials<'_>) -> Option<TenantId> {
         None
     }
+}
+
+/// One enhanced-authentication exchange with one client (see [`AuthProvider::start_enhanced`]).
+pub trait EnhancedAuth: fmt::Debug + Send {
+    /// Takes the client's Authentication Data (from CONNECT first, then from each AUTH) and
+    /// answers with the next step.
+    fn step(&mut self, data: Option<&[u8]>) -> AuthStep;
+}
+
+/// What an enhanced-authentication exchange answers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AuthStep {
+    /// Send AUTH (0x18, continue authentication) with this data and wait for the client's AUTH.
+    Continue(bytes::Bytes),
+    /// The exchange is over: the decision, the data for the CONNACK (or the re-authentication's
+    /// AUTH 0x00), and the name the client authenticated as (its username from then on).
+    Done { decision: AuthDecision, data: Option<bytes::Bytes>, username: Option<String> },
 }
 
 /// Everyone connects to the default tenant and may do anything.

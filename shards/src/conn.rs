@@ -30,7 +30,7 @@ use shardmq_protocol::{
 };
 use tracing::{debug, warn};
 
-use crate::auth::{AuthDecision, Credentials, Verdict};
+use crate::auth::{AuthDecision, AuthStep, Credentials, EnhancedAuth, Verdict};
 use crate::listener::{parse_proxy, ListenerInfo, ListenerSlot, ProxyHeader, PROXY_V2_LEN_MAX};
 use crate::message::TenantId;
 use crate::session::{ConnId, SessionKey};
@@ -280,23 +280,9 @@ pub async fn serve_accepted(
                 return;
             }
         }
-        let left = deadline.saturating_duration_since(Instant::now());
-        let limit = cfg.packet_size_bytes_max as usize;
-        let Some(layer) = layers.as_mut() else {
-            match monoio::time::timeout(left, read_more(&mut stream, buf, limit)).await {
-                Ok((Ok(n), back)) if n > 0 => buf = back,
-                _ => return, // closed, failed or timed out before CONNECT
-            }
-            continue;
-        };
-        let raw = layer.take_read_buf();
-        match monoio::time::timeout(left, read_more(&mut stream, raw, limit)).await {
-            Ok((Ok(n), raw)) if n > 0 => {
-                if !through_layers(&mut stream, layer, raw, &mut buf).await {
-                    return;
-                }
-            }
-            _ => return,
+        if !read_early(&mut stream, &mut layers, &mut buf, cfg.packet_size_bytes_max as usize, deadline).await
+        {
+            return; // closed, failed or timed out before CONNECT
         }
     };
     let client_cert = layers.as_ref().and_then(|layers| layers.client_cert());
@@ -307,6 +293,8 @@ pub async fn serve_accepted(
         let name = client_cert.as_ref().and_then(|cert| cert.common_name.as_deref());
         connect.username = name.and_then(|name| shardmq_protocol::Utf8::try_from(name).ok());
     }
+    let method = connect.properties.authentication_method.clone();
+    let mut enhanced_outcome = None;
     let credentials = Credentials {
         client_id: connect.client_id.as_str(),
         username: connect.username.as_ref().map(|u| u.as_str()),
@@ -315,16 +303,33 @@ pub async fn serve_accepted(
         default_tenant: listener.config.default_tenant,
         client_cert: client_cert.as_ref(),
     };
-    let decision = match cfg.auth.begin(&credentials) {
-        Verdict::Now(decision) => decision,
-        Verdict::Later(pending) => {
-            // Bounded by the connect timeout; a provider that never answers refuses the client.
-            let left = deadline.saturating_duration_since(Instant::now());
-            match monoio::time::timeout(left, pending.wait()).await {
-                Ok(decision) => decision,
-                Err(_) => AuthDecision::NotAuthorized,
+    let decision = match &method {
+        // MQTT 5 enhanced authentication: AUTH packets until the provider decides.
+        Some(method) => match cfg.auth.start_enhanced(method.as_str(), &credentials) {
+            None => AuthDecision::BadAuthenticationMethod,
+            Some(mut exchange) => {
+                let first = connect.properties.authentication_data.clone();
+                let limit = cfg.packet_size_bytes_max;
+                let io = EarlyIo { stream: &mut stream, layers: &mut layers, buf: &mut buf, limit, deadline };
+                let Some((decision, data, username)) = run_exchange(&mut *exchange, method, first, io).await
+                else {
+                    return;
+                };
+                enhanced_outcome = Some((data, username));
+                decision
             }
-        }
+        },
+        None => match cfg.auth.begin(&credentials) {
+            Verdict::Now(decision) => decision,
+            Verdict::Later(pending) => {
+                // Bounded by the connect timeout; a provider that never answers refuses the client.
+                let left = deadline.saturating_duration_since(Instant::now());
+                match monoio::time::timeout(left, pending.wait()).await {
+                    Ok(decision) => decision,
+                    Err(_) => AuthDecision::NotAuthorized,
+                }
+            }
+        },
     };
     let tenant = match decision {
         AuthDecision::Allow { tenant } => tenant,
@@ -332,24 +337,20 @@ pub async fn serve_accepted(
             cell.borrow().stats.auth_failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let tenant = cfg.auth.tenant_of(&credentials).unwrap_or(listener.config.default_tenant);
             cfg.tenants.state(tenant).auth_failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            let reason = if refusal == AuthDecision::NotAuthorized {
-                ReasonCode::NotAuthorized
-            } else {
-                ReasonCode::BadUserNameOrPassword
-            };
+            let reason = refusal.reason_code();
             debug!(client_id = %connect.client_id.as_str(), ?reason, "CONNECT refused by the auth provider");
             cfg.events.event(&crate::events::Event::AuthFailed {
                 client_id: connect.client_id.as_str(),
                 username: connect.username.as_ref().map(|u| u.as_str()),
-                reason: if refusal == AuthDecision::NotAuthorized {
-                    "not authorized"
-                } else {
-                    "bad credentials"
-                },
+                reason: refusal.name(),
                 peer,
             });
-            let connack =
-                shardmq_protocol::ConnAck { session_present: false, reason, properties: Default::default() };
+            let mut properties = shardmq_protocol::Properties::default();
+            if let (Some((data, _)), true) = (&enhanced_outcome, connect.protocol.is_v5()) {
+                properties.authentication_method = method.clone();
+                properties.authentication_data = data.clone();
+            }
+            let connack = shardmq_protocol::ConnAck { session_present: false, reason, properties };
             let mut out = BytesMut::new();
             if connect.protocol.is_v5() || reason.to_v3_connack().is_some() {
                 let _ = encode(&Packet::ConnAck(connack), connect.protocol, &mut out);
@@ -358,6 +359,13 @@ pub async fn serve_accepted(
             return;
         }
     };
+    if let Some((data, username)) = enhanced_outcome {
+        // The CONNACK carries the exchange's last data; the name it proved is the username.
+        connect.properties.authentication_data = data;
+        if let Some(name) = username.and_then(|name| shardmq_protocol::Utf8::try_from(name).ok()) {
+            connect.username = Some(name);
+        }
+    }
     let home = home_shard(tenant, &connect.client_id, shard_count);
     if home != me {
         let fd = stream.into_raw_fd();
@@ -435,6 +443,135 @@ async fn refuse_bad_connect(
         (_, V3Action::Close) => None,
     };
     send_and_close(stream, layers, BytesMut::from(bytes.unwrap_or_default().as_slice())).await;
+}
+
+/// Reads more MQTT bytes into `buf` before the connection is split (the CONNECT phase), through
+/// the layers if any, by `deadline`. False: closed, failed, timed out, or a layer refused.
+async fn read_early(
+    stream: &mut TcpStream,
+    layers: &mut Option<Box<Layers>>,
+    buf: &mut BytesMut,
+    limit: usize,
+    deadline: Instant,
+) -> bool {
+    let left = deadline.saturating_duration_since(Instant::now());
+    let Some(layer) = layers.as_mut() else {
+        return match monoio::time::timeout(left, read_more(stream, std::mem::take(buf), limit)).await {
+            Ok((Ok(n), back)) if n > 0 => {
+                *buf = back;
+                true
+            }
+            _ => false,
+        };
+    };
+    let raw = layer.take_read_buf();
+    match monoio::time::timeout(left, read_more(stream, raw, limit)).await {
+        Ok((Ok(n), raw)) if n > 0 => through_layers(stream, layer, raw, buf).await,
+        _ => false,
+    }
+}
+
+/// The socket and buffers of a connection before it is split (the CONNECT phase).
+struct EarlyIo<'a> {
+    stream: &'a mut TcpStream,
+    layers: &'a mut Option<Box<Layers>>,
+    buf: &'a mut BytesMut,
+    limit: u32,
+    deadline: Instant,
+}
+
+/// AUTH round trips one enhanced authentication may take before the client is refused.
+const AUTH_ROUNDS_MAX: usize = 8;
+
+/// Runs an enhanced-authentication exchange before the CONNACK: sends the provider's challenges
+/// as AUTH (0x18) and feeds it the client's AUTH answers. Returns the decision, the data for the
+/// CONNACK and the name the client proved; `None` when the connection ended, timed out or broke
+/// the protocol (answered with CONNACK 0x82 or 0x81): close it.
+async fn run_exchange(
+    exchange: &mut dyn EnhancedAuth,
+    method: &shardmq_protocol::Utf8,
+    first: Option<bytes::Bytes>,
+    io: EarlyIo<'_>,
+) -> Option<(AuthDecision, Option<bytes::Bytes>, Option<String>)> {
+    const V5: ProtocolVersion = ProtocolVersion::V5;
+    let EarlyIo { stream, layers, buf, limit, deadline } = io;
+    let mut data = first;
+    for _ in 0..AUTH_ROUNDS_MAX {
+        let challenge = match exchange.step(data.as_deref()) {
+            AuthStep::Done { decision, data, username } => return Some((decision, data, username)),
+            AuthStep::Continue(challenge) => challenge,
+        };
+        let properties = shardmq_protocol::Properties {
+            authentication_method: Some(method.clone()),
+            authentication_data: Some(challenge),
+            ..Default::default()
+        };
+        let auth = shardmq_protocol::Auth { reason: ReasonCode::ContinueAuthentication, properties };
+        if !send_early(stream, layers, &Packet::Auth(auth), V5).await {
+            return None;
+        }
+        let answer = loop {
+            match decode(buf, V5, limit) {
+                Ok(Some(packet)) => break packet,
+                Ok(None) => {
+                    if !read_early(stream, layers, buf, limit as usize, deadline).await {
+                        return None;
+                    }
+                }
+                Err(error) => {
+                    debug!(%error, "malformed packet during enhanced authentication");
+                    refuse_early(stream, layers, error.reason_code()).await;
+                    return None;
+                }
+            }
+        };
+        match answer {
+            Packet::Auth(auth)
+                if auth.reason == ReasonCode::ContinueAuthentication
+                    && auth.properties.authentication_method.as_ref() == Some(method) =>
+            {
+                data = auth.properties.authentication_data;
+            }
+            Packet::Disconnect(_) => return None,
+            other => {
+                // MQTT-4.12.0-4 / 3.15.2-1: only AUTH with the same method continues the exchange.
+                debug!(packet = ?other.packet_type(), "not an AUTH continuing the exchange");
+                refuse_early(stream, layers, ReasonCode::ProtocolError).await;
+                return None;
+            }
+        }
+    }
+    Some((AuthDecision::NotAuthorized, None, None))
+}
+
+/// Answers CONNECT-phase misbehaviour with a v5 CONNACK carrying `reason`, then the layers' goodbye.
+async fn refuse_early(stream: &mut TcpStream, layers: &mut Option<Box<Layers>>, reason: ReasonCode) {
+    let connack =
+        shardmq_protocol::ConnAck { session_present: false, reason, properties: Default::default() };
+    let mut out = BytesMut::new();
+    let _ = encode(&Packet::ConnAck(connack), ProtocolVersion::V5, &mut out);
+    send_and_close(stream, layers.take(), out).await;
+}
+
+/// Writes one packet before the connection is split (the CONNECT phase), through the layers.
+async fn send_early(
+    stream: &mut TcpStream,
+    layers: &mut Option<Box<Layers>>,
+    packet: &Packet,
+    version: ProtocolVersion,
+) -> bool {
+    let mut out = BytesMut::new();
+    if encode(packet, version, &mut out).is_err() {
+        return false;
+    }
+    if let Some(layers) = layers.as_mut() {
+        if layers.outbound(&out).is_err() {
+            return false;
+        }
+        out.clear();
+        layers.take_output(&mut out);
+    }
+    stream.write_all(out).await.0.is_ok()
 }
 
 /// Hands bytes read from the socket (`raw`) to the layers, appending the MQTT bytes they carry to

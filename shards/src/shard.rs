@@ -26,7 +26,7 @@ use std::sync::Arc;
 use std::task::Waker;
 use std::time::{Duration, Instant};
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use shardmq_protocol::topic;
 use shardmq_protocol::{
     ConnAck, Connect, Disconnect, Packet, Properties, ProtocolVersion, PubResp, Publish, QoS, ReasonCode,
@@ -34,7 +34,7 @@ use shardmq_protocol::{
 };
 
 use crate::admin::{AdminRequest, SessionDetail, SessionSummary, SubscriptionInfo};
-use crate::auth::{Action, Principal};
+use crate::auth::{Action, AuthDecision, EnhancedAuth, Principal};
 use crate::config::{BrokerConfig, QueueFullPolicy};
 use crate::events::Event;
 use crate::mesh::{Mesh, ShardId};
@@ -309,6 +309,13 @@ pub enum After {
     },
 }
 
+/// A connected session's enhanced authentication (see `Shard::enhanced`).
+#[derive(Debug)]
+struct Enhanced {
+    method: Utf8,
+    exchange: Option<Box<dyn EnhancedAuth>>,
+}
+
 /// The outcome of a CONNECT.
 #[derive(Debug)]
 pub enum ConnectOutcome {
@@ -360,6 +367,10 @@ pub struct Shard {
     scratch: Vec<(SessionKey, QoS, bool, Option<u32>)>,
     /// Sockets handed to this shard, waiting for the runtime to spawn their tasks.
     pub handoffs: Vec<Handoff>,
+    /// Connected sessions that authenticated with an enhanced method (MQTT 5 AUTH), for
+    /// re-authentication: the method, and the exchange of a re-authentication in progress.
+    /// Bounded by the live connections; an entry goes when its connection does.
+    enhanced: HashMap<SessionKey, Enhanced>,
     /// Keep-alive deadlines of this shard's connections.
     pub keepalive: crate::conn::KeepaliveQueue,
     /// The durable inbox and retained partition of this shard (None without persistence).
@@ -460,6 +471,7 @@ impl Shard {
             next_conn_id: 1,
             scratch: Vec::new(),
             handoffs: Vec::new(),
+            enhanced: HashMap::new(),
             keepalive: Default::default(),
             store: None,
             ack_tokens: HashMap::new(),
@@ -809,10 +821,6 @@ impl Shard {
                 None
             })
         };
-        if connect.properties.authentication_method.is_some() {
-            // Enhanced authentication arrives with the auth plugins (issue 6).
-            return refuse(ReasonCode::BadAuthenticationMethod);
-        }
         // A copy, not a slice: a slice would keep the connection's first read buffer alive for the
         // life of the session.
         let mut client_id = Utf8::new(connect.client_id.as_str()).unwrap_or_default();
@@ -983,6 +991,10 @@ impl Shard {
             properties.subscription_identifier_available = Some(1);
             properties.shared_subscription_available = Some(1);
             properties.assigned_client_identifier = assigned;
+            // Enhanced authentication (done by the connection before this CONNECT arrived): the
+            // CONNACK names the method and carries the exchange's last data.
+            properties.authentication_method = connect.properties.authentication_method.clone();
+            properties.authentication_data = connect.properties.authentication_data.clone();
             if connect.properties.request_response_information == Some(1) {
                 let info = format!("{}{}", cfg.response_information_prefix, client_id.as_str());
                 properties.response_information = Utf8::new(&info).ok();
@@ -1009,6 +1021,10 @@ impl Shard {
                 peer,
             });
         }
+        match &connect.properties.authentication_method {
+            Some(method) => self.enhanced.insert(key, Enhanced { method: method.clone(), exchange: None }),
+            None => self.enhanced.remove(&key),
+        };
         ConnectOutcome::Accepted { session: key, keepalive_secs }
     }
 
@@ -1019,6 +1035,7 @@ impl Shard {
             return; // Taken over: the new connection owns the session now.
         }
         session.conn = None;
+        self.enhanced.remove(&key);
         session.control.clear();
         session.aliases_in.clear();
         session.aliases_out.clear();
@@ -1313,7 +1330,7 @@ impl Shard {
             }
             Packet::Disconnect(disconnect) => self.on_disconnect(key, disconnect),
             Packet::Connect(_) => protocol_error(self),
-            Packet::Auth(_) => protocol_error(self),
+            Packet::Auth(auth) => self.on_auth(key, auth),
             Packet::ConnAck(_) | Packet::SubAck(_) | Packet::UnsubAck(_) | Packet::PingResp => {
                 protocol_error(self)
             }
@@ -1470,6 +1487,88 @@ impl Shard {
             self.flush_acks(key);
         }
         After::Continue
+    }
+
+    /// An AUTH from a connected client: a re-authentication (MQTT 5 section 4.12.1) with the
+    /// method of its CONNECT, run by the auth provider's exchange. Success answers AUTH 0x00 and
+    /// may change the username; a failure, or a tenant other than the session's, disconnects.
+    fn on_auth(&mut self, key: SessionKey, auth: shardmq_protocol::Auth) -> After {
+        let protocol_error = |shard: &Shard| {
+            bump(&shard.stats.protocol_errors, 1);
+            After::Close { reason: Some(ReasonCode::ProtocolError), will: true }
+        };
+        let Some(session) = self.sessions.get_mut(key) else {
+            return After::Close { reason: None, will: false };
+        };
+        let Some(entry) = self.enhanced.get_mut(&key) else {
+            return protocol_error(self); // MQTT-4.12.0-7: no method in CONNECT, no AUTH after
+        };
+        if auth.properties.authentication_method.as_ref() != Some(&entry.method) {
+            return protocol_error(self); // MQTT-4.12.1-1: the method of the CONNECT
+        }
+        match (auth.reason, entry.exchange.is_some()) {
+            (ReasonCode::ReAuthenticate, false) => {
+                let credentials = crate::auth::Credentials {
+                    client_id: session.client_id.as_str(),
+                    username: session.username.as_deref(),
+                    password: None,
+                    peer: session.peer.as_deref().copied(),
+                    default_tenant: session.tenant,
+                    client_cert: None,
+                };
+                match self.cfg.auth.start_enhanced(entry.method.as_str(), &credentials) {
+                    Some(exchange) => entry.exchange = Some(exchange),
+                    None => {
+                        return After::Close { reason: Some(ReasonCode::BadAuthenticationMethod), will: true }
+                    }
+                }
+            }
+            (ReasonCode::ContinueAuthentication, true) => {}
+            _ => return protocol_error(self),
+        }
+        let exchange = entry.exchange.as_mut().expect("set above");
+        let step = exchange.step(auth.properties.authentication_data.as_deref());
+        let method = entry.method.clone();
+        let reply = |reason: ReasonCode, data: Option<Bytes>| {
+            let properties = Properties {
+                authentication_method: Some(method.clone()),
+                authentication_data: data,
+                ..Default::default()
+            };
+            Packet::Auth(shardmq_protocol::Auth { reason, properties })
+        };
+        match step {
+            crate::auth::AuthStep::Continue(data) => {
+                session.push_control(reply(ReasonCode::ContinueAuthentication, Some(data)));
+                After::Continue
+            }
+            crate::auth::AuthStep::Done { decision: AuthDecision::Allow { tenant }, data, username }
+                if tenant == session.tenant =>
+            {
+                entry.exchange = None;
+                if let Some(username) = username {
+                    session.username = Some(username.into_boxed_str());
+                }
+                session.push_control(reply(ReasonCode::Success, data));
+                After::Continue
+            }
+            crate::auth::AuthStep::Done { decision, .. } => {
+                entry.exchange = None;
+                bump(&self.stats.auth_failures, 1);
+                session.tenant_state.auth_failures.fetch_add(1, Ordering::Relaxed);
+                let reason = match decision {
+                    AuthDecision::Allow { .. } => ReasonCode::NotAuthorized, // another tenant
+                    refusal => refusal.reason_code(),
+                };
+                self.cfg.events.event(&Event::AuthFailed {
+                    client_id: session.client_id.as_str(),
+                    username: session.username.as_deref(),
+                    reason: "re-authentication failed",
+                    peer: session.peer.as_deref().copied(),
+                });
+                After::Close { reason: Some(reason), will: true }
+            }
+        }
     }
 
     /// Sends the acknowledgements at the front of session `key`'s queue whose messages are durable
