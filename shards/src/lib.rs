@@ -21,6 +21,7 @@ pub mod listener;
 pub mod mesh;
 pub mod message;
 pub mod runtime;
+pub mod scram;
 pub mod session;
 pub mod shard;
 pub mod store;
