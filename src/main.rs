@@ -48,6 +48,10 @@ struct PasswdArgs {
     /// The password (visible to other local users in the process list; prefer standard input).
     #[arg(long)]
     password: Option<String>,
+    /// Also write SCRAM-SHA-256 credentials, for MQTT 5 enhanced authentication with method
+    /// `SCRAM-SHA-256` (salted, 4096 PBKDF2 iterations; the password itself is not stored).
+    #[arg(long)]
+    scram: bool,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum, Deserialize)]
@@ -586,6 +590,13 @@ fn passwd(args: PasswdArgs) -> Result<()> {
     entry.insert("username".into(), args.username.clone().into());
     entry.insert("password_hash".into(), hash.into());
     entry.insert("tenant".into(), i64::from(args.tenant).into());
+    if args.scram {
+        let credentials = shardmq_shards::scram::ScramCredentials::derive(
+            password.as_bytes(),
+            shardmq_shards::scram::ITERATIONS_DEFAULT,
+        );
+        entry.insert("scram_sha256".into(), credentials.to_string().into());
+    }
     users.push(toml::Value::Table(entry));
     let text = toml::to_string(&doc).context("cannot write TOML")?;
     let tmp = args.file.with_extension("tmp");

@@ -16,7 +16,7 @@ use std::collections::HashSet;
 use std::fmt;
 use std::hash::BuildHasher;
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use argon2::password_hash::{PasswordHash, PasswordVerifier};
 use argon2::Argon2;
@@ -223,6 +223,11 @@ pub struct FileUser {
     pub password_hash: String,
     #[serde(default)]
     pub tenant: u32,
+    /// SCRAM-SHA-256 credentials for MQTT 5 enhanced authentication (`shardmq passwd --scram`
+    /// writes them): `SCRAM-SHA-256$<iterations>:<salt>$<StoredKey>:<ServerKey>`. Without them the
+    /// user can only authenticate with the password.
+    #[serde(default)]
+    pub scram_sha256: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -253,7 +258,7 @@ pub struct AclRule {
 /// Users and ACL from a file; see [`AuthFile`].
 pub struct FileAuth {
     path: PathBuf,
-    inner: RwLock<AuthFile>,
+    inner: Arc<RwLock<AuthFile>>,
     /// Verified (username, keyed hash of the password) pairs, so a reconnect skips argon2.
     verified: Mutex<HashSet<(String, u64)>>,
     keys: std::collections::hash_map::RandomState,
@@ -276,6 +281,13 @@ pub fn read_auth_file(path: &Path) -> Result<AuthFile, String> {
             format!("auth file {}: user {:?}: bad password hash: {e}", path.display(), user.username)
         })?;
     }
+    for user in &file.users {
+        if let Some(text) = &user.scram_sha256 {
+            crate::scram::ScramCredentials::parse(text).map_err(|e| {
+                format!("auth file {}: user {:?}: bad scram_sha256: {e}", path.display(), user.username)
+            })?;
+        }
+    }
     for (index, rule) in file.acl.iter().enumerate() {
         let probe = rule.topic.replace("%u", "u").replace("%c", "c");
         topic::validate_topic_filter(&probe).map_err(|e| {
@@ -291,7 +303,7 @@ impl FileAuth {
         let file = read_auth_file(&path)?;
         Ok(FileAuth {
             path,
-            inner: RwLock::new(file),
+            inner: Arc::new(RwLock::new(file)),
             verified: Mutex::new(HashSet::new()),
             keys: std::collections::hash_map::RandomState::new(),
         })
@@ -354,6 +366,11 @@ impl AuthProvider for FileAuth {
         evaluate_acl(&inner.acl, who, action, asked)
     }
 
+    fn start_enhanced(&self, method: &str, _credentials: &Credentials<'_>) -> Option<Box<dyn EnhancedAuth>> {
+        (method == crate::scram::METHOD)
+            .then(|| Box::new(FileScram { file: self.inner.clone(), phase: ScramPhase::Start }) as _)
+    }
+
     fn tenant_of(&self, credentials: &Credentials<'_>) -> Option<TenantId> {
         let username = credentials.username?;
         let inner = self.inner.read().unwrap_or_else(|e| e.into_inner());
@@ -365,6 +382,75 @@ impl AuthProvider for FileAuth {
         *self.inner.write().unwrap_or_else(|e| e.into_inner()) = file;
         self.verified.lock().unwrap_or_else(|e| e.into_inner()).clear();
         Ok(())
+    }
+}
+
+/// A SCRAM-SHA-256 exchange of the file provider: the client's first message names the user, the
+/// user's stored credentials answer the challenge, the client's proof decides.
+#[derive(Debug)]
+struct FileScram {
+    file: Arc<RwLock<AuthFile>>,
+    phase: ScramPhase,
+}
+
+#[derive(Debug)]
+enum ScramPhase {
+    Start,
+    /// Challenged; the user (`None`: unknown, or without SCRAM credentials: refused at the end).
+    Challenged {
+        exchange: Box<crate::scram::ServerExchange>,
+        username: String,
+        tenant: Option<TenantId>,
+    },
+    Over,
+}
+
+impl EnhancedAuth for FileScram {
+    fn step(&mut self, data: Option<&[u8]>) -> AuthStep {
+        use crate::scram::{ScramCredentials, ServerExchange, ServerStep};
+        let refused = |step: ServerStep| {
+            let decision = match step {
+                ServerStep::Refused { malformed: true, .. } => AuthDecision::BadAuthenticationMethod,
+                _ => AuthDecision::BadCredentials,
+            };
+            AuthStep::Done { decision, data: None, username: None }
+        };
+        match std::mem::replace(&mut self.phase, ScramPhase::Over) {
+            ScramPhase::Start => {
+                let (mut exchange, username) = match ServerExchange::start(data.unwrap_or_default()) {
+                    Ok(started) => started,
+                    Err(step) => return refused(step),
+                };
+                let (credentials, tenant) = {
+                    let file = self.file.read().unwrap_or_else(|e| e.into_inner());
+                    let user = file.users.iter().find(|u| u.username == username);
+                    let credentials = user
+                        .and_then(|u| u.scram_sha256.as_deref())
+                        .and_then(|t| ScramCredentials::parse(t).ok());
+                    (credentials, user.map(|u| TenantId(u.tenant)))
+                };
+                let challenge = exchange.challenge(credentials.as_ref());
+                let tenant = tenant.filter(|_| credentials.is_some());
+                self.phase = ScramPhase::Challenged { exchange: Box::new(exchange), username, tenant };
+                AuthStep::Continue(bytes::Bytes::from(challenge))
+            }
+            ScramPhase::Challenged { exchange, username, tenant } => {
+                match (exchange.finish(data.unwrap_or_default()), tenant) {
+                    (Ok(server_final), Some(tenant)) => AuthStep::Done {
+                        decision: AuthDecision::Allow { tenant },
+                        data: Some(bytes::Bytes::from(server_final)),
+                        username: Some(username),
+                    },
+                    (Ok(_), None) => {
+                        refused(ServerStep::Refused { malformed: false, reason: "unknown user" })
+                    }
+                    (Err(step), _) => refused(step),
+                }
+            }
+            ScramPhase::Over => {
+                AuthStep::Done { decision: AuthDecision::NotAuthorized, data: None, username: None }
+            }
+        }
     }
 }
 

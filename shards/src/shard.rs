@@ -1491,7 +1491,8 @@ impl Shard {
 
     /// An AUTH from a connected client: a re-authentication (MQTT 5 section 4.12.1) with the
     /// method of its CONNECT, run by the auth provider's exchange. Success answers AUTH 0x00 and
-    /// may change the username; a failure, or a tenant other than the session's, disconnects.
+    /// may change the username; a failure, or a tenant other than the session's, disconnects
+    /// (0x87).
     fn on_auth(&mut self, key: SessionKey, auth: shardmq_protocol::Auth) -> After {
         let protocol_error = |shard: &Shard| {
             bump(&shard.stats.protocol_errors, 1);
@@ -1519,7 +1520,8 @@ impl Shard {
                 match self.cfg.auth.start_enhanced(entry.method.as_str(), &credentials) {
                     Some(exchange) => entry.exchange = Some(exchange),
                     None => {
-                        return After::Close { reason: Some(ReasonCode::BadAuthenticationMethod), will: true }
+                        // DISCONNECT has no 0x8C (MQTT 5 section 3.14.2.1): not authorized.
+                        return After::Close { reason: Some(ReasonCode::NotAuthorized), will: true };
                     }
                 }
             }
@@ -1552,14 +1554,13 @@ impl Shard {
                 session.push_control(reply(ReasonCode::Success, data));
                 After::Continue
             }
-            crate::auth::AuthStep::Done { decision, .. } => {
+            crate::auth::AuthStep::Done { .. } => {
+                // Refused, or allowed into another tenant. DISCONNECT cannot carry 0x86 or 0x8C
+                // (MQTT 5 section 3.14.2.1), so every failure is 0x87.
                 entry.exchange = None;
                 bump(&self.stats.auth_failures, 1);
                 session.tenant_state.auth_failures.fetch_add(1, Ordering::Relaxed);
-                let reason = match decision {
-                    AuthDecision::Allow { .. } => ReasonCode::NotAuthorized, // another tenant
-                    refusal => refusal.reason_code(),
-                };
+                let reason = ReasonCode::NotAuthorized;
                 self.cfg.events.event(&Event::AuthFailed {
                     client_id: session.client_id.as_str(),
                     username: session.username.as_deref(),
