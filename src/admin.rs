@@ -26,7 +26,7 @@ use shardmq_shards::admin::{AdminError, SessionDetail, SessionSummary};
 use shardmq_shards::listener::ListenerInfo;
 use shardmq_shards::message::TenantId;
 use shardmq_shards::shard::ShardStats;
-use shardmq_shards::tenants::{Limit, TenantSettings, Tenants};
+use shardmq_shards::tenants::{DropReason, Limit, TenantSettings, TenantTraffic, Tenants};
 use shardmq_shards::AdminHandle;
 use tracing::{info, warn};
 
@@ -743,12 +743,9 @@ pub fn metrics_text(stats: &[Arc<ShardStats>], tenants: &Tenants, listeners: &[A
     }
     let all = tenants.all();
     type TenantField = fn(&shardmq_shards::tenants::TenantState) -> &AtomicU64;
-    let per_tenant: [(&str, &str, &str, TenantField); 4] = [
+    let per_tenant: [(&str, &str, &str, TenantField); 3] = [
         ("shardmq_tenant_connections", "gauge", "Live connections per tenant.", |t| &t.connections),
         ("shardmq_tenant_connects_total", "counter", "CONNECTs accepted per tenant.", |t| &t.connects_total),
-        ("shardmq_tenant_publishes_received_total", "counter", "PUBLISH packets received per tenant.", |t| {
-            &t.publishes_in
-        }),
         (
             "shardmq_tenant_auth_failures_total",
             "counter",
@@ -761,6 +758,71 @@ pub fn metrics_text(stats: &[Arc<ShardStats>], tenants: &Tenants, listeners: &[A
         for (tenant, state) in &all {
             let _ =
                 writeln!(out, "{name}{{tenant=\"{}\"}} {}", tenant.0, field(state).load(Ordering::Relaxed));
+        }
+    }
+    // Traffic: each shard keeps its own block per tenant; a tenant's series is their sum, and a
+    // shard's by-QoS series is the sum over tenants of its block.
+    type TrafficField = fn(&TenantTraffic) -> &AtomicU64;
+    type QosField = fn(&TenantTraffic, usize) -> &AtomicU64;
+    let by_qos: [(&str, &str, QosField); 2] = [
+        ("publishes_received_total", "PUBLISH packets received from clients, by QoS.", |t, q| {
+            &t.publishes_in[q]
+        }),
+        ("publishes_sent_total", "PUBLISH packets sent to clients, by QoS.", |t, q| &t.publishes_out[q]),
+    ];
+    for (suffix, help, field) in by_qos {
+        let name = format!("shardmq_tenant_{suffix}");
+        family(&mut out, &name, "counter", help);
+        for (tenant, state) in &all {
+            for qos in 0..3 {
+                let value = state.sum(|t| field(t, qos));
+                let _ = writeln!(out, "{name}{{tenant=\"{}\",qos=\"{qos}\"}} {value}", tenant.0);
+            }
+        }
+        let name = format!("shardmq_shard_{suffix}");
+        family(&mut out, &name, "counter", help);
+        for shard in 0..stats.len() {
+            for qos in 0..3 {
+                let value: u64 =
+                    all.iter().map(|(_, s)| field(s.traffic(shard), qos).load(Ordering::Relaxed)).sum();
+                let _ = writeln!(out, "{name}{{shard=\"{shard}\",qos=\"{qos}\"}} {value}");
+            }
+        }
+    }
+    let traffic: [(&str, &str, &str, TrafficField); 4] = [
+        ("received_payload_bytes_total", "counter", "Payload bytes of PUBLISH packets received.", |t| {
+            &t.payload_bytes_in
+        }),
+        ("sent_payload_bytes_total", "counter", "Payload bytes of PUBLISH packets sent.", |t| {
+            &t.payload_bytes_out
+        }),
+        ("sessions", "gauge", "Sessions (connected and offline), refreshed each second.", |t| &t.sessions),
+        ("queued_messages", "gauge", "Messages queued or in flight, refreshed each second.", |t| {
+            &t.queued_messages
+        }),
+    ];
+    for (suffix, kind, help, field) in traffic {
+        let name = format!("shardmq_tenant_{suffix}");
+        family(&mut out, &name, kind, help);
+        for (tenant, state) in &all {
+            let _ = writeln!(out, "{name}{{tenant=\"{}\"}} {}", tenant.0, state.sum(field));
+        }
+        if suffix == "sessions" {
+            continue; // shardmq_sessions{shard} already says it
+        }
+        let name = format!("shardmq_shard_{suffix}");
+        family(&mut out, &name, kind, help);
+        for shard in 0..stats.len() {
+            let value: u64 = all.iter().map(|(_, s)| field(s.traffic(shard)).load(Ordering::Relaxed)).sum();
+            let _ = writeln!(out, "{name}{{shard=\"{shard}\"}} {value}");
+        }
+    }
+    let name = "shardmq_tenant_dropped_total";
+    family(&mut out, name, "counter", "Messages not delivered to a tenant's subscribers, by reason.");
+    for (tenant, state) in &all {
+        for reason in DropReason::ALL {
+            let value = state.sum(|t| &t.dropped[reason as usize]);
+            let _ = writeln!(out, "{name}{{tenant=\"{}\",reason=\"{}\"}} {value}", tenant.0, reason.name());
         }
     }
     let name = "shardmq_tenant_limited_total";

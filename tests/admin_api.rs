@@ -341,6 +341,96 @@ async fn tenant_settings_are_read_and_changed_at_runtime() {
     .await;
 }
 
+/// The value of one sample of a scrape, by metric name and labels.
+fn sample(scrape: &prometheus_parse::Scrape, metric: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    scrape
+        .samples
+        .iter()
+        .find(|s| s.metric == metric && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+        .map(|s| match s.value {
+            prometheus_parse::Value::Gauge(v) | prometheus_parse::Value::Counter(v) => v,
+            ref other => panic!("{other:?}"),
+        })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_tenant_traffic_by_qos_bytes_sessions_and_queues() {
+    bounded(async {
+        let (broker, _dir) = start();
+        let v5 = ProtocolVersion::V5;
+        // A persistent subscriber that goes offline, and a live one.
+        let mut connect = connect_packet(v5, "m-offline", false, 60);
+        connect.properties.session_expiry_interval = Some(600);
+        let (mut offline, _) = Raw::connect_with(broker.addr, connect).await;
+        assert_eq!(offline.subscribe(1, "m/#", 1).await, vec![1]);
+        offline.send(&Packet::Disconnect(Disconnect::new(ReasonCode::Success))).await;
+        let _ = offline.expect_closed().await;
+        let mut live = Raw::connect(broker.addr, v5, "m-live").await;
+        assert_eq!(live.subscribe(1, "m/#", 1).await, vec![1]);
+        // Three QoS 0 messages of 10 bytes and two QoS 1 messages of 5 bytes.
+        let mut publisher = Raw::connect(broker.addr, v5, "m-pub").await;
+        for _ in 0..3 {
+            publisher.send(&Packet::Publish(publish_packet("m/a", 0, None, &[0u8; 10]))).await;
+        }
+        for id in 1..=2 {
+            publisher.send(&Packet::Publish(publish_packet("m/b", 1, Some(id), &[0u8; 5]))).await;
+            assert!(matches!(publisher.expect().await, Packet::PubAck(_)));
+        }
+        for _ in 0..5 {
+            match live.expect().await {
+                Packet::Publish(p) => {
+                    if let Some(id) = p.packet_id {
+                        live.send(&Packet::PubAck(shardmq_protocol::PubResp::new(id))).await;
+                    }
+                }
+                other => panic!("expected PUBLISH, got {other:?}"),
+            }
+        }
+        // The gauges are refreshed each second: read until they show the offline session's queue.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let scrape = loop {
+            let (_, _, text) = http(broker.admin(), "GET", "/metrics", Some(TOKEN));
+            let scrape =
+                prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string()))).expect("valid");
+            if sample(&scrape, "shardmq_tenant_queued_messages", &[("tenant", "0")]) >= Some(2.0) {
+                break scrape;
+            }
+            assert!(std::time::Instant::now() < deadline, "queued gauge never reached 2");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        let tenant = |metric: &str, extra: &[(&str, &str)]| {
+            let mut labels = vec![("tenant", "0")];
+            labels.extend_from_slice(extra);
+            sample(&scrape, metric, &labels)
+        };
+        assert_eq!(tenant("shardmq_tenant_publishes_received_total", &[("qos", "0")]), Some(3.0));
+        assert_eq!(tenant("shardmq_tenant_publishes_received_total", &[("qos", "1")]), Some(2.0));
+        assert_eq!(tenant("shardmq_tenant_received_payload_bytes_total", &[]), Some(40.0));
+        // The live subscriber got all five (QoS 0 stays 0, QoS 1 stays 1); the offline one none.
+        assert_eq!(tenant("shardmq_tenant_publishes_sent_total", &[("qos", "0")]), Some(3.0));
+        assert_eq!(tenant("shardmq_tenant_publishes_sent_total", &[("qos", "1")]), Some(2.0));
+        assert_eq!(tenant("shardmq_tenant_sent_payload_bytes_total", &[]), Some(40.0));
+        // Sessions: the offline one, the live one, the publisher. Queued: the offline session's
+        // two QoS 1 messages (its QoS 0 ones were dropped as offline).
+        assert_eq!(tenant("shardmq_tenant_sessions", &[]), Some(3.0));
+        assert_eq!(tenant("shardmq_tenant_queued_messages", &[]), Some(2.0));
+        assert_eq!(tenant("shardmq_tenant_dropped_total", &[("reason", "offline")]), Some(3.0));
+        // The per-shard views add up to the same totals.
+        let shards: f64 = (0..2)
+            .map(|s| {
+                sample(
+                    &scrape,
+                    "shardmq_shard_publishes_received_total",
+                    &[("shard", &s.to_string()), ("qos", "0")],
+                )
+                .unwrap()
+            })
+            .sum();
+        assert_eq!(shards, 3.0);
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publish_retained_and_server_side_subscriptions() {
     bounded(async {

@@ -141,6 +141,8 @@ pub fn start(cfg: BrokerConfig) -> io::Result<Broker> {
         .map(|(index, config)| ListenerInfo::new(index, config))
         .collect::<Result<Vec<_>, String>>()
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    // Per-tenant traffic counters get one block per shard.
+    cfg.tenants.set_shards(cfg.cores);
     let cfg = Arc::new(cfg);
     // Per listener: the first bind resolves port 0; each shard joins the same port through
     // SO_REUSEPORT. `per_shard[s]` is shard s's sockets, one per listener.

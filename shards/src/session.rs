@@ -160,6 +160,9 @@ pub enum FillEvent {
 #[derive(Debug, Default, Clone, Copy)]
 pub struct FillStats {
     pub publishes_sent: u64,
+    /// PUBLISH packets sent, by QoS, and their payload bytes.
+    pub sent_by_qos: [u64; 3],
+    pub payload_bytes_sent: u64,
     pub dropped_expired: u64,
     pub dropped_too_large: u64,
 }
@@ -407,6 +410,8 @@ impl Session {
             match self.encode_publish(&delivery, packet_id, false, out, now) {
                 Ok(()) => {
                     stats.publishes_sent += 1;
+                    stats.sent_by_qos[delivery.qos as usize] += 1;
+                    stats.payload_bytes_sent += delivery.msg.payload.len() as u64;
                     if packet_id.is_none() && delivery.stored != 0 {
                         // A stored QoS 0 message (offline queueing) is finished once written.
                         events.push(FillEvent::Dropped { stored: delivery.stored });
@@ -561,6 +566,11 @@ impl SessionTable {
         self.free.push(key.index);
         self.by_client.remove(&(session.tenant, session.client_id.clone()));
         Some(*session)
+    }
+
+    /// Every live session, in slot order.
+    pub fn iter(&self) -> impl Iterator<Item = &Session> {
+        self.slots.iter().filter_map(|slot| slot.session.as_deref())
     }
 
     /// Every live session key.

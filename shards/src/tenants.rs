@@ -183,12 +183,71 @@ impl Limit {
 /// Members per shared subscription: (group, filter) -> members across shards.
 pub type SharedMemberCounts = HashMap<(Arc<str>, Arc<str>), u32>;
 
-/// A tenant's live state, shared by every shard.
+/// Why a message was not delivered to a subscriber, for the per-tenant drop counters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DropReason {
+    QueueFull,
+    /// The subscriber is offline and its session keeps nothing (clean, or QoS 0 not queued).
+    Offline,
+    Expired,
+    TooLarge,
+    /// The ACL denied the publish.
+    Denied,
+}
+
+impl DropReason {
+    pub const ALL: [DropReason; 5] = [
+        DropReason::QueueFull,
+        DropReason::Offline,
+        DropReason::Expired,
+        DropReason::TooLarge,
+        DropReason::Denied,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            DropReason::QueueFull => "queue_full",
+            DropReason::Offline => "offline",
+            DropReason::Expired => "expired",
+            DropReason::TooLarge => "too_large",
+            DropReason::Denied => "denied",
+        }
+    }
+}
+
+/// One shard's traffic counters of one tenant. Only that shard writes them (so no cache line is
+/// shared between cores on the data path); `/metrics` sums the shards' blocks. Aligned to keep
+/// neighbouring shards' blocks off each other's cache lines.
 #[derive(Debug, Default)]
+#[repr(align(128))]
+pub struct TenantTraffic {
+    /// PUBLISH packets received from the tenant's clients, by QoS, and their payload bytes.
+    pub publishes_in: [AtomicU64; 3],
+    pub payload_bytes_in: AtomicU64,
+    /// PUBLISH packets sent to the tenant's clients, by QoS, and their payload bytes.
+    pub publishes_out: [AtomicU64; 3],
+    pub payload_bytes_out: AtomicU64,
+    /// Messages not delivered to the tenant's subscribers, by [`DropReason`].
+    pub dropped: [AtomicU64; DropReason::ALL.len()],
+    /// Gauges refreshed by the shard's sweep (about once a second): the tenant's sessions on the
+    /// shard and the messages queued for them.
+    pub sessions: AtomicU64,
+    pub queued_messages: AtomicU64,
+}
+
+impl TenantTraffic {
+    pub fn drop_one(&self, reason: DropReason) {
+        self.dropped[reason as usize].fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// A tenant's live state, shared by every shard.
+#[derive(Debug)]
 pub struct TenantState {
     pub connections: AtomicU64,
     pub connects_total: AtomicU64,
-    pub publishes_in: AtomicU64,
+    /// Per-shard traffic counters (see [`TenantTraffic`]), indexed by shard.
+    traffic: Box<[TenantTraffic]>,
     /// CONNECTs refused by the auth provider. A failure counts under the tenant the provider
     /// names for the client (`AuthProvider::tenant_of`), else under the listener's default tenant.
     pub auth_failures: AtomicU64,
@@ -251,6 +310,43 @@ impl TenantState {
     pub fn count(&self, limit: Limit) {
         self.limited[limit.index()].fetch_add(1, Ordering::Relaxed);
     }
+
+    /// A state with a traffic block for each of `shards` shards (at least one).
+    fn with_shards(shards: usize) -> TenantState {
+        TenantState {
+            connections: AtomicU64::new(0),
+            connects_total: AtomicU64::new(0),
+            traffic: (0..shards.max(1)).map(|_| TenantTraffic::default()).collect(),
+            auth_failures: AtomicU64::new(0),
+            limited: Default::default(),
+            publish_window: AtomicU64::new(0),
+            bytes_window: AtomicU64::new(0),
+            shared_members: Default::default(),
+            connect_window: AtomicU64::new(0),
+        }
+    }
+
+    /// Shard `shard`'s traffic block (the last one for a shard beyond the count it was made with).
+    pub fn traffic(&self, shard: usize) -> &TenantTraffic {
+        &self.traffic[shard.min(self.traffic.len() - 1)]
+    }
+
+    /// Every shard's block, for `/metrics`.
+    pub fn traffic_blocks(&self) -> &[TenantTraffic] {
+        &self.traffic
+    }
+
+    /// A sum over the shards' blocks.
+    pub fn sum(&self, field: impl Fn(&TenantTraffic) -> &AtomicU64) -> u64 {
+        self.traffic.iter().map(|t| field(t).load(Ordering::Relaxed)).sum()
+    }
+}
+
+impl Default for TenantState {
+    /// One traffic block (a single shard).
+    fn default() -> TenantState {
+        TenantState::with_shards(1)
+    }
 }
 
 /// One-second window admission on a packed atomic: window second in the high 40 bits, count in
@@ -277,11 +373,22 @@ fn admit(window: &AtomicU64, per_second: u32, now_secs: u64) -> bool {
 pub struct Tenants {
     pub provider: Arc<dyn SettingProvider>,
     state: RwLock<HashMap<TenantId, Arc<TenantState>>>,
+    /// Shards, for the per-shard traffic blocks of each tenant (set at start-up).
+    shards: std::sync::atomic::AtomicUsize,
 }
 
 impl Tenants {
     pub fn new(provider: Arc<dyn SettingProvider>) -> Tenants {
-        Tenants { provider, state: RwLock::new(HashMap::new()) }
+        Tenants {
+            provider,
+            state: RwLock::new(HashMap::new()),
+            shards: std::sync::atomic::AtomicUsize::new(1),
+        }
+    }
+
+    /// Sets the shard count before the shards start (states made later get a block per shard).
+    pub fn set_shards(&self, shards: usize) {
+        self.shards.store(shards, Ordering::Relaxed);
     }
 
     pub fn settings(&self, tenant: TenantId) -> Arc<TenantSettings> {
@@ -293,7 +400,9 @@ impl Tenants {
         if let Some(state) = self.state.read().unwrap_or_else(|e| e.into_inner()).get(&tenant) {
             return state.clone();
         }
-        self.state.write().unwrap_or_else(|e| e.into_inner()).entry(tenant).or_default().clone()
+        let shards = self.shards.load(Ordering::Relaxed);
+        let mut map = self.state.write().unwrap_or_else(|e| e.into_inner());
+        map.entry(tenant).or_insert_with(|| Arc::new(TenantState::with_shards(shards))).clone()
     }
 
     /// Every tenant seen so far, with its state (for `/metrics`).
