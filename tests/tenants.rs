@@ -8,7 +8,8 @@ use std::sync::Arc;
 
 use common::{bounded, connect_packet, publish_packet, Raw, TestBroker};
 use shardmq_protocol::{ConnAck, Disconnect, Packet, Properties, ProtocolVersion, PubResp, ReasonCode};
-use shardmq_shards::tenants::{ConfigSettings, Limit, TenantSettings, Tenants};
+use shardmq_shards::tenants::{ConfigSettings, DropReason, Limit, TenantSettings, Tenants};
+use shardmq_shards::QueueFullPolicy;
 
 const V5: ProtocolVersion = ProtocolVersion::V5;
 const V311: ProtocolVersion = ProtocolVersion::V3_1_1;
@@ -110,6 +111,54 @@ async fn topic_levels_length_and_subscription_count() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retained_message_quota() {
+    bounded(async {
+        let (broker, tenants) =
+            start(TenantSettings { max_retained_messages: Some(2), ..Default::default() });
+        let (mut publisher, _) = connect(broker.addr, V5, "retainer").await;
+        let mut next_id = 0u16;
+        let mut retain = |topic: &str, payload: &'static [u8]| {
+            next_id += 1;
+            let mut publish = publish_packet(topic, 1, Some(next_id), payload);
+            publish.retain = true;
+            Packet::Publish(publish)
+        };
+        async fn acked(publisher: &mut Raw, packet: Packet) -> ReasonCode {
+            publisher.send(&packet).await;
+            match publisher.expect().await {
+                Packet::PubAck(a) => a.reason,
+                other => panic!("expected PUBACK, got {other:?}"),
+            }
+        }
+        // Topics spread over both shards; the quota is the tenant's across them.
+        assert_eq!(acked(&mut publisher, retain("r/1", b"one")).await, ReasonCode::Success);
+        assert_eq!(acked(&mut publisher, retain("r/2", b"two")).await, ReasonCode::Success);
+        assert_eq!(acked(&mut publisher, retain("r/3", b"three")).await, ReasonCode::QuotaExceeded);
+        // Replacing and deleting existing retained messages always works; a deletion frees a place.
+        assert_eq!(acked(&mut publisher, retain("r/1", b"one again")).await, ReasonCode::Success);
+        assert_eq!(acked(&mut publisher, retain("r/2", b"")).await, ReasonCode::Success);
+        assert_eq!(acked(&mut publisher, retain("r/3", b"three")).await, ReasonCode::Success);
+        assert_eq!(limited(&tenants, Limit::RetainedMessages), 1);
+        // What a new subscriber finds: r/1's new value and r/3.
+        let (mut late, _) = connect(broker.addr, V5, "late").await;
+        assert_eq!(late.subscribe(1, "r/#", 0).await, vec![0]);
+        let mut got = Vec::new();
+        for _ in 0..2 {
+            match late.expect().await {
+                Packet::Publish(p) => got.push((p.topic.to_string(), p.payload.to_vec())),
+                other => panic!("expected a retained PUBLISH, got {other:?}"),
+            }
+        }
+        got.sort();
+        assert_eq!(
+            got,
+            vec![("r/1".to_string(), b"one again".to_vec()), ("r/3".to_string(), b"three".to_vec())]
+        );
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn expiry_cap_receive_maximum_and_retain_off() {
     bounded(async {
         let (broker, tenants) = start(TenantSettings {
@@ -146,35 +195,50 @@ async fn expiry_cap_receive_maximum_and_retain_off() {
     .await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn inbox_size_per_tenant() {
-    bounded(async {
-        let (broker, _) = start(TenantSettings { max_queued_messages: Some(2), ..Default::default() });
-        let (mut sub, _) = Raw::connect_with(broker.addr, connect_packet(V311, "inbox", false, 60)).await;
-        assert_eq!(sub.subscribe(1, "q", 1).await, vec![1]);
-        sub.send(&Packet::Disconnect(Disconnect::new(ReasonCode::Success))).await;
-        sub.expect_closed().await;
-        let (mut publisher, _) = connect(broker.addr, V311, "inbox-pub").await;
-        for n in 1..=3u16 {
-            publisher.send(&Packet::Publish(publish_packet("q", 1, Some(n), &[b'0' + n as u8]))).await;
-            assert!(matches!(publisher.expect().await, Packet::PubAck(_)));
-        }
-        let (mut sub, ack) = Raw::connect_with(broker.addr, connect_packet(V311, "inbox", false, 60)).await;
-        assert!(ack.session_present);
-        let mut got = Vec::new();
-        for _ in 0..2 {
-            match sub.expect().await {
-                Packet::Publish(p) => {
-                    got.push(p.payload[0]);
-                    sub.send(&Packet::PubAck(PubResp::new(p.packet_id.unwrap()))).await;
-                }
-                other => panic!("unexpected {other:?}"),
+/// A tenant inbox of two messages and `policy`: three QoS 1 messages reach an offline session;
+/// returns the payloads it receives when it comes back.
+async fn inbox_keeps(policy: Option<QueueFullPolicy>) -> Vec<u8> {
+    let settings =
+        TenantSettings { max_queued_messages: Some(2), queue_full_policy: policy, ..Default::default() };
+    let (broker, tenants) = start(settings);
+    let (mut sub, _) = Raw::connect_with(broker.addr, connect_packet(V311, "inbox", false, 60)).await;
+    assert_eq!(sub.subscribe(1, "q", 1).await, vec![1]);
+    sub.send(&Packet::Disconnect(Disconnect::new(ReasonCode::Success))).await;
+    sub.expect_closed().await;
+    let (mut publisher, _) = connect(broker.addr, V311, "inbox-pub").await;
+    for n in 1..=3u16 {
+        publisher.send(&Packet::Publish(publish_packet("q", 1, Some(n), &[b'0' + n as u8]))).await;
+        assert!(matches!(publisher.expect().await, Packet::PubAck(_)));
+    }
+    let (mut sub, ack) = Raw::connect_with(broker.addr, connect_packet(V311, "inbox", false, 60)).await;
+    assert!(ack.session_present);
+    let mut got = Vec::new();
+    for _ in 0..2 {
+        match sub.expect().await {
+            Packet::Publish(p) => {
+                got.push(p.payload[0]);
+                sub.send(&Packet::PubAck(PubResp::new(p.packet_id.unwrap()))).await;
             }
+            other => panic!("unexpected {other:?}"),
         }
-        assert_eq!(got, vec![b'2', b'3'], "the inbox kept the newest two (drop-oldest)");
-        sub.send(&Packet::PingReq).await;
-        assert!(matches!(sub.expect().await, Packet::PingResp));
-        assert!(broker.stat(|s| &s.dropped_queue_full) >= 1);
+    }
+    sub.send(&Packet::PingReq).await;
+    assert!(matches!(sub.expect().await, Packet::PingResp), "nothing more was kept");
+    assert!(broker.stat(|s| &s.dropped_queue_full) >= 1);
+    let dropped = tenants.state(Default::default()).sum(|t| &t.dropped[DropReason::QueueFull as usize]);
+    assert_eq!(dropped, 1, "one drop, counted for the tenant");
+    got
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inbox_size_and_full_policy_per_tenant() {
+    bounded(async {
+        assert_eq!(inbox_keeps(None).await, vec![b'2', b'3'], "the broker's policy: drop-oldest");
+        assert_eq!(
+            inbox_keeps(Some(QueueFullPolicy::DropNew)).await,
+            vec![b'1', b'2'],
+            "the tenant's: drop-new"
+        );
     })
     .await;
 }

@@ -30,8 +30,10 @@ pub enum IoDriver {
     Auto,
 }
 
-/// What happens when a session's queue of undelivered messages is full.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// What happens when a session's queue of undelivered messages is full. In the config file and
+/// the admin API: `"drop-new"`, `"drop-oldest"`, `"disconnect"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum QueueFullPolicy {
     /// Drop the new message (QoS 0 messages are dropped first in every policy).
     DropNew,

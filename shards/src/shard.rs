@@ -574,7 +574,8 @@ impl Shard {
             self.recount_stored(key);
         }
         for msg in retained {
-            self.retain_memory(msg);
+            // What was stored is kept, whatever the tenant's quota says now.
+            self.retain_memory(msg, false);
         }
         bump(&self.stats.recovered_sessions, self.sessions.len() as u64);
         bump(&self.stats.recovered_messages, messages);
@@ -2376,7 +2377,7 @@ impl Shard {
             if let Some(index) = session.queue.iter().position(|d| d.qos == QoS::AtMostOnce) {
                 evicted = session.queue.remove(index).map(|d| d.stored);
             } else {
-                match cfg.queue_full_policy {
+                match session.settings.queue_full_policy.unwrap_or(cfg.queue_full_policy) {
                     QueueFullPolicy::DropNew => {
                         bump(&stats.dropped_queue_full, 1);
                         dropped(session, &delivery, "queue full");
@@ -2424,7 +2425,7 @@ impl Shard {
 
     /// Applies a retained message (or its deletion) to this shard's partition and its store.
     fn retain_set(&mut self, msg: Arc<Message>) -> Persisted {
-        let kept = self.retain_memory(msg.clone());
+        let kept = self.retain_memory(msg.clone(), true);
         let Some(store) = self.store.as_mut() else { return Persisted::Nothing };
         let result = if msg.payload.is_empty() {
             store.retain_del(msg.tenant, &msg.topic)
@@ -2443,13 +2444,15 @@ impl Shard {
     }
 
     /// Applies a retained message (or its deletion) to the in-memory partition. Returns false when
-    /// the partition is full and the message was not kept.
-    fn retain_memory(&mut self, msg: Arc<Message>) -> bool {
+    /// the partition is full, or (with `quota`) the tenant has its most retained messages, and the
+    /// message was not kept.
+    fn retain_memory(&mut self, msg: Arc<Message>, quota: bool) -> bool {
         let tenant = msg.tenant;
         if msg.payload.is_empty() {
             if let Some(topics) = self.retained.get_mut(&tenant) {
                 if topics.remove(msg.topic.as_str()).is_some() {
                     self.retained_count -= 1;
+                    self.cfg.tenants.state(tenant).retained.fetch_sub(1, Ordering::Relaxed);
                 }
                 if topics.is_empty() {
                     self.retained.remove(&tenant);
@@ -2460,16 +2463,32 @@ impl Shard {
         let per_shard_max = self.cfg.retained_messages_max.div_ceil(self.shard_count());
         let topics = self.retained.entry(tenant).or_default();
         let replaces = topics.contains_key(msg.topic.as_str());
-        if !replaces && self.retained_count >= per_shard_max {
+        let state = (!replaces).then(|| self.cfg.tenants.state(tenant));
+        let over_quota = quota
+            && state.as_ref().is_some_and(|state| {
+                let max = self.cfg.tenants.settings(tenant).max_retained_messages;
+                max.is_some_and(|max| state.retained.load(Ordering::Relaxed) >= max)
+            });
+        if !replaces && (self.retained_count >= per_shard_max || over_quota) {
             bump(&self.stats.dropped_queue_full, 1);
             if topics.is_empty() {
                 self.retained.remove(&tenant);
             }
+            if let (true, Some(state)) = (over_quota, &state) {
+                state.count(Limit::RetainedMessages);
+                self.cfg.events.event(&Event::Dropped {
+                    tenant,
+                    client_id: "",
+                    topic: msg.topic.as_str(),
+                    reason: "retained message quota",
+                });
+            }
             return false;
         }
         topics.insert(msg.topic.as_str().into(), msg);
-        if !replaces {
+        if let Some(state) = state {
             self.retained_count += 1;
+            state.retained.fetch_add(1, Ordering::Relaxed);
         }
         true
     }
@@ -2492,7 +2511,11 @@ impl Shard {
         }
         let before = topics.len();
         topics.retain(|_, msg| !msg.is_expired(now));
-        self.retained_count -= before - topics.len();
+        let expired = before - topics.len();
+        if expired > 0 {
+            self.retained_count -= expired;
+            self.cfg.tenants.state(tenant).retained.fetch_sub(expired as u64, Ordering::Relaxed);
+        }
         for (topic_name, msg) in topics.iter() {
             if topic::matches(filter, topic_name) {
                 found(msg.clone());

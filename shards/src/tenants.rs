@@ -39,6 +39,9 @@ pub struct TenantSettings {
     pub retain_available: Option<bool>,
     /// Messages queued per session (inbox size).
     pub max_queued_messages: Option<usize>,
+    /// What happens when a session's inbox is full (`drop-new`, `drop-oldest`, `disconnect`);
+    /// the broker's `--queue-full-policy` when absent.
+    pub queue_full_policy: Option<crate::config::QueueFullPolicy>,
     /// PUBLISH packets per second per connection; a faster client is throttled (its socket is
     /// not read until its budget refills). 0 or absent: unlimited.
     pub max_publish_rate_per_connection: Option<u32>,
@@ -56,6 +59,11 @@ pub struct TenantSettings {
     /// Largest packet the tenant's clients may send (announced in CONNACK). Beyond: v5
     /// DISCONNECT 0x95, 3.x the connection is closed.
     pub max_packet_size: Option<u32>,
+    /// Retained messages of the tenant across all shards. Beyond: a new retained topic is not
+    /// kept (the message is still delivered; with the store on, a v5 publisher's PUBACK/PUBREC
+    /// says 0x97); replacing or deleting an existing one always works. Counted as
+    /// `retained_messages`.
+    pub max_retained_messages: Option<u64>,
     /// Members of one shared subscription group (`$share/<group>/<filter>`) across all shards.
     /// Beyond: SUBACK 0x97 / 0x80. (Checked before adding: shards subscribing at the same
     /// instant may overshoot by one each.)
@@ -137,10 +145,11 @@ pub enum Limit {
     TenantPublishRate,
     Bandwidth,
     TenantBandwidth,
+    RetainedMessages,
 }
 
 impl Limit {
-    pub const ALL: [Limit; 13] = [
+    pub const ALL: [Limit; 14] = [
         Limit::ProtocolVersion,
         Limit::Connections,
         Limit::TopicLevels,
@@ -154,6 +163,7 @@ impl Limit {
         Limit::TenantPublishRate,
         Limit::Bandwidth,
         Limit::TenantBandwidth,
+        Limit::RetainedMessages,
     ];
 
     /// Its place in [`Limit::ALL`] and in [`TenantState::limited`] (the declaration order).
@@ -176,6 +186,7 @@ impl Limit {
             Limit::TenantPublishRate => "tenant_publish_rate",
             Limit::Bandwidth => "bandwidth",
             Limit::TenantBandwidth => "tenant_bandwidth",
+            Limit::RetainedMessages => "retained_messages",
         }
     }
 }
@@ -248,6 +259,8 @@ pub struct TenantState {
     pub connects_total: AtomicU64,
     /// Per-shard traffic counters (see [`TenantTraffic`]), indexed by shard.
     traffic: Box<[TenantTraffic]>,
+    /// Retained messages of the tenant, across shards (each shard adds and removes its own).
+    pub retained: AtomicU64,
     /// CONNECTs refused by the auth provider. A failure counts under the tenant the provider
     /// names for the client (`AuthProvider::tenant_of`), else under the listener's default tenant.
     pub auth_failures: AtomicU64,
@@ -317,6 +330,7 @@ impl TenantState {
             connections: AtomicU64::new(0),
             connects_total: AtomicU64::new(0),
             traffic: (0..shards.max(1)).map(|_| TenantTraffic::default()).collect(),
+            retained: AtomicU64::new(0),
             auth_failures: AtomicU64::new(0),
             limited: Default::default(),
             publish_window: AtomicU64::new(0),
