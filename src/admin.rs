@@ -25,7 +25,7 @@ use serde_json::{json, Value};
 use shardmq_shards::admin::{AdminError, SessionDetail, SessionSummary};
 use shardmq_shards::listener::ListenerInfo;
 use shardmq_shards::message::TenantId;
-use shardmq_shards::shard::ShardStats;
+use shardmq_shards::shard::{ShardStats, LATENCY_BUCKETS};
 use shardmq_shards::tenants::{DropReason, Limit, TenantSettings, TenantTraffic, Tenants};
 use shardmq_shards::AdminHandle;
 use tracing::{info, warn};
@@ -725,23 +725,25 @@ pub fn metrics_text(stats: &[Arc<ShardStats>], tenants: &Tenants, listeners: &[A
     family(&mut out, name, "histogram", help);
     for (shard, s) in stats.iter().enumerate() {
         let h = &s.ack_latency;
-        let mut cumulative = 0u64;
-        for (index, bucket) in h.buckets.iter().enumerate() {
-            cumulative += bucket.load(Ordering::Relaxed);
-            if index + 1 < h.buckets.len() {
-                let le = (1u64 << index) as f64 / 1e6;
-                let _ = writeln!(out, "{name}_bucket{{shard=\"{shard}\",le=\"{le}\"}} {cumulative}");
-            }
-        }
-        let _ = writeln!(out, "{name}_bucket{{shard=\"{shard}\",le=\"+Inf\"}} {cumulative}");
-        let _ = writeln!(
-            out,
-            "{name}_sum{{shard=\"{shard}\"}} {}",
-            h.sum_us.load(Ordering::Relaxed) as f64 / 1e6
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let bucket = |i: usize| load(&h.buckets[i]);
+        histogram_lines(
+            &mut out,
+            name,
+            &format!("shard=\"{shard}\""),
+            bucket,
+            load(&h.sum_us),
+            load(&h.count),
         );
-        let _ = writeln!(out, "{name}_count{{shard=\"{shard}\"}} {}", h.count.load(Ordering::Relaxed));
     }
     let all = tenants.all();
+    let name = "shardmq_tenant_puback_latency_seconds";
+    family(&mut out, name, "histogram", help);
+    for (tenant, state) in &all {
+        let bucket = |i: usize| state.sum(|t| &t.ack_latency.buckets[i]);
+        let (sum_us, count) = (state.sum(|t| &t.ack_latency.sum_us), state.sum(|t| &t.ack_latency.count));
+        histogram_lines(&mut out, name, &format!("tenant=\"{}\"", tenant.0), bucket, sum_us, count);
+    }
     type TenantField = fn(&shardmq_shards::tenants::TenantState) -> &AtomicU64;
     let per_tenant: [(&str, &str, &str, TenantField); 3] = [
         ("shardmq_tenant_connections", "gauge", "Live connections per tenant.", |t| &t.connections),
@@ -860,6 +862,29 @@ pub fn metrics_text(stats: &[Arc<ShardStats>], tenants: &Tenants, listeners: &[A
         }
     }
     out
+}
+
+/// The sample lines of one latency histogram (microsecond buckets: bucket `i` holds values below
+/// 2^i us, the last is unbounded) with `labels`, in seconds.
+fn histogram_lines(
+    out: &mut String,
+    name: &str,
+    labels: &str,
+    bucket: impl Fn(usize) -> u64,
+    sum_us: u64,
+    count: u64,
+) {
+    let mut cumulative = 0u64;
+    for index in 0..LATENCY_BUCKETS {
+        cumulative += bucket(index);
+        if index + 1 < LATENCY_BUCKETS {
+            let le = (1u64 << index) as f64 / 1e6;
+            let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{le}\"}} {cumulative}");
+        }
+    }
+    let _ = writeln!(out, "{name}_bucket{{{labels},le=\"+Inf\"}} {cumulative}");
+    let _ = writeln!(out, "{name}_sum{{{labels}}} {}", sum_us as f64 / 1e6);
+    let _ = writeln!(out, "{name}_count{{{labels}}} {count}");
 }
 
 /// The `# HELP` and `# TYPE` lines of one metric family.

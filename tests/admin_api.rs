@@ -388,12 +388,12 @@ async fn per_tenant_traffic_by_qos_bytes_sessions_and_queues() {
         }
         // The gauges are refreshed each second: read until they show the offline session's queue.
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        let scrape = loop {
+        let (scrape, text) = loop {
             let (_, _, text) = http(broker.admin(), "GET", "/metrics", Some(TOKEN));
             let scrape =
                 prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string()))).expect("valid");
             if sample(&scrape, "shardmq_tenant_queued_messages", &[("tenant", "0")]) >= Some(2.0) {
-                break scrape;
+                break (scrape, text);
             }
             assert!(std::time::Instant::now() < deadline, "queued gauge never reached 2");
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -415,6 +415,11 @@ async fn per_tenant_traffic_by_qos_bytes_sessions_and_queues() {
         assert_eq!(tenant("shardmq_tenant_sessions", &[]), Some(3.0));
         assert_eq!(tenant("shardmq_tenant_queued_messages", &[]), Some(2.0));
         assert_eq!(tenant("shardmq_tenant_dropped_total", &[("reason", "offline")]), Some(3.0));
+        // Both QoS 1 PUBLISHes are in the tenant's PUBACK latency histogram.
+        assert!(
+            text.lines().any(|l| l == "shardmq_tenant_puback_latency_seconds_count{tenant=\"0\"} 2"),
+            "tenant latency histogram count"
+        );
         // The per-shard views add up to the same totals.
         let shards: f64 = (0..2)
             .map(|s| {

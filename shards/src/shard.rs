@@ -1624,7 +1624,9 @@ impl Shard {
         let v5 = session.version.is_v5();
         while session.pending_acks.front().is_some_and(|p| p.waiting == 0) {
             let ack = session.pending_acks.pop_front().expect("front checked");
-            self.stats.ack_latency.record(ack.received_at.elapsed());
+            let elapsed = ack.received_at.elapsed();
+            self.stats.ack_latency.record(elapsed);
+            session.tenant_state.traffic(self.id.index()).ack_latency.record(elapsed);
             let reason = match (ack.failed, v5) {
                 (true, true) => ReasonCode::QuotaExceeded,
                 (false, true) => ack.reason,

@@ -244,6 +244,8 @@ pub struct TenantTraffic {
     /// shard and the messages queued for them.
     pub sessions: AtomicU64,
     pub queued_messages: AtomicU64,
+    /// From a QoS 1/2 PUBLISH of the tenant's clients to its PUBACK/PUBREC.
+    pub ack_latency: crate::shard::LatencyHistogram,
 }
 
 impl TenantTraffic {
