@@ -719,6 +719,15 @@ pub fn metrics_text(stats: &[Arc<ShardStats>], tenants: &Tenants, listeners: &[A
             let _ = writeln!(out, "{name}{{shard=\"{shard}\"}} {}", field(s).load(Ordering::Relaxed));
         }
     }
+    let name = "shardmq_throttled_total";
+    family(&mut out, name, "counter", "Times a reader paused for a publish limit, by limit.");
+    let throttles = [Limit::PublishRate, Limit::Bandwidth, Limit::TenantPublishRate, Limit::TenantBandwidth];
+    for (shard, s) in stats.iter().enumerate() {
+        for limit in throttles {
+            let value = s.throttled[limit.index()].load(Ordering::Relaxed);
+            let _ = writeln!(out, "{name}{{shard=\"{shard}\",limit=\"{}\"}} {value}", limit.name());
+        }
+    }
     let name = "shardmq_puback_latency_seconds";
     let help =
         "From a client's QoS 1/2 PUBLISH to its PUBACK/PUBREC (routing, and durability of stored copies).";

@@ -271,6 +271,11 @@ async fn publish_rate_per_connection_throttles_the_sender() {
         let elapsed = started.elapsed();
         assert!(elapsed >= std::time::Duration::from_millis(1800), "{COUNT} messages in {elapsed:?}");
         assert!(limited(&tenants, Limit::PublishRate) > 0);
+        assert_eq!(
+            broker.stat(|s| &s.throttled[Limit::PublishRate.index()]),
+            limited(&tenants, Limit::PublishRate),
+            "the shards count the same throttles as the tenant"
+        );
     })
     .await;
 }

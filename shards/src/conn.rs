@@ -756,6 +756,8 @@ async fn read_loop(
                         throttle.state.count(limit);
                         {
                             let shard = cell.borrow();
+                            shard.stats.throttled[limit.index()]
+                                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                             if let Some(session) = shard.sessions.get(key) {
                                 shard.cfg.events.event(&crate::events::Event::Throttled {
                                     tenant: session.tenant,

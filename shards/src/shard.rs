@@ -167,6 +167,8 @@ pub struct ShardStats {
     pub reader_backpressure_waits: AtomicU64,
     /// Subscriptions refused because the session had `subscriptions_per_session_max` already.
     pub subscriptions_refused_quota: AtomicU64,
+    /// Readers paused by a publish limit, by [`Limit`] (only the rate and bandwidth limits throttle).
+    pub throttled: [AtomicU64; Limit::ALL.len()],
     /// From a client's QoS 1/2 PUBLISH to its PUBACK/PUBREC being queued (routing, and waiting
     /// for the message to be durable everywhere it was stored).
     pub ack_latency: LatencyHistogram,
