@@ -1,6 +1,8 @@
-//! Issue 4's open question: is the log's write path (a shared mmap of preallocated segments) the
-//! faster one, against `pwrite` from a user-space buffer and io_uring writes? Figures and the
-//! command line are in `storage/BENCH.md` ("mmap against pwrite and io_uring (issue 4)").
+//! Issue 4's open question: which write path is the faster one: a shared mmap of preallocated
+//! segments, `pwrite` from a user-space buffer, or io_uring writes? The log now writes with
+//! batched `pwrite` from its sync thread (the answer of the first runs); this bench keeps the mmap
+//! write path (`mmap_raw_*`) as the baseline of every run. Figures and the command lines are in
+//! `storage/BENCH.md` ("mmap against pwrite and io_uring (issue 4)" and the sections after it).
 //!
 //! Every variant writes the log's own format: 64 MiB preallocated (`posix_fallocate`) segment files
 //! named `{id:020}.seg`, each with a valid 64-byte segment header, then records framed as
@@ -11,18 +13,18 @@
 //! Benchmarks (`write_path/<size>/<variant>`, one iteration is one append, throughput in
 //! records/s; each sample appends to a fresh directory, so segment rolls are included):
 //! - `frame_only`: framing and checksum into a reused `Vec`, memory only: the floor.
-//! - `mmap_never`, `mmap_interval_5ms`: the real [`Log::append`] under `Never` and `Interval(5 ms)`;
-//!   the latter waits at the end of the sample (polling `durable_offset`) until the last record is
-//!   durable.
-//! - `mmap_never_prefault_4MiB`: the same as `mmap_never` with `Config::prefault_window_bytes` at
-//!   4 MiB (the sync thread write-faults the pages ahead with `MADV_POPULATE_WRITE`).
+//! - `log_never`, `log_interval_5ms`: the real [`Log::append`] (64 KiB staging buffer, written by
+//!   the log's sync thread) under `Never` and `Interval(5 ms)`; each sample ends with
+//!   [`Log::commit`] and waits (polling `durable_offset`) until the last record is durable, which
+//!   under `Never` means written to the file.
+//! - `log_never_commit_per_16`: `log_never` plus a [`Log::commit`] after every 16 appends, as a
+//!   shard commits at the end of a loop turn that appended a few messages.
 //! - `mmap_raw_never`, `mmap_raw_interval_5ms`, `mmap_raw_msync_per_1000`: the mmap write path
-//!   without the log around it (frames copied into a shared mapping of a preallocated segment,
-//!   none of `Log::append`'s bookkeeping; `msync` on an interval sync thread, or on the appending
-//!   thread after every 1000 appends), to compare the write paths like for like: the minimal
-//!   `pwrite` and io_uring appenders have no record index either.
-//! - `mmap_sync_per_1000`: `Log` under `Never` plus `Log::sync` (one `msync` on the caller's
-//!   thread) after every 1000 appends and at the end: synchronous group commit.
+//!   (the log's own until this change) without the log around it: frames copied into a shared
+//!   mapping of a preallocated segment, none of `Log::append`'s bookkeeping; `msync` on an
+//!   interval sync thread, or on the appending thread after every 1000 appends.
+//! - `log_sync_per_1000`: `Log` under `Never` plus `Log::sync` (commit, write, `fdatasync` on the
+//!   caller's thread) after every 1000 appends and at the end: synchronous group commit.
 //! - `pwrite_1frame_never`: one `pwrite` per record.
 //! - `pwrite_64KiB_never`: records framed into a 64 KiB user-space buffer, one `pwrite` per full
 //!   buffer (and at the end of the sample, so every record counted is in the page cache);
@@ -635,7 +637,14 @@ impl MmapRawLog {
 
 /// One appender of any kind, so that every variant runs through the same loop.
 enum Appender {
-    Mmap { log: Log, sync_per_group: bool, appended: u64 },
+    /// The log; `sync_per_group`: `Log::sync` every `GROUP_RECORDS`; `commit_every`: `Log::commit`
+    /// every so many appends (0: only when the buffer fills and at the end).
+    Log {
+        log: Log,
+        sync_per_group: bool,
+        commit_every: u64,
+        appended: u64,
+    },
     MmapRaw(MmapRawLog),
     Pwrite(PwriteLog),
     Uring(UringLog),
@@ -643,12 +652,12 @@ enum Appender {
 
 #[derive(Clone, Copy, Debug)]
 enum Variant {
-    MmapNever,
-    MmapNeverPrefault,
+    LogNever,
+    LogNeverCommitPer16,
     MmapRawNever,
-    MmapInterval,
+    LogInterval,
     MmapRawInterval,
-    MmapSyncPerGroup,
+    LogSyncPerGroup,
     MmapRawSyncPerGroup,
     Pwrite1FrameNever,
     Pwrite4KiBNever,
@@ -663,12 +672,12 @@ enum Variant {
 
 impl Variant {
     const ALL: [Variant; 16] = [
-        Variant::MmapNever,
-        Variant::MmapNeverPrefault,
+        Variant::LogNever,
+        Variant::LogNeverCommitPer16,
         Variant::MmapRawNever,
-        Variant::MmapInterval,
+        Variant::LogInterval,
         Variant::MmapRawInterval,
-        Variant::MmapSyncPerGroup,
+        Variant::LogSyncPerGroup,
         Variant::MmapRawSyncPerGroup,
         Variant::Pwrite1FrameNever,
         Variant::Pwrite4KiBNever,
@@ -683,12 +692,12 @@ impl Variant {
 
     fn name(self) -> &'static str {
         match self {
-            Variant::MmapNever => "mmap_never",
-            Variant::MmapNeverPrefault => "mmap_never_prefault_4MiB",
+            Variant::LogNever => "log_never",
+            Variant::LogNeverCommitPer16 => "log_never_commit_per_16",
             Variant::MmapRawNever => "mmap_raw_never",
-            Variant::MmapInterval => "mmap_interval_5ms",
+            Variant::LogInterval => "log_interval_5ms",
             Variant::MmapRawInterval => "mmap_raw_interval_5ms",
-            Variant::MmapSyncPerGroup => "mmap_sync_per_1000",
+            Variant::LogSyncPerGroup => "log_sync_per_1000",
             Variant::MmapRawSyncPerGroup => "mmap_raw_msync_per_1000",
             Variant::Pwrite1FrameNever => "pwrite_1frame_never",
             Variant::Pwrite4KiBNever => "pwrite_4KiB_never",
@@ -703,17 +712,17 @@ impl Variant {
     }
 
     fn open(self, dir: &Path, segment_bytes: u64) -> Appender {
-        let mmap_prefault = |policy: FsyncPolicy, sync_per_group: bool, prefault_window_bytes: usize| {
-            let config =
-                Config { segment_size_bytes: segment_bytes, prefault_window_bytes, ..log_config(policy) };
-            Appender::Mmap { log: Log::open(dir, config).expect("open log"), sync_per_group, appended: 0 }
+        let log_committing = |policy: FsyncPolicy, sync_per_group: bool, commit_every: u64| {
+            let config = Config { segment_size_bytes: segment_bytes, ..log_config(policy) };
+            let log = Log::open(dir, config).expect("open log");
+            Appender::Log { log, sync_per_group, commit_every, appended: 0 }
         };
-        let mmap = |policy: FsyncPolicy, sync_per_group: bool| mmap_prefault(policy, sync_per_group, 0);
+        let log = |policy: FsyncPolicy, sync_per_group: bool| log_committing(policy, sync_per_group, 0);
         let pwrite =
             |batch: usize, d: Durability| Appender::Pwrite(PwriteLog::open(dir, segment_bytes, batch, d));
         match self {
-            Variant::MmapNever => mmap(FsyncPolicy::Never, false),
-            Variant::MmapNeverPrefault => mmap_prefault(FsyncPolicy::Never, false, 4 << 20),
+            Variant::LogNever => log(FsyncPolicy::Never, false),
+            Variant::LogNeverCommitPer16 => log_committing(FsyncPolicy::Never, false, 16),
             Variant::MmapRawNever => {
                 Appender::MmapRaw(MmapRawLog::open(dir, segment_bytes, Durability::Never))
             }
@@ -723,8 +732,8 @@ impl Variant {
             Variant::MmapRawSyncPerGroup => {
                 Appender::MmapRaw(MmapRawLog::open(dir, segment_bytes, Durability::PerGroup))
             }
-            Variant::MmapInterval => mmap(FsyncPolicy::Interval(INTERVAL), false),
-            Variant::MmapSyncPerGroup => mmap(FsyncPolicy::Never, true),
+            Variant::LogInterval => log(FsyncPolicy::Interval(INTERVAL), false),
+            Variant::LogSyncPerGroup => log(FsyncPolicy::Never, true),
             Variant::Pwrite1FrameNever => pwrite(0, Durability::Never),
             Variant::Pwrite4KiBNever => pwrite(4 << 10, Durability::Never),
             Variant::Pwrite16KiBNever => pwrite(16 << 10, Durability::Never),
@@ -740,7 +749,7 @@ impl Variant {
     /// Whether the latency report includes this variant: not the interval ones, whose append calls
     /// are those of their `never` twins (the flushes run on another thread).
     fn single_append_latency(self) -> bool {
-        !matches!(self, Variant::MmapInterval | Variant::MmapRawInterval | Variant::Pwrite64KiBInterval)
+        !matches!(self, Variant::LogInterval | Variant::MmapRawInterval | Variant::Pwrite64KiBInterval)
     }
 }
 
@@ -748,11 +757,14 @@ impl Appender {
     #[inline]
     fn append(&mut self, payload: &[u8]) {
         match self {
-            Appender::Mmap { log, sync_per_group, appended } => {
+            Appender::Log { log, sync_per_group, commit_every, appended } => {
                 log.append(payload).expect("append");
                 *appended += 1;
                 if *sync_per_group && *appended % GROUP_RECORDS == 0 {
                     log.sync().expect("sync");
+                }
+                if *commit_every > 0 && *appended % *commit_every == 0 {
+                    log.commit().expect("commit");
                 }
             }
             Appender::MmapRaw(m) => m.append(payload),
@@ -765,10 +777,11 @@ impl Appender {
     /// variants), as the variant's policy promises.
     fn finish(&mut self) {
         match self {
-            Appender::Mmap { log, sync_per_group, .. } => {
+            Appender::Log { log, sync_per_group, .. } => {
                 if *sync_per_group {
                     log.sync().expect("sync");
                 } else {
+                    log.commit().expect("commit");
                     let end = log.end_offset();
                     while log.durable_offset() < end {
                         std::thread::yield_now();
@@ -857,19 +870,20 @@ fn latency_report() {
 /// The durable variants, interleaved: a flush's cost on this virtual disk drifts by several times
 /// within minutes, more than between the variants, so each round runs every durable variant once
 /// (in an order rotated per round) and the report gives each one's median over the rounds and the
-/// median, over the rounds, of its ratio to the mmap variant of the same kind in the same round.
+/// median, over the rounds, of its ratio to the log's and the raw mmap variant of the same kind
+/// in the same round.
 fn group_commit_report() {
     const ROUNDS: usize = 9;
-    // Each kind starts with the log's mmap variant, then the raw mmap one: the ratios printed are
-    // to these two, round by round.
+    // Each kind starts with the log's variant, then the raw mmap one: the ratios printed are to
+    // these two, round by round.
     let per_group = [
-        Variant::MmapSyncPerGroup,
+        Variant::LogSyncPerGroup,
         Variant::MmapRawSyncPerGroup,
         Variant::Pwrite64KiBPerGroup,
         Variant::Pwrite1FramePerGroup,
         Variant::Uring64KiBPerGroup,
     ];
-    let interval = [Variant::MmapInterval, Variant::MmapRawInterval, Variant::Pwrite64KiBInterval];
+    let interval = [Variant::LogInterval, Variant::MmapRawInterval, Variant::Pwrite64KiBInterval];
     for (size, count) in [(64usize, 200_000u64), (1024, 50_000)] {
         let payload = vec![0xA5u8; size];
         let variants: Vec<Variant> = per_group.iter().chain(interval.iter()).copied().collect();

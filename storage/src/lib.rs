@@ -10,34 +10,51 @@
 //! # Owner and threads
 //! A [`Log`] is owned by one shard (its home shard) and used only from that shard's thread: every
 //! mutating call takes `&mut self`. Each `Log` starts one background thread, its *sync thread*,
-//! which is the only place where `msync`, file deletion and directory `fsync` happen. The shard
-//! never waits for it:
-//! - an append writes into the mapped segment and publishes the new end of the log through an
-//!   atomic (`written`); under [`FsyncPolicy::Always`] it also unparks the sync thread (a futex
-//!   wake only when that thread is parked);
-//! - the sync thread flushes everything written since its last flush in one `msync` per segment
-//!   (group commit: all appends that arrived while the previous flush ran share the next one), then
-//!   publishes the durable end through another atomic and calls [`Config::on_durable`];
+//! which is where the log's bytes reach the files and the disk: `pwrite`, `fdatasync`, file
+//! deletion, directory `fsync` and spare segments. The shard never waits for it:
+//! - an append frames the record into an in-memory staging buffer ([`Config::write_buffer_bytes`],
+//!   64 KiB): a copy, no system call, no page fault of the segment;
+//! - [`Log::commit`] (the owner calls it at the end of each loop turn that appended, and the log
+//!   itself when the buffer is full and before a roll) hands the buffer to the sync thread
+//!   through a bounded queue ([`Config::write_queue_batches`]) and unparks it (a futex wake only
+//!   when it is parked);
+//! - the sync thread writes each batch with one `pwrite` at its place in the preallocated segment
+//!   and publishes the written end; then it flushes what was written with `fdatasync` per the
+//!   policy (group commit: all batches that arrived while the previous flush ran share the next
+//!   one), publishes the durable end and calls [`Config::on_durable`];
 //! - the shard reads [`Log::durable_offset`] (one atomic load) and acknowledges the records below it.
 //!
+//! When the queue is full (the disk is slower than the appends), the owner writes itself: it
+//! writes the queued batches and its own, in order, on its thread (a `pwrite` each, never an
+//! `fdatasync`), counted in [`LogStats::owner_writes`]. Memory stays bounded and the shard slows
+//! to the speed of the page cache rather than stalling on a flush.
+//!
+//! Reads ([`Log::read`], [`Log::iter_from`]) return every appended record: written ones from a
+//! read-only shared mapping of the segment (which shows what `pwrite` put in the page cache),
+//! the others from the staging buffer or the batch that holds them, which the log keeps until the
+//! sync thread has marked it written.
+//!
 //! Segment rolls: the next segment is prepared ahead by the sync thread (a preallocated
-//! `spare.tmp` with a synced placeholder header), so a roll on the owner's thread is a 64-byte
-//! `pwrite`, a `rename` and an `mmap`, with no `fsync`; the sync thread makes the new header and
-//! name durable before it calls any record in the segment durable. Only when the spare is missing
-//! (the budget had no room for it, or preparing it failed) does a roll create the file on the
-//! owner's thread. Recovery ([`Log::open`]) blocks, and is meant to run before the shard's loop.
+//! `spare.tmp` with a synced placeholder header), so a roll on the owner's thread is a `rename`
+//! and an `mmap`; the real header is the new segment's first batch, written by the sync thread in
+//! order after the old segment's last bytes (so a crash never leaves a gap between segments),
+//! and made durable, with the name, before any record in the segment is called durable and
+//! before any segment is deleted. Only when the spare is missing (the budget had no room for it, or preparing it
+//! failed) does a roll create the file on the owner's thread. Recovery ([`Log::open`]) blocks,
+//! and is meant to run before the shard's loop.
 //!
-//! Page faults: segments are preallocated with `posix_fallocate` and written through a shared
-//! mapping, so a write touches page cache only (never a read from disk, never a SIGBUS on a full
-//! disk). What is *not* off the owner's thread: the first write to each page faults (page-cache
-//! allocation), and the kernel may make that fault wait (dirty-page throttling, a page under
-//! writeback). `BENCH.md` measures the resulting stalls (p99.99 tens of µs, worst case several
-//! ms). [`Config::prefault_window_bytes`] lets the sync thread write-fault pages ahead of the
-//! owner (`MADV_POPULATE_WRITE`); it is off by default because it made the worst case worse.
-//!
+//! Page faults and fsync: the owner never writes through a mapping, so appends take no page
+//! fault (the page-cache allocation, dirty-page throttling and waits on pages under writeback
+//! happen inside the sync thread's `pwrite`), and it never calls `fdatasync`. What remains on the
+//! owner's thread: the copy into the staging buffer, a roll's `rename` and `mmap` (once per
+//! segment), a `pwrite` per batch when the queue is full, and read faults when it reads a written record through the mapping
+//! (minor faults on pages still in the page cache). `BENCH.md` measures the stalls.
+
 //! # Crashes and recovery
-//! - A process crash (`kill -9`) loses nothing appended: the page cache keeps it, and
-//!   [`Log::open`] flushes what it recovers before it reports it durable.
+//! - A process crash (`kill -9`) loses what was not written to the files yet: the staging buffer
+//!   and the batches still queued for the sync thread. Nothing durable under any policy is among
+//!   them (durable implies written). The page cache keeps what was written, and [`Log::open`]
+//!   flushes what it recovers before it reports it durable.
 //! - A power loss keeps every record below the durable offset under `Always` and `Interval`.
 //!   Under `Never` the policy accepts losing what the kernel had not written back.
 //! - On open every record's crc32c is checked. Only the last segment may end in a torn write (a
@@ -52,8 +69,8 @@
 //!   offset (see [`Log::compact`]).
 
 //! # Record encoding
-//! Records are opaque bytes. Every record's payload starts at an 8-byte aligned address of the
-//! mapping, so a caller that encodes with rkyv can access an archived value in place, without a
+//! Records are opaque bytes. Every record's payload starts at an 8-byte aligned file position
+//! (and so address of the mapping and of the staging buffer), so a caller that encodes with rkyv can access an archived value in place, without a
 //! copy. The typed layer is left to the callers (the inbox and retain stores): this crate takes
 //! no dependency on their schema.
 //!
@@ -67,8 +84,10 @@
 //! # Files
 //! - `format.rs`: the on-disk format (segment header, record frame, checksums) and the scan of one
 //!   segment's bytes. Pure functions over byte slices.
-//! - `segment.rs`: one segment file and its mapping (all of the crate's `unsafe`).
-//! - `sync.rs`: the sync thread, the durable offset and deferred deletion.
+//! - `segment.rs`: one segment file, its writes and its read-only mapping (all of the crate's
+//!   `unsafe`).
+//! - `stage.rs`: the staging buffer, committed batches, and reads of records not yet written.
+//! - `sync.rs`: the sync thread: writes, flushes, the durable offset and deferred deletion.
 //! - `log.rs`: the log: directory, recovery, append, read, iterate, ack, compaction, budget.
 //! - `error.rs`: the crate's one error enum.
 
@@ -76,11 +95,14 @@ mod error;
 mod format;
 mod log;
 mod segment;
+mod stage;
 mod sync;
 
 pub use error::{Error, Result};
 pub use format::{FORMAT_VERSION, RECORD_ALIGN_BYTES, SEGMENT_HEADER_LEN_BYTES};
-pub use log::{CompactStats, Iter, Log, LogStats, Record, RecordLocation, RecoveryReport, TornTail};
+pub use log::{
+    Abandoned, CompactStats, Iter, Log, LogStats, Record, RecordLocation, RecoveryReport, TornTail,
+};
 
 /// Entry points for the fuzz target in `storage/fuzz`, over the log reader's pure functions. Not
 /// part of the API.
@@ -170,15 +192,19 @@ impl fmt::Display for SegmentId {
 /// When appended records become durable, and so when the owner may acknowledge them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FsyncPolicy {
-    /// Every append wakes the sync thread; records are durable after the flush that follows them.
-    /// Appends that arrive during a flush share the next one (group commit).
+    /// Every commit wakes the sync thread, which writes the batch and then flushes; records are
+    /// durable after the flush that follows their write. Batches that arrive during a flush share
+    /// the next one (group commit).
     Always,
-    /// The sync thread flushes what was written every interval. Records are durable (and may be
-    /// acknowledged) after the first flush that follows them, so at most one interval later.
+    /// The sync thread writes each committed batch when it arrives and flushes what was written
+    /// every interval. Records are durable (and may be acknowledged) after the first flush that
+    /// follows their write, so at most about one interval after their commit.
     Interval(Duration),
     /// Never flush, except on [`Log::sync`], [`Log::close`] and before a segment is deleted.
-    /// [`Log::durable_offset`] then reports everything appended: the policy accepts that a power
-    /// loss (not a process crash: the page cache survives that) loses what the kernel had not
+    /// [`Log::durable_offset`] then reports everything *written* to the segment files: a record
+    /// becomes durable once it is committed and the sync thread (or the owner, when the queue is
+    /// full) has written it, without any further append. A process crash keeps it (the page
+    /// cache survives that); the policy accepts that a power loss loses what the kernel had not
     /// written back.
     Never,
 }
@@ -199,8 +225,10 @@ impl std::str::FromStr for FsyncPolicy {
     }
 }
 
-/// Called by the sync thread, with the new durable end of the log, after each flush that advanced
-/// it. It runs on the sync thread: it should only wake the owner (e.g. a cross-thread waker).
+/// Called with the new durable end of the log after each flush (under `Never`: each write) that
+/// advanced it. It runs on the sync thread (or on the owner's, when the owner flushed in
+/// [`Log::sync`] or wrote because the queue was full): it should only wake the owner (e.g. a
+/// cross-thread waker).
 pub type DurableNotify = Arc<dyn Fn(Offset) + Send + Sync>;
 
 /// A log's configuration. Fields are public; [`Config::default`] gives the documented defaults.
@@ -221,11 +249,14 @@ pub struct Config {
     pub record_len_max_bytes: u32,
     /// Optional wake-up for the owner when the durable offset advances.
     pub on_durable: Option<DurableNotify>,
-    /// How far ahead of the owner's writes the sync thread write-faults the active segment's
-    /// pages (`MADV_POPULATE_WRITE`); 0 turns it off. Default 0 (off): measured, it halves the
-    /// 99.9th and 99.99th percentile append under `Never` but made the longest append worse
-    /// (`BENCH.md`), so it stays off until that is understood.
-    pub prefault_window_bytes: usize,
+    /// The size of the staging buffer appends are framed into; a full buffer is committed (one
+    /// `pwrite`). Default 64 KiB (`BENCH.md`: batched 64 KiB writes beat the mapping); at least
+    /// 4 KiB. A record larger than the buffer is staged alone.
+    pub write_buffer_bytes: usize,
+    /// How many committed buffers may wait for the sync thread to write them; when full, the owner
+    /// writes them itself. Default 8 (512 KiB with the default buffer); at least 1. The log holds
+    /// at most this many plus two buffers (plus the one being filled).
+    pub write_queue_batches: usize,
 }
 
 impl Default for Config {
@@ -236,7 +267,8 @@ impl Default for Config {
             fsync: FsyncPolicy::Interval(Duration::from_millis(5)),
             record_len_max_bytes: 1024 * 1024,
             on_durable: None,
-            prefault_window_bytes: 0,
+            write_buffer_bytes: 64 * 1024,
+            write_queue_batches: 8,
         }
     }
 }
@@ -249,7 +281,8 @@ impl fmt::Debug for Config {
             .field("fsync", &self.fsync)
             .field("record_len_max_bytes", &self.record_len_max_bytes)
             .field("on_durable", &self.on_durable.as_ref().map(|_| "Fn(Offset)"))
-            .field("prefault_window_bytes", &self.prefault_window_bytes)
+            .field("write_buffer_bytes", &self.write_buffer_bytes)
+            .field("write_queue_batches", &self.write_queue_batches)
             .finish()
     }
 }

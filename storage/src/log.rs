@@ -2,13 +2,17 @@
 //! compaction and a disk budget.
 //!
 //! Owner: one shard (its home shard's thread); every mutating call takes `&mut self`. The only
-//! other thread is the log's sync thread (`sync.rs`). Nothing here blocks on the disk except
-//! [`Log::open`], [`Log::sync`], [`Log::close`], [`Log::wait_durable`] and the creation of a new
-//! segment when the active one is full (see the crate documentation).
+//! other thread is the log's sync thread (`sync.rs`), which writes what the owner commits.
+//! Nothing here blocks on the disk except [`Log::open`], [`Log::sync`], [`Log::close`],
+//! [`Log::wait_durable`], the creation of a new segment when the active one is full and no spare
+//! is ready, and a commit that finds the sync thread's queue full (see the crate documentation).
 //!
 //! Invariants:
 //! - `segments` is ordered by base offset, non-empty, and its last element is the active segment,
 //!   the only one appended to. Offsets grow strictly with append order across segments.
+//! - Each segment's `end_pos` is the end of its records (a file position), staged or not; its
+//!   written end (`Segment::len`) is at most that, and bytes between the two are in the staging
+//!   buffer or a committed batch (`stage.rs`).
 //! - Each segment's `records` lists the file position of every record it holds, in order; the
 //!   `consumed` bitset has a bit per record; `live_bytes` is the sum of the frames of unconsumed
 //!   records.
@@ -31,6 +35,7 @@ use std::time::{Duration, Instant};
 use crate::error::{Error, Result};
 use crate::format::{self, frame_len, Frame, Tail, FRAME_HEADER_LEN_BYTES, SEGMENT_HEADER_LEN_BYTES};
 use crate::segment::{self, Segment};
+use crate::stage::Stage;
 use crate::sync::Syncer;
 use crate::{Config, Offset, SegmentId};
 
@@ -86,6 +91,18 @@ pub struct LogStats {
     /// The offset the next append gets.
     pub end_offset: Offset,
     pub durable_offset: Offset,
+    /// Batches the owner wrote itself because the sync thread's queue was full (each one a
+    /// `pwrite` on the owner's thread).
+    pub owner_writes: u64,
+}
+
+/// What a crash left, as [`Log::abandon`] reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Abandoned {
+    /// Records below this offset are in the segment files.
+    pub written: Offset,
+    /// Records below this offset were flushed to disk.
+    pub synced: Offset,
 }
 
 /// Where a record is stored; see [`Log::record_location`].
@@ -113,13 +130,25 @@ struct SegState {
     consumed: Vec<u64>,
     consumed_count: usize,
     live_bytes: u64,
+    /// The end of the records, staged or written (a file position).
+    end_pos: usize,
 }
 
 impl SegState {
-    fn new(seg: Arc<Segment>, records: Vec<u32>) -> SegState {
-        let live_bytes = (seg.len() - SEGMENT_HEADER_LEN_BYTES) as u64;
+    fn new(seg: Arc<Segment>, records: Vec<u32>, end_pos: usize) -> SegState {
+        let live_bytes = (end_pos - SEGMENT_HEADER_LEN_BYTES) as u64;
         let consumed = vec![0u64; records.len().div_ceil(64)];
-        SegState { seg, records, consumed, consumed_count: 0, live_bytes }
+        SegState { seg, records, consumed, consumed_count: 0, live_bytes, end_pos }
+    }
+
+    /// The log offset just after the last record.
+    fn end_offset(&self) -> Offset {
+        self.offset_of(self.end_pos)
+    }
+
+    /// Whether a frame of `frame_bytes` fits after the records.
+    fn has_room(&self, frame_bytes: usize) -> bool {
+        self.end_pos + frame_bytes <= self.seg.capacity()
     }
 
     fn is_consumed(&self, ord: usize) -> bool {
@@ -128,7 +157,7 @@ impl SegState {
 
     /// The file position just after record `ord`'s frame.
     fn frame_end(&self, ord: usize) -> usize {
-        self.records.get(ord + 1).map_or_else(|| self.seg.len(), |&p| p as usize)
+        self.records.get(ord + 1).map_or(self.end_pos, |&p| p as usize)
     }
 
     fn offset_of(&self, pos: usize) -> Offset {
@@ -151,13 +180,28 @@ impl SegState {
     }
 
     fn used_bytes(&self) -> u64 {
-        (self.seg.len() - SEGMENT_HEADER_LEN_BYTES) as u64
+        (self.end_pos - SEGMENT_HEADER_LEN_BYTES) as u64
+    }
+
+    /// The frame of record `ord`: from the mapping once written, else from the staging buffer or
+    /// the batch that holds it.
+    fn frame<'a>(&'a self, stage: &'a Stage, ord: usize) -> &'a [u8] {
+        let pos = self.records[ord] as usize;
+        let len = self.frame_end(ord) - pos;
+        if pos + len <= self.seg.len() {
+            return self.seg.bytes(pos, len);
+        }
+        // Not written when `len()` was loaded: still held by the stage, which lets a batch go only
+        // after the segment's written end covers it, and only through `&mut Log`.
+        stage.bytes(self.seg.id, pos, len).unwrap_or_else(|| {
+            panic!("record at {} of {} is neither written nor staged", pos, self.seg.path.display())
+        })
     }
 
     /// The payload of record `ord`, checksum verified.
-    fn payload(&self, ord: usize) -> Result<&[u8]> {
+    fn payload<'a>(&'a self, stage: &'a Stage, ord: usize) -> Result<&'a [u8]> {
         let pos = self.records[ord] as usize;
-        let frame = self.seg.bytes(pos, self.frame_end(ord) - pos);
+        let frame = self.frame(stage, ord);
         match format::check_frame(frame, 0) {
             Frame::Valid { payload_len } => {
                 Ok(&frame[FRAME_HEADER_LEN_BYTES..FRAME_HEADER_LEN_BYTES + payload_len])
@@ -177,14 +221,19 @@ impl SegState {
     }
 }
 
-/// A record's payload that holds its segment's mapping alive: zero-copy, `Send + Sync`, and
-/// independent of the `Log`'s borrow (so it can become a `Bytes` with `Bytes::from_owner`).
+/// A record's payload independent of the `Log`'s borrow (so it can become a `Bytes` with
+/// `Bytes::from_owner`), `Send + Sync`: for a written record it holds the segment's mapping alive
+/// (zero-copy); for one not yet written it holds a copy.
 #[derive(Clone, Debug)]
 pub struct Record {
-    seg: Arc<Segment>,
-    at: usize,
-    len: usize,
+    bytes: RecordBytes,
     offset: Offset,
+}
+
+#[derive(Clone, Debug)]
+enum RecordBytes {
+    Mapped { seg: Arc<Segment>, at: usize, len: usize },
+    Copied(Arc<[u8]>),
 }
 
 impl Record {
@@ -196,9 +245,12 @@ impl Record {
 impl Deref for Record {
     type Target = [u8];
     fn deref(&self) -> &[u8] {
-        // The range was below the published end when the record was made, and published bytes never
-        // change: `bytes` re-checks that and cannot fail here.
-        self.seg.bytes(self.at, self.len)
+        match &self.bytes {
+            // The range was below the written end when the record was made, and written bytes
+            // never change: `bytes` re-checks that and cannot fail here.
+            RecordBytes::Mapped { seg, at, len } => seg.bytes(*at, *len),
+            RecordBytes::Copied(bytes) => bytes,
+        }
     }
 }
 
@@ -225,6 +277,8 @@ pub struct Log {
     recovery: RecoveryReport,
     /// Whether a spare segment is asked of the sync thread (its size is in `allocated_bytes`).
     spare_reserved: bool,
+    /// Appended records not yet written to their segment file.
+    stage: Stage,
 }
 
 fn validate(config: &Config) -> Result<()> {
@@ -246,6 +300,12 @@ fn validate(config: &Config) -> Result<()> {
         return Err(Error::Config(format!(
             "disk_budget_bytes {} is less than one segment ({size} bytes)",
             config.disk_budget_bytes
+        )));
+    }
+    if config.write_buffer_bytes < 4096 || config.write_queue_batches == 0 {
+        return Err(Error::Config(format!(
+            "write_buffer_bytes {} must be at least 4096 and write_queue_batches {} at least 1",
+            config.write_buffer_bytes, config.write_queue_batches
         )));
     }
     if let crate::FsyncPolicy::Interval(d) = config.fsync {
@@ -320,7 +380,7 @@ impl Log {
                 (scan, dirty_end)
             };
             if let Some(prev) = segments.back() {
-                let expected = prev.seg.end_offset();
+                let expected = prev.end_offset();
                 let adjacent = prev.seg.id.0 + 1 == id.0;
                 if seg.base < expected || (adjacent && seg.base != expected) {
                     return Err(Error::SegmentGap { path, expected, found: seg.base });
@@ -339,30 +399,31 @@ impl Log {
             unsafe { seg.recovered(scan.end, dirty_end) }?;
             // What a crashed process left in the page cache is not on disk yet: flush it, so that
             // the durable offset the log starts with is true. Cheap when nothing is dirty.
-            seg.flush(0, scan.end)?;
+            seg.sync_data()?;
             report.records += scan.records.len() as u64;
             report.record_bytes += (scan.end - SEGMENT_HEADER_LEN_BYTES) as u64;
             allocated_bytes += seg.capacity() as u64;
-            segments.push_back(SegState::new(Arc::new(seg), scan.records));
+            segments.push_back(SegState::new(Arc::new(seg), scan.records, scan.end));
         }
         report.segments = segments.len();
         let mut next_id = SegmentId(ids.last().map_or(1, |id| id.0 + 1));
         if segments.is_empty() {
             let seg = Segment::create(&dir, next_id, Offset(0), config.segment_size_bytes as usize)?;
             allocated_bytes += seg.capacity() as u64;
-            segments.push_back(SegState::new(Arc::new(seg), Vec::new()));
+            segments.push_back(SegState::new(Arc::new(seg), Vec::new(), SEGMENT_HEADER_LEN_BYTES));
             next_id = SegmentId(next_id.0 + 1);
         }
         let active = segments.back().map(|s| Arc::clone(&s.seg)).expect("a log has an active segment");
         let syncer = Syncer::start(
             config.fsync,
-            config.prefault_window_bytes,
+            config.write_queue_batches,
             dir.clone(),
-            active.end_offset(),
+            active.written_end_offset(),
             active,
             config.on_durable.clone(),
         )?;
         report.elapsed = started.elapsed();
+        let stage = Stage::new(config.write_buffer_bytes, config.write_queue_batches);
         let mut log = Log {
             dir,
             config,
@@ -372,6 +433,7 @@ impl Log {
             syncer,
             recovery: report,
             spare_reserved: false,
+            stage,
         };
         // Segments other than the last with no records (left by a crash just after a roll, or
         // empty from the start) are deleted like any fully consumed segment.
@@ -412,12 +474,14 @@ impl Log {
         self.segments.back().expect("a log has an active segment")
     }
 
-    /// Appends a record and returns its offset. Never blocks on the disk, except to create a new
-    /// segment when the active one is full. The record is durable once
-    /// [`Log::durable_offset`] is greater than the returned offset.
+    /// Appends a record and returns its offset. The record is framed into the staging buffer:
+    /// no system call, except when the buffer is full (then it is committed, see
+    /// [`Log::commit`]) or the active segment is (a roll). It is readable at once, and durable
+    /// once [`Log::durable_offset`] is greater than the returned offset, which needs a commit.
     ///
     /// Errors: [`Error::RecordTooLarge`], [`Error::DiskBudgetExceeded`] and [`Error::DiskFull`]
-    /// (nothing written), [`Error::SyncFailed`] (the log refuses writes after a failed flush).
+    /// (nothing appended), [`Error::SyncFailed`] (the log refuses writes after a failed write or
+    /// flush).
     pub fn append(&mut self, payload: &[u8]) -> Result<Offset> {
         self.syncer.check()?;
         if payload.len() > self.config.record_len_max_bytes as usize {
@@ -427,37 +491,64 @@ impl Log {
             });
         }
         let frame = frame_len(payload.len());
-        if !self.active().seg.has_room(frame) {
+        if !self.active().has_room(frame) {
             self.roll()?;
+        }
+        if self.stage.is_full_for(frame) {
+            self.commit()?;
         }
         let header = format::encode_frame_header(payload);
         let state = self.segments.back_mut().expect("a log has an active segment");
-        // SAFETY: the log is the only writer of its segments and `append` takes `&mut self`, so no
-        // other append runs; recovery finished in `open`, so no recovery slice is alive.
-        let at = unsafe { state.seg.append(&header, payload, frame) };
+        let at = state.end_pos;
+        state.end_pos += frame;
+        let end = state.end_offset();
+        self.stage.push(&state.seg, at, &[&header, payload], frame, end);
         state.records.push(at as u32);
         if state.records.len() > state.consumed.len() * 64 {
             state.consumed.push(0);
         }
         state.live_bytes += frame as u64;
-        let offset = state.offset_of(at);
-        self.syncer.written(state.seg.end_offset());
-        if state.seg.wants_prefault(self.config.prefault_window_bytes) {
-            self.syncer.nudge();
+        Ok(state.offset_of(at))
+    }
+
+    /// Makes everything appended so far visible to the sync thread: hands the staging buffer over
+    /// as one batch, which the sync thread writes with one `pwrite` and then flushes per the
+    /// policy. Called by the owner at the end of each turn of its loop that appended something;
+    /// without it, appended records are readable but never become durable. Cheap when nothing is
+    /// staged. Never blocks on the disk unless the sync thread's queue is full: then the owner
+    /// writes the queued batches and this one itself (the full policy, see `sync.rs`).
+    pub fn commit(&mut self) -> Result<()> {
+        self.stage.reap();
+        match self.stage.take() {
+            Some(batch) => self.syncer.submit(batch),
+            None => Ok(()),
         }
-        Ok(offset)
+    }
+
+    /// Commits, then writes every committed batch on the calling thread (the sync thread's
+    /// queue included, in order; `pwrite`s, no flush) and returns the written end: after it, a
+    /// crash of the process keeps everything appended so far. For an owner that is about to show
+    /// the effect of a record to the outside world before it is durable (a shard sending a
+    /// message it has recorded as sent). It blocks on the page cache, and waits for the sync
+    /// thread's current `pwrite`s if there are any.
+    pub fn write(&mut self) -> Result<Offset> {
+        self.commit()?;
+        self.syncer.write_committed()?;
+        Ok(self.syncer.written())
     }
 
     /// Starts a new active segment.
     fn roll(&mut self) -> Result<()> {
+        // The staged bytes belong to the old segment.
+        self.commit()?;
         let size = self.config.segment_size_bytes;
-        let base = self.active().seg.end_offset();
-        let seg = if self.spare_reserved {
+        let base = self.active().end_offset();
+        let (seg, spare) = if self.spare_reserved {
             // The usual case: the sync thread prepared the file; no blocking call here.
             self.spare_reserved = false;
             match self.syncer.take_spare().and_then(|f| Segment::from_spare(f, &self.dir, self.next_id, base))
             {
-                Ok(seg) => seg,
+                Ok(seg) => (seg, true),
                 Err(e) => {
                     self.allocated_bytes -= size;
                     return Err(e);
@@ -471,24 +562,37 @@ impl Log {
                     needed_bytes: size,
                 });
             }
+            // The new file's header is on disk at once: first write every committed batch, so
+            // that a crash cannot leave it after a previous segment with a missing end (a gap).
+            // This path blocks anyway (it creates and syncs a file).
+            self.syncer.write_committed()?;
             let seg = Segment::create(&self.dir, self.next_id, base, size as usize)?;
             self.allocated_bytes += size;
-            seg
+            (seg, false)
         };
         let seg = Arc::new(seg);
+        if spare {
+            // A former spare still has the spare's header: the real one is the first batch,
+            // committed now so the sync thread writes it in order right after the old segment's
+            // last bytes (deletions wait for it, see `sync.rs`).
+            self.stage.push(&seg, 0, &[&seg.header()], SEGMENT_HEADER_LEN_BYTES, base);
+            self.commit()?;
+        }
         self.next_id = SegmentId(self.next_id.0 + 1);
         self.syncer.add_segment(Arc::clone(&seg));
-        self.segments.push_back(SegState::new(seg, Vec::new()));
+        self.segments.push_back(SegState::new(seg, Vec::new(), SEGMENT_HEADER_LEN_BYTES));
         let old = self.segments.len() - 2;
         if self.segments[old].all_consumed() {
-            self.delete_segment(old, Offset(0));
+            self.delete_segment(old, base);
         }
         self.reserve_spare();
         Ok(())
     }
 
     /// Removes segment `i` (not the active one) and hands it to the sync thread, which unlinks it
-    /// once everything below `after` is flushed.
+    /// once everything below `after` is flushed. Callers pass the end of the log: the records
+    /// that made the segment dead (a newer version, a tombstone, the copies of compaction) may
+    /// still be staged, and a crash must not keep the deletion and lose them.
     fn delete_segment(&mut self, i: usize, after: Offset) {
         assert!(i + 1 < self.segments.len(), "the active segment is never deleted");
         let state = self.segments.remove(i).expect("segment index in range");
@@ -513,11 +617,12 @@ impl Log {
         Ok((i, ord))
     }
 
-    /// The payload of the record at `offset`, checksum verified, as a slice of the mapping (no
-    /// copy). Consumed records stay readable until their segment is deleted.
+    /// The payload of the record at `offset`, checksum verified, as a slice of the mapping once
+    /// written, or of the staging buffer or batch that holds it before (no copy either way).
+    /// Consumed records stay readable until their segment is deleted.
     pub fn read(&self, offset: Offset) -> Result<&[u8]> {
         let (i, ord) = self.locate(offset)?;
-        self.segments[i].payload(ord)
+        self.segments[i].payload(&self.stage, ord)
     }
 
     /// Like [`Log::read`], but the result holds the segment's mapping alive on its own, so it
@@ -525,9 +630,14 @@ impl Log {
     pub fn read_shared(&self, offset: Offset) -> Result<Record> {
         let (i, ord) = self.locate(offset)?;
         let state = &self.segments[i];
-        let payload = state.payload(ord)?;
+        let payload = state.payload(&self.stage, ord)?;
         let at = state.records[ord] as usize + FRAME_HEADER_LEN_BYTES;
-        Ok(Record { seg: Arc::clone(&state.seg), at, len: payload.len(), offset })
+        let bytes = if at + payload.len() <= state.seg.len() {
+            RecordBytes::Mapped { seg: Arc::clone(&state.seg), at, len: payload.len() }
+        } else {
+            RecordBytes::Copied(Arc::from(payload))
+        };
+        Ok(Record { bytes, offset })
     }
 
     /// Where the record at `offset` is stored: its segment, file and file position. For operators'
@@ -551,7 +661,7 @@ impl Log {
     /// Iterates over the live (unconsumed) records at or after `from`, in offset order, each
     /// checksum verified. An error (a checksum that no longer matches) is yielded in place.
     pub fn iter_from(&self, from: Offset) -> Iter<'_> {
-        let seg = self.segments.partition_point(|s| s.seg.end_offset() <= from);
+        let seg = self.segments.partition_point(|s| s.end_offset() <= from);
         let ord = self.segments.get(seg).map_or(0, |s| {
             let pos = SEGMENT_HEADER_LEN_BYTES as u64 + from.0.saturating_sub(s.seg.base.0);
             s.records.partition_point(|&p| (p as u64) < pos)
@@ -561,7 +671,8 @@ impl Log {
 
     /// Marks the record at `offset` consumed. Returns false if it already was. When every record
     /// of a segment other than the active one is consumed, the segment is deleted (by the sync
-    /// thread, off the caller's thread) and its bytes leave the budget at once.
+    /// thread, off the caller's thread, once everything appended so far is committed and flushed)
+    /// and its bytes leave the budget at once.
     pub fn ack(&mut self, offset: Offset) -> Result<bool> {
         let (i, ord) = self.locate(offset)?;
         let state = &mut self.segments[i];
@@ -569,7 +680,8 @@ impl Log {
             return Ok(false);
         }
         if state.all_consumed() && i + 1 < self.segments.len() {
-            self.delete_segment(i, Offset(0));
+            let end = self.end_offset();
+            self.delete_segment(i, end);
         }
         Ok(true)
     }
@@ -594,6 +706,7 @@ impl Log {
         mut on_move: impl FnMut(Offset, Offset),
     ) -> Result<CompactStats> {
         let mut stats = CompactStats::default();
+        let mut scratch = Vec::new();
         let last = self.segments.len() - 1;
         let candidates: Vec<SegmentId> = self
             .segments
@@ -623,17 +736,18 @@ impl Log {
                     needed_bytes,
                 });
             }
-            let source = Arc::clone(&self.segments[i].seg);
-            let capacity = source.capacity() as u64;
+            let capacity = self.segments[i].seg.capacity() as u64;
             for ord in live {
-                let (old, at, len) = {
+                let (old, len) = {
                     let state = &self.segments[self.index_of(id)];
-                    let payload_len = state.payload(ord)?.len();
-                    let pos = state.records[ord] as usize;
-                    (state.offset_of(pos), pos + FRAME_HEADER_LEN_BYTES, payload_len)
+                    let payload = state.payload(&self.stage, ord)?;
+                    // Copied, so the log can be borrowed mutably (and the source may still be in
+                    // a batch that the append below would reap).
+                    scratch.clear();
+                    scratch.extend_from_slice(payload);
+                    (state.offset_of(state.records[ord] as usize), payload.len())
                 };
-                // Read through our own `Arc` of the source, so the log can be borrowed mutably.
-                let new = self.append(source.bytes(at, len))?;
+                let new = self.append(&scratch)?;
                 // An append that rolls may delete the old active segment: find the source again.
                 let i = self.index_of(id);
                 self.segments[i].consume(ord);
@@ -642,11 +756,13 @@ impl Log {
                 stats.bytes_moved += frame_len(len) as u64;
             }
             let i = self.index_of(id);
-            let end = self.active().seg.end_offset();
+            let end = self.active().end_offset();
             self.delete_segment(i, end);
             stats.segments_compacted += 1;
             stats.bytes_freed += capacity;
         }
+        // The old segments go only once the copies are flushed: let the sync thread have them.
+        self.commit()?;
         Ok(stats)
     }
 
@@ -657,8 +773,8 @@ impl Log {
 
     /// How many new segments appending frames of these sizes would create.
     fn segments_needed(&self, frames: &[usize]) -> u64 {
-        let active = &self.active().seg;
-        let mut room = active.capacity() - active.len();
+        let active = self.active();
+        let mut room = active.seg.capacity() - active.end_pos;
         let mut count = 0;
         for &f in frames {
             if f > room {
@@ -672,13 +788,20 @@ impl Log {
 
     /// The offset the next append gets: the end of the log.
     pub fn end_offset(&self) -> Offset {
-        self.active().seg.end_offset()
+        self.active().end_offset()
     }
 
     /// Records below this offset are durable under the fsync policy, and may be acknowledged.
-    /// One atomic load: the shard polls it (or is woken by [`Config::on_durable`]).
+    /// One atomic load: the shard polls it (or is woken by [`Config::on_durable`]). Only
+    /// committed records ([`Log::commit`]) ever become durable.
     pub fn durable_offset(&self) -> Offset {
         self.syncer.durable()
+    }
+
+    /// Records below this offset are in the segment files (a crash of the process keeps them),
+    /// under every policy.
+    pub fn written_offset(&self) -> Offset {
+        self.syncer.written()
     }
 
     /// Records below this offset have been flushed to disk, under every policy (under `Never`
@@ -687,30 +810,35 @@ impl Log {
         self.syncer.synced()
     }
 
-    /// Flushes everything appended so far, on the calling thread, and returns the new durable
-    /// end. Blocking: for tools, tests and shutdown, not for a shard's loop.
+    /// Commits, writes and flushes everything appended so far, on the calling thread, and returns
+    /// the new durable end. Blocking: for tools, tests and shutdown, not for a shard's loop.
     pub fn sync(&mut self) -> Result<Offset> {
+        self.commit()?;
         self.syncer.sync_now()
     }
 
-    /// Asks the sync thread to flush everything below `offset` and waits for it, at most
-    /// `timeout`. Returns whether it was flushed. Blocking: not for a shard's loop.
-    pub fn wait_durable(&self, offset: Offset, timeout: Duration) -> Result<bool> {
+    /// Commits, then asks the sync thread to flush everything below `offset` and waits for it, at
+    /// most `timeout`. Returns whether it was flushed. Blocking: not for a shard's loop.
+    pub fn wait_durable(&mut self, offset: Offset, timeout: Duration) -> Result<bool> {
+        self.commit()?;
         self.syncer.wait_durable(offset, timeout)
     }
 
-    /// Flushes everything and stops the sync thread (after it has applied pending deletions).
+    /// Writes and flushes everything and stops the sync thread (after it has applied pending
+    /// deletions).
     pub fn close(mut self) -> Result<()> {
         self.sync()?;
         Ok(())
     }
 
-    /// Stops the log as a crash of the process would: nothing more is flushed (deletions already
-    /// flushed for are applied). Returns the end of what was flushed: after a power loss, records
-    /// below it survive and later ones may not. For crash tests; a shard stops with `close`.
-    pub fn abandon(mut self) -> Offset {
+    /// Stops the log as a crash of the process would: the staging buffer and the batches the
+    /// sync thread has not written are lost, nothing more is flushed (deletions already flushed
+    /// for are applied). Returns what was in the files and what was flushed at that moment: after
+    /// reopening, records below `written` are there (a process crash keeps the page cache), and
+    /// after a power loss records below `synced` are. For crash tests; a shard stops with `close`.
+    pub fn abandon(mut self) -> Abandoned {
         self.syncer.stop();
-        self.syncer.synced()
+        Abandoned { written: self.syncer.written(), synced: self.syncer.synced() }
     }
 
     /// The log's counters. Walks the segments (not the records): cheap, but not per message.
@@ -720,6 +848,7 @@ impl Log {
             allocated_bytes: self.allocated_bytes,
             end_offset: self.end_offset(),
             durable_offset: self.durable_offset(),
+            owner_writes: self.syncer.owner_writes(),
             ..LogStats::default()
         };
         s.start_offset = s.end_offset;
@@ -760,7 +889,7 @@ impl<'a> Iterator for Iter<'a> {
             if state.is_consumed(ord) {
                 continue;
             }
-            return Some(state.payload(ord).map(|p| (state.offset_of(pos as usize), p)));
+            return Some(state.payload(&self.log.stage, ord).map(|p| (state.offset_of(pos as usize), p)));
         }
     }
 }

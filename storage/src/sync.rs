@@ -1,28 +1,45 @@
-//! The sync thread: group-commit flushes, the durable offset, and deferred segment deletion.
+//! The sync thread: the writes of committed batches, group-commit flushes, the durable offset,
+//! deferred segment deletion and spare segments.
 //!
 //! Owner: one [`Syncer`] per [`crate::Log`], created by it and stopped (joined) when it drops. The
-//! thread is the only place where the log waits on the disk for durability: `msync` of written
-//! ranges, file deletion and directory `fsync`, and the preparation of the next segment (a
-//! preallocated spare file, so that a roll on the owner's thread is a header write and a rename),
-//! and the write-faulting of the active segment's pages a window ahead of the owner's writes. The log's owner talks to it through atomics and
-//! an unpark, never waits for it (except in the explicitly blocking [`Syncer::sync_now`] and
-//! [`Syncer::wait_durable`]).
+//! thread is where the log's bytes reach the file and the disk: the `pwrite` of each batch the
+//! owner commits (`stage.rs`), `fdatasync` of written segments, file deletion and directory
+//! `fsync`, and the preparation of the next segment (a preallocated spare file, so that a roll on
+//! the owner's thread is a `rename` and an `mmap`). The owner talks to it through a bounded queue,
+//! atomics and an unpark, and never waits for it, except in the explicitly blocking
+//! [`Syncer::sync_now`] and [`Syncer::wait_durable`], and when the queue is full (below).
+//!
+//! The write turn: batches are written strictly in commit order, by whoever holds `write_turn`
+//! (a mutex held for the `pwrite`s of one pass, never across an `fdatasync`). Normally that is
+//! the sync thread. Queue bound: `Config::write_queue_batches` batches. Full policy: the owner
+//! writes itself ([`Syncer::submit`]): it takes the write turn (waiting at most for the sync
+//! thread's current pass of `pwrite`s), writes every queued batch and its own, in order, and goes
+//! on. So a stalled disk slows the owner to the speed of `pwrite`, never to that of `fdatasync`,
+//! and memory stays bounded.
 //!
 //! Invariants:
+//! - `written` only grows, is the log offset up to which every batch is in the file (a prefix
+//!   of the log in commit order), and is stored (`Release`) after the `pwrite` returned and after
+//!   the batch is marked written.
 //! - `synced` only grows, and every byte of the log below it was flushed after it was written
-//!   (a flush reads `written` first, then flushes the ranges below it, then publishes).
-//! - A segment is unlinked only once `synced` has reached the offset its deletion waits for
-//!   (compaction: the end of the copies of its live records), and deletions are applied in the
-//!   order they were requested, each batch followed by a directory `fsync`.
-//! - A segment made from a spare has its header and name synced before any of its bytes are
-//!   flushed, so no record in it is called durable before the segment itself is.
-//! - After a failed flush or deletion, `failed` is set for good: the kernel may have dropped the
-//!   dirty pages, so nothing written after can be called durable. The log refuses appends.
+//!   (a flush reads `written` first, then `fdatasync`s the segments below it, then publishes).
+//! - A segment is unlinked only once `synced` has reached the offset its deletion waits for (the
+//!   end of the log when the deletion was asked: whatever made the segment dead is durable
+//!   first), and deletions are applied in the order they were requested, each batch followed by
+//!   a directory `fsync`.
+//! - A segment made from a spare gets its header from its first batch, written in commit order
+//!   after every byte of the segments before it; header and name are synced before any of its
+//!   records is called durable, and no segment is unlinked while a newer one's header is not
+//!   written and synced.
+//! - After a failed write, flush or deletion, `failed` is set for good: the kernel may have
+//!   dropped the dirty pages, so nothing written after can be called durable. The log refuses
+//!   appends.
 //!
-//! Bounds: the list of segments that may hold unsynced bytes holds the active segment plus those
-//! rolled since the last flush (normally one or two); the deletion queue holds at most the log's
-//! segment count.
+//! Bounds: the queue holds at most `write_queue_batches` batches (each one staging buffer); the
+//! list of segments that may hold unsynced bytes holds the active segment plus those rolled since
+//! the last flush (normally one or two); the deletion queue holds at most the log's segment count.
 
+use std::collections::VecDeque;
 use std::fs::File;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -31,8 +48,8 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
-use crate::format::SEGMENT_HEADER_LEN_BYTES;
 use crate::segment::{self, Segment};
+use crate::stage::Batch;
 use crate::{DurableNotify, FsyncPolicy, Offset};
 
 #[derive(Debug, Default)]
@@ -42,7 +59,7 @@ struct Inner {
     segments: Vec<Arc<Segment>>,
     /// Segments to unlink, each once `synced` reaches its offset.
     deletes: Vec<(u64, Arc<Segment>)>,
-    /// A flush target asked for explicitly (deletion under `Never`, or a nudge).
+    /// A flush target asked for explicitly (deletion under `Never`, or a waiter).
     wanted: u64,
     shutdown: bool,
     error: Option<String>,
@@ -55,23 +72,34 @@ struct Inner {
 
 struct Shared {
     policy: FsyncPolicy,
-    prefault_window_bytes: usize,
     dir: PathBuf,
-    /// The end of what the log has written (published by the owner after each append).
+    /// Committed batches not yet written, in commit order; at most `queue_max`.
+    queue: Mutex<VecDeque<Arc<Batch>>>,
+    queue_max: usize,
+    /// Held while batches are popped and written, so writes happen in commit order.
+    write_turn: Mutex<()>,
+    /// The end of what is in the file (see the module invariants).
     written: AtomicU64,
     /// The end of what has been flushed.
     synced: AtomicU64,
+    /// Batches the owner wrote itself because the queue was full.
+    owner_writes: AtomicU64,
     failed: AtomicBool,
     inner: Mutex<Inner>,
     progress: Condvar,
     on_durable: Option<DurableNotify>,
 }
 
+/// Locks `mutex`. A panic while holding one of these locks can only come from a broken
+/// invariant; the data they guard stays consistent (queues of Arcs and integers), so poisoning
+/// is ignored.
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, Inner> {
-        // A panic while holding this lock can only come from a broken invariant; the data it
-        // guards stays consistent (lists of Arcs and integers), so poisoning is ignored.
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.inner)
     }
 
     fn fail(&self, message: String) {
@@ -81,21 +109,58 @@ impl Shared {
         self.progress.notify_all();
     }
 
-    /// Flushes everything below `target` that is not flushed yet, then publishes it.
+    /// Writes `batch` (the caller holds the write turn, and every batch committed before it is
+    /// written), then publishes it.
+    fn write(&self, batch: &Batch) -> Result<()> {
+        batch.seg.write_at(batch.pos, &batch.bytes)?;
+        batch.mark_written();
+        self.written.fetch_max(batch.end.0, Ordering::AcqRel);
+        Ok(())
+    }
+
+    /// Writes every queued batch (and then `own`, if given) in order, taking the write turn.
+    /// Returns whether anything was written. Under `Never` a write is what makes records durable,
+    /// so it reports the progress to `on_durable`.
+    fn write_queued(&self, own: Option<&Batch>) -> Result<bool> {
+        let mut wrote = false;
+        {
+            let _turn = lock(&self.write_turn);
+            loop {
+                // Popped one at a time: the owner can commit while this thread writes.
+                let Some(batch) = lock(&self.queue).pop_front() else { break };
+                self.write(&batch)?;
+                wrote = true;
+            }
+            if let Some(batch) = own {
+                self.write(batch)?;
+                wrote = true;
+            }
+        }
+        if wrote && self.policy == FsyncPolicy::Never {
+            self.progress.notify_all();
+            if let Some(notify) = &self.on_durable {
+                notify(Offset(self.written.load(Ordering::Acquire)));
+            }
+        }
+        Ok(wrote)
+    }
+
+    /// Flushes everything below `target` (at most `written`) that is not flushed yet, then
+    /// publishes it.
     fn flush_to(&self, target: u64) -> Result<()> {
         let from = self.synced.load(Ordering::Acquire);
+        let target = target.min(self.written.load(Ordering::Acquire));
         if target <= from {
             return Ok(());
         }
         let segments = self.lock().segments.clone();
         for seg in &segments {
             let lo = from.max(seg.base.0);
-            let hi = target.min(seg.end_offset().0);
+            let hi = target.min(seg.written_end_offset().0);
             if lo < hi {
                 // A segment made from a spare: its header and name first, then its records.
                 seg.sync_meta(&self.dir)?;
-                let at = |o: u64| SEGMENT_HEADER_LEN_BYTES + (o - seg.base.0) as usize;
-                seg.flush(at(lo), at(hi))?;
+                seg.sync_data()?;
             }
         }
         let previous = self.synced.fetch_max(target, Ordering::AcqRel);
@@ -106,11 +171,11 @@ impl Shared {
             let mut i = 0;
             inner.segments.retain(|s| {
                 i += 1;
-                i > keep_from || s.end_offset().0 > synced
+                i > keep_from || s.written_end_offset().0 > synced
             });
             self.progress.notify_all();
         }
-        if target > previous {
+        if target > previous && self.policy != FsyncPolicy::Never {
             if let Some(notify) = &self.on_durable {
                 notify(Offset(target));
             }
@@ -119,17 +184,29 @@ impl Shared {
     }
 
     /// Unlinks the segments whose deletion may go ahead, then syncs the directory.
+    ///
+    /// Deletions wait until every segment that may not be flushed yet has its own header written,
+    /// and then have the headers and names made durable first: otherwise a crash (or power loss)
+    /// after the unlink could leave the newest segment with a spare's header (discarded on open)
+    /// and no other segment that knows where the log ended, so offsets would be used again. The
+    /// header is a committed batch, so a later round writes it.
     fn apply_deletes(&self) -> Result<()> {
         let synced = self.synced.load(Ordering::Acquire);
-        let ready: Vec<Arc<Segment>> = {
+        let (ready, pending): (Vec<Arc<Segment>>, Vec<Arc<Segment>>) = {
             let mut inner = self.lock();
+            if !inner.segments.iter().all(|s| s.header_written()) {
+                return Ok(());
+            }
             let count = inner.deletes.iter().take_while(|(at, _)| *at <= synced).count();
             let ready: Vec<Arc<Segment>> = inner.deletes.drain(..count).map(|(_, s)| s).collect();
             inner.segments.retain(|s| !ready.iter().any(|r| Arc::ptr_eq(r, s)));
-            ready
+            (ready, inner.segments.clone())
         };
         if ready.is_empty() {
             return Ok(());
+        }
+        for seg in &pending {
+            seg.sync_meta(&self.dir)?;
         }
         for seg in &ready {
             std::fs::remove_file(&seg.path).map_err(|e| Error::io(&seg.path, e))?;
@@ -139,16 +216,17 @@ impl Shared {
 
     /// One round of the thread's work. Returns whether it should stop.
     fn round(&self, next_tick: &mut Instant) -> Result<bool> {
-        let (shutdown, wanted, delete_at) = {
-            let inner = self.lock();
-            (inner.shutdown, inner.wanted, inner.deletes.iter().map(|(at, _)| *at).max().unwrap_or(0))
-        };
-        if shutdown {
-            // Stopping is a crash as far as durability goes: flush nothing more, apply only the
-            // deletions whose flush already happened.
+        if self.lock().shutdown {
+            // Stopping is a crash as far as durability goes: write and flush nothing more, apply
+            // only the deletions whose flush already happened.
             self.apply_deletes()?;
             return Ok(true);
         }
+        self.write_queued(None)?;
+        let (wanted, delete_at) = {
+            let inner = self.lock();
+            (inner.wanted, inner.deletes.iter().map(|(at, _)| *at).max().unwrap_or(0))
+        };
         let written = self.written.load(Ordering::Acquire);
         let mut target = wanted.max(delete_at).min(written);
         match self.policy {
@@ -165,11 +243,14 @@ impl Shared {
         self.flush_to(target)?;
         self.apply_deletes()?;
         self.prepare_spare();
-        let active = self.lock().segments.last().cloned();
-        if let (Some(seg), true) = (active, self.prefault_window_bytes > 0) {
-            seg.prefault(self.prefault_window_bytes);
-        }
-        Ok(shutdown)
+        Ok(false)
+    }
+
+    /// Whether there is writing or (under `Always`) flushing to do.
+    fn idle(&self) -> bool {
+        lock(&self.queue).is_empty()
+            && (self.policy != FsyncPolicy::Always
+                || self.written.load(Ordering::Acquire) == self.synced.load(Ordering::Acquire))
     }
 
     /// Prepares the spare segment the log asked for, if there is none yet.
@@ -200,26 +281,23 @@ fn run(shared: Arc<Shared>) {
             Ok(false) => {}
             Err(e) => {
                 shared.fail(e.to_string());
-                // Keep serving shutdown, but flush nothing more.
+                // Keep serving shutdown, but write and flush nothing more.
                 while !shared.lock().shutdown {
                     thread::park();
                 }
                 return;
             }
         }
-        // Every request (append under `Always`, deletion, explicit wait, shutdown) unparks after
+        // Every request (a committed batch, a deletion, an explicit wait, shutdown) unparks after
         // publishing itself, and an unpark before the park makes the park return at once, so no
         // request is missed between the round above and the park below.
-        match shared.policy {
-            FsyncPolicy::Always => {
-                if shared.written.load(Ordering::Acquire) == shared.synced.load(Ordering::Acquire) {
-                    thread::park();
+        if shared.idle() {
+            match shared.policy {
+                FsyncPolicy::Interval(_) => {
+                    thread::park_timeout(next_tick.saturating_duration_since(Instant::now()));
                 }
+                FsyncPolicy::Always | FsyncPolicy::Never => thread::park(),
             }
-            FsyncPolicy::Interval(_) => {
-                thread::park_timeout(next_tick.saturating_duration_since(Instant::now()));
-            }
-            FsyncPolicy::Never => thread::park(),
         }
     }
 }
@@ -242,10 +320,10 @@ impl std::fmt::Debug for Syncer {
 
 impl Syncer {
     /// Starts the sync thread for a log whose records end at `end`, all of it on disk already
-    /// (it was just recovered or created), with `segments` (in order) possibly receiving appends.
+    /// (it was just recovered or created), with `active` receiving the next batches.
     pub(crate) fn start(
         policy: FsyncPolicy,
-        prefault_window_bytes: usize,
+        queue_max: usize,
         dir: PathBuf,
         end: Offset,
         active: Arc<Segment>,
@@ -253,10 +331,13 @@ impl Syncer {
     ) -> Result<Syncer> {
         let shared = Arc::new(Shared {
             policy,
-            prefault_window_bytes,
             dir: dir.clone(),
+            queue: Mutex::new(VecDeque::with_capacity(queue_max)),
+            queue_max,
+            write_turn: Mutex::new(()),
             written: AtomicU64::new(end.0),
             synced: AtomicU64::new(end.0),
+            owner_writes: AtomicU64::new(0),
             failed: AtomicBool::new(false),
             inner: Mutex::new(Inner { segments: vec![active], ..Inner::default() }),
             progress: Condvar::new(),
@@ -276,25 +357,43 @@ impl Syncer {
         }
     }
 
-    /// Publishes a new end of the written log (after the bytes are in the mapping). Under
-    /// `Always` this wakes the sync thread. Never blocks.
-    pub(crate) fn written(&self, end: Offset) {
-        self.shared.written.store(end.0, Ordering::Release);
-        if self.shared.policy == FsyncPolicy::Always {
-            self.unpark();
+    /// Hands a committed batch to the sync thread, which writes it (and, per policy, flushes it).
+    /// Never blocks while the queue has room. When it is full, the owner writes itself: every
+    /// queued batch and then `batch`, in order (see the module documentation); an error then is
+    /// the write's, and fails the log.
+    pub(crate) fn submit(&self, batch: Arc<Batch>) -> Result<()> {
+        {
+            let mut queue = lock(&self.shared.queue);
+            if queue.len() < self.shared.queue_max {
+                queue.push_back(batch);
+                drop(queue);
+                self.unpark();
+                return Ok(());
+            }
         }
+        self.shared.owner_writes.fetch_add(1, Ordering::Relaxed);
+        if let Err(e) = self.shared.write_queued(Some(&batch)) {
+            self.shared.fail(e.to_string());
+            return Err(e);
+        }
+        // The sync thread may have work (a flush under `Always`) that this write created.
+        self.unpark();
+        Ok(())
     }
 
-    /// Registers a new active segment (before anything is written to it), and wakes the thread
-    /// to prefault its first pages.
+    /// Writes every committed batch on the calling thread. Blocking.
+    pub(crate) fn write_committed(&self) -> Result<()> {
+        self.check()?;
+        if let Err(e) = self.shared.write_queued(None) {
+            self.shared.fail(e.to_string());
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Registers a new active segment (before anything is written to it).
     pub(crate) fn add_segment(&self, seg: Arc<Segment>) {
         self.shared.lock().segments.push(seg);
-        self.unpark();
-    }
-
-    /// Wakes the thread to prefault more of the active segment. Never blocks.
-    pub(crate) fn nudge(&self) {
-        self.unpark();
     }
 
     /// Asks for `seg` to be unlinked once everything below `after` is flushed. Never blocks.
@@ -336,12 +435,17 @@ impl Syncer {
     }
 
     /// The end of what the policy treats as durable: what was flushed, or under `Never`
-    /// everything written.
+    /// everything written to the file.
     pub(crate) fn durable(&self) -> Offset {
         match self.shared.policy {
-            FsyncPolicy::Never => Offset(self.shared.written.load(Ordering::Acquire)),
-            _ => Offset(self.shared.synced.load(Ordering::Acquire)),
+            FsyncPolicy::Never => self.written(),
+            _ => self.synced(),
         }
+    }
+
+    /// The end of what is in the file (survives a crash of the process).
+    pub(crate) fn written(&self) -> Offset {
+        Offset(self.shared.written.load(Ordering::Acquire))
     }
 
     /// The end of what was actually flushed (under every policy).
@@ -349,7 +453,12 @@ impl Syncer {
         Offset(self.shared.synced.load(Ordering::Acquire))
     }
 
-    /// The error that stopped the log, if a flush or a deletion failed.
+    /// Batches the owner wrote itself because the queue was full.
+    pub(crate) fn owner_writes(&self) -> u64 {
+        self.shared.owner_writes.load(Ordering::Relaxed)
+    }
+
+    /// The error that stopped the log, if a write, flush or deletion failed.
     pub(crate) fn check(&self) -> Result<()> {
         if self.shared.failed.load(Ordering::Acquire) {
             let message = self.shared.lock().error.clone().unwrap_or_default();
@@ -358,19 +467,23 @@ impl Syncer {
         Ok(())
     }
 
-    /// Flushes everything written so far on the calling thread. Blocking.
+    /// Writes every committed batch and flushes everything written, on the calling thread.
+    /// Blocking.
     pub(crate) fn sync_now(&self) -> Result<Offset> {
         self.check()?;
-        let target = self.shared.written.load(Ordering::Acquire);
-        if let Err(e) = self.shared.flush_to(target) {
+        let result = self.shared.write_queued(None).and_then(|_| {
+            let target = self.shared.written.load(Ordering::Acquire);
+            self.shared.flush_to(target).map(|()| Offset(target))
+        });
+        if let Err(e) = &result {
             self.shared.fail(e.to_string());
-            return Err(e);
         }
-        Ok(Offset(target))
+        result
     }
 
-    /// Blocks until everything below `offset` is flushed, or `timeout` passes. Returns whether it
-    /// was flushed. For callers that may block (tests, tools); a shard polls instead.
+    /// Blocks until everything below `offset` (committed already) is flushed, or `timeout`
+    /// passes. Returns whether it was flushed. For callers that may block (tests, tools); a shard
+    /// polls instead.
     pub(crate) fn wait_durable(&self, offset: Offset, timeout: Duration) -> Result<bool> {
         let deadline = Instant::now() + timeout;
         {
@@ -395,12 +508,11 @@ impl Syncer {
                 self.shared.progress.wait_timeout(inner, deadline - now).unwrap_or_else(|p| p.into_inner()).0;
         }
     }
-}
 
-impl Syncer {
-    /// Stops the thread after it has applied the deletions whose flush already happened. Flushes
-    /// nothing: stopping without a prior `sync_now` is a crash as far as durability goes (the
-    /// tests use it as one). Idempotent.
+    /// Stops the thread after it has applied the deletions whose flush already happened. Writes
+    /// and flushes nothing more: stopping without a prior `sync_now` is a crash of the process as
+    /// far as durability goes (batches still queued are lost; the tests use it as one).
+    /// Idempotent.
     pub(crate) fn stop(&mut self) {
         self.shared.lock().shutdown = true;
         self.unpark();

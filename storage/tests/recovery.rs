@@ -307,45 +307,155 @@ fn oversized_records_and_bad_configs_are_refused() {
     assert!("sometimes".parse::<FsyncPolicy>().is_err());
 }
 
-#[test]
-fn durable_offset_follows_the_policy() {
-    let tmp = tempfile::tempdir().unwrap();
-    // Always: the sync thread flushes after appends without being asked.
+/// Waits (bounded) for an `on_durable` notification at or past `end`.
+fn wait_notified(rx: &mpsc::Receiver<Offset>, end: Offset) {
+    loop {
+        let o = rx.recv_timeout(Duration::from_secs(10)).expect("the sync thread reports progress");
+        if o >= end {
+            return;
+        }
+    }
+}
+
+fn notifier() -> (shardmq_storage::DurableNotify, mpsc::Receiver<Offset>) {
     let (tx, rx) = mpsc::channel();
     let tx = std::sync::Mutex::new(tx);
     let notify: shardmq_storage::DurableNotify = Arc::new(move |o: Offset| {
+        // The receiver outlives the logs; a send after it is gone is harmless.
         let _ = tx.lock().unwrap().send(o);
     });
-    for policy in [FsyncPolicy::Always, FsyncPolicy::Interval(Duration::from_millis(2))] {
+    (notify, rx)
+}
+
+#[test]
+fn durable_offset_follows_the_policy() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (notify, rx) = notifier();
+    for policy in [FsyncPolicy::Always, FsyncPolicy::Interval(Duration::from_millis(2)), FsyncPolicy::Never] {
         let dir = tmp.path().join(format!("{policy:?}"));
         let cfg = Config { on_durable: Some(notify.clone()), ..config(1 << 20, policy) };
         let mut log = Log::open(&dir, cfg).unwrap();
+        let start = log.synced_offset();
         let mut last = Offset(0);
         for i in 0..200 {
             last = log.append(&payload(i, 64)).unwrap();
         }
         let end = log.end_offset();
         assert!(last < end);
-        // Wait for the notification that covers the last record (no sleeps: the channel).
-        loop {
-            let o = rx.recv_timeout(Duration::from_secs(10)).expect("the sync thread reports progress");
-            if o >= end {
-                break;
-            }
+        // Appended but not committed (200 frames fit the 64 KiB buffer): never durable.
+        assert_eq!(log.durable_offset(), start, "{policy:?}");
+        assert_eq!(log.written_offset(), start, "{policy:?}");
+        // Committed: durable without any further append, and the owner is told (no sleeps: the
+        // channel). Under `Never` durable means written, and nothing is flushed.
+        log.commit().unwrap();
+        wait_notified(&rx, end);
+        assert!(log.durable_offset() >= end, "{policy:?}");
+        assert!(log.written_offset() >= end, "{policy:?}");
+        if policy == FsyncPolicy::Never {
+            assert_eq!(log.synced_offset(), start);
+            assert!(log.wait_durable(end, Duration::from_secs(10)).unwrap());
         }
-        assert!(log.durable_offset() >= end);
-        assert!(log.synced_offset() >= end);
+        assert!(log.synced_offset() >= end, "{policy:?}");
         log.close().unwrap();
         while rx.try_recv().is_ok() {}
     }
-    // Never: everything written is durable for the policy; nothing is flushed until asked.
-    let mut log = Log::open(tmp.path().join("never"), config(1 << 20, FsyncPolicy::Never)).unwrap();
-    let start = log.synced_offset();
-    log.append(b"one").unwrap();
-    assert_eq!(log.durable_offset(), log.end_offset());
-    assert_eq!(log.synced_offset(), start);
-    assert!(log.wait_durable(log.end_offset(), Duration::from_secs(10)).unwrap());
-    assert_eq!(log.synced_offset(), log.end_offset());
+}
+
+/// Records are readable from the moment they are appended: from the staging buffer, from a
+/// committed batch the sync thread has not written, and from the mapping after; `read_shared`
+/// copies an unwritten record and maps a written one.
+#[test]
+fn staged_and_committed_records_read_back() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg =
+        Config { write_buffer_bytes: 4096, write_queue_batches: 1, ..config(1 << 14, FsyncPolicy::Never) };
+    let mut log = Log::open(tmp.path(), cfg.clone()).unwrap();
+    let mut stored = Vec::new();
+    let mut shared = Vec::new();
+    for i in 0..400 {
+        let p = payload(i, 1 + i % 200);
+        let o = log.append(&p).unwrap();
+        assert_eq!(log.read(o).unwrap(), &p[..], "just appended");
+        if i % 7 == 0 {
+            shared.push((log.read_shared(o).unwrap(), p.clone()));
+        }
+        if i % 50 == 0 {
+            log.commit().unwrap();
+        }
+        stored.push((o, p));
+        // Every earlier record, wherever it is now (buffer, batch, file, next segment).
+        let (o, p) = &stored[i * 31 % stored.len()];
+        assert_eq!(log.read(*o).unwrap(), &p[..]);
+    }
+    let got: Vec<(Offset, Vec<u8>)> =
+        log.iter_from(Offset(0)).map(|r| r.map(|(o, p)| (o, p.to_vec())).unwrap()).collect();
+    assert_eq!(got, stored);
+    assert!(log.stats().segments > 1, "the records span rolls");
+    let end = log.end_offset();
+    assert!(log.wait_durable(end, Duration::from_secs(10)).unwrap());
+    for (o, p) in &stored {
+        assert_eq!(log.read(*o).unwrap(), &p[..], "written");
+    }
+    for (record, p) in &shared {
+        assert_eq!(&record[..], &p[..]);
+    }
+    log.close().unwrap();
+    let log = Log::open(tmp.path(), cfg).unwrap();
+    for (o, p) in &stored {
+        assert_eq!(log.read(*o).unwrap(), &p[..], "after reopening");
+    }
+}
+
+/// A crash of the process loses the staging buffer (and batches not yet written), never what
+/// was durable; the log reopens at the written end and goes on from there.
+#[test]
+fn a_crash_loses_staged_records_only() {
+    for policy in [FsyncPolicy::Always, FsyncPolicy::Interval(Duration::from_millis(2)), FsyncPolicy::Never] {
+        let tmp = tempfile::tempdir().unwrap();
+        let cfg = config(1 << 16, policy);
+        let mut log = Log::open(tmp.path(), cfg.clone()).unwrap();
+        let kept: Vec<(Offset, Vec<u8>)> =
+            (0..50).map(|i| (log.append(&payload(i, 40)).unwrap(), payload(i, 40))).collect();
+        let durable_end = log.end_offset();
+        assert!(log.wait_durable(durable_end, Duration::from_secs(10)).unwrap());
+        assert!(log.durable_offset() >= durable_end);
+        let staged: Vec<Offset> = (50..80).map(|i| log.append(&payload(i, 40)).unwrap()).collect();
+        assert_eq!(log.read(staged[0]).unwrap(), &payload(50, 40)[..]);
+        let crash = log.abandon();
+        assert_eq!(crash.written, durable_end, "{policy:?}: nothing staged was written");
+        let mut log = Log::open(tmp.path(), cfg).unwrap();
+        assert_eq!(log.end_offset(), durable_end, "{policy:?}");
+        assert!(log.recovery().torn_tail.is_none());
+        for (o, p) in &kept {
+            assert_eq!(log.read(*o).unwrap(), &p[..]);
+        }
+        assert!(matches!(log.read(staged[0]), Err(Error::NoRecord { .. })));
+        // The next append takes the first lost offset: it was never durable, nobody was told.
+        assert_eq!(log.append(b"after the crash").unwrap(), staged[0]);
+        log.close().unwrap();
+    }
+}
+
+/// With a one-batch queue and small buffers the owner often finds the queue full and writes
+/// itself; the order of the file is kept either way.
+#[test]
+fn a_full_queue_makes_the_owner_write_in_order() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg =
+        Config { write_buffer_bytes: 4096, write_queue_batches: 1, ..config(1 << 20, FsyncPolicy::Always) };
+    let mut log = Log::open(tmp.path(), cfg.clone()).unwrap();
+    let stored: Vec<(Offset, Vec<u8>)> =
+        (0..3000).map(|i| (log.append(&payload(i, 300)).unwrap(), payload(i, 300))).collect();
+    log.commit().unwrap();
+    eprintln!("owner wrote {} of about {} batches itself", log.stats().owner_writes, 3000 * 312 / 4096);
+    let end = log.end_offset();
+    assert!(log.wait_durable(end, Duration::from_secs(30)).unwrap());
+    let crash = log.abandon();
+    assert_eq!(crash.written, end);
+    let log = Log::open(tmp.path(), cfg).unwrap();
+    let got: Vec<(Offset, Vec<u8>)> =
+        log.iter_from(Offset(0)).map(|r| r.map(|(o, p)| (o, p.to_vec())).unwrap()).collect();
+    assert_eq!(got, stored);
 }
 
 #[test]
