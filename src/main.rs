@@ -121,10 +121,6 @@ struct ServeArgs {
     /// Size of each log segment file, bytes. Default: 67108864 (64 MiB).
     #[arg(long)]
     segment_size: Option<u64>,
-    /// Bytes of segment pages the storage sync thread write-faults ahead of each shard's appends
-    /// (keeps page faults off the shard's thread); 0: off. Default: 4194304 (4 MiB).
-    #[arg(long)]
-    prefault_bytes: Option<usize>,
     /// Most bytes of log segments on disk, across all shards; persistent messages beyond it are
     /// refused (v5: 0x97). Default: unlimited.
     #[arg(long)]
@@ -348,9 +344,6 @@ fn merge(flags: ServeArgs, file: ServeArgs) -> Result<(BrokerConfig, String, Adm
             bail!("--segment-size must be between 4096 and {} bytes", u32::MAX);
         }
         cfg.segment_size_bytes = bytes;
-    }
-    if let Some(bytes) = pick!(prefault_bytes) {
-        cfg.prefault_bytes = bytes;
     }
     if let Some(bytes) = pick!(disk_budget) {
         let per_shard = bytes / cfg.cores as u64;

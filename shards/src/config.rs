@@ -67,9 +67,6 @@ pub struct BrokerConfig {
     pub segment_size_bytes: u64,
     /// Most bytes of log segments on disk, across all shards (each shard gets an equal share).
     pub disk_budget_bytes: Option<u64>,
-    /// How far ahead of a shard's appends its log's sync thread write-faults segment pages, so
-    /// the shard's thread does not take those page faults; 0 turns it off.
-    pub prefault_bytes: usize,
     /// Time a new socket has to send CONNECT.
     pub connect_timeout: Duration,
     /// Largest keep-alive granted; a client asking for more (or for 0) gets this as Server Keep Alive (v5).
@@ -124,9 +121,6 @@ impl Default for BrokerConfig {
             fsync: FsyncPolicy::Interval(Duration::from_millis(5)),
             segment_size_bytes: 64 * 1024 * 1024,
             disk_budget_bytes: None,
-            // Measured in the broker (perf/RESULTS.md, "Prefault"): fewer and shorter stalls of
-            // the shard's thread on appends.
-            prefault_bytes: 4 * 1024 * 1024,
             connect_timeout: Duration::from_secs(10),
             keepalive_secs_max: 3600,
             packet_size_bytes_max: 1024 * 1024,

@@ -1705,7 +1705,9 @@ impl Shard {
     /// Answers every waiter whose records are now durable, and sends the batched answers to other
     /// shards. Called after each mesh batch and on each tick.
     pub fn poll_durable(&mut self) {
-        if let Some(store) = &self.store {
+        if let Some(store) = &mut self.store {
+            // The end of a loop turn: what this turn appended goes to the log's sync thread.
+            store.commit();
             let durable = store.durable_offset();
             while self.durable_waiters.front().is_some_and(|(end, _)| *end <= durable) {
                 let (_, waiter) = self.durable_waiters.pop_front().expect("front checked");
@@ -2616,6 +2618,10 @@ impl Shard {
                     FillEvent::Dropped { stored } => store.release(uid, stored, false),
                 }
             }
+        }
+        if let Some(store) = self.store.as_mut() {
+            // What goes out now must not be forgotten by a crash: see `Store::write_before_send`.
+            store.write_before_send();
         }
         events.clear();
         self.fill_events = events;

@@ -88,7 +88,7 @@ fn log_config(cfg: &BrokerConfig, on_durable: Option<DurableNotify>) -> LogConfi
             .saturating_add(64 * 1024)
             .min(cfg.segment_size_bytes.saturating_sub(4096).min(u64::from(u32::MAX)) as u32),
         on_durable,
-        prefault_window_bytes: cfg.prefault_bytes,
+        ..LogConfig::default()
     }
 }
 
@@ -215,12 +215,14 @@ fn open_shard(
 ) -> Result<Recovered, String> {
     let started = std::time::Instant::now();
     let dir = shard_dir(&cfg.data_dir, generation, shard);
-    let log = open_log(cfg, &dir, Some(notify))?;
+    let log = open_log(cfg, &dir, Some(notify.clone()))?;
     let report = log.recovery().clone();
     if let Some(torn) = &report.torn_tail {
         warn!(path = %torn.path.display(), position = torn.position, reason = torn.reason, "storage: torn tail cut off");
     }
-    let recovered = replay(log, clock)?;
+    let mut recovered = replay(log, clock)?;
+    // The same wake-up asks the shard's loop to commit at the end of the turn that appended.
+    recovered.store.commit_wake = Some(super::CommitWake(notify));
     let queued: usize = recovered.sessions.iter().map(|s| s.deliveries.len() + s.backlog.len()).sum();
     info!(
         shard,
