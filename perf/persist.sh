@@ -46,9 +46,9 @@ for args in "${runs[@]}"; do
   kill %1; wait %1 || true
 done
 echo
-echo "How long the store held each shard's thread in those runs (appends: page faults and segment"
-echo "rolls happen on the shard's thread; fsync never does). From the \`store: closed\` line each shard"
-echo "logs at shutdown:"
+echo "How long the store held each shard's thread in those runs (appends and commits: a segment roll,"
+echo "a full write queue or a write before send is a \`pwrite\` on the shard's thread; fsync never is)."
+echo "From the \`store: closed\` line each shard logs at shutdown:"
 echo
 echo '```'
 cat "$work/stalls.txt"

@@ -18,6 +18,12 @@ fn config(segment_bytes: u64, policy: FsyncPolicy) -> Config {
     }
 }
 
+/// 4 KiB staging buffers and a one-batch queue: commits, full buffers and a full queue are
+/// frequent.
+fn small_buffers(segment_bytes: u64, policy: FsyncPolicy) -> Config {
+    Config { write_buffer_bytes: 4096, write_queue_batches: 1, ..config(segment_bytes, policy) }
+}
+
 fn payload(i: usize, len: usize) -> Vec<u8> {
     (0..len).map(|j| (i * 31 + j * 7) as u8 | 1).collect()
 }
@@ -367,8 +373,7 @@ fn durable_offset_follows_the_policy() {
 #[test]
 fn staged_and_committed_records_read_back() {
     let tmp = tempfile::tempdir().unwrap();
-    let cfg =
-        Config { write_buffer_bytes: 4096, write_queue_batches: 1, ..config(1 << 14, FsyncPolicy::Never) };
+    let cfg = small_buffers(1 << 14, FsyncPolicy::Never);
     let mut log = Log::open(tmp.path(), cfg.clone()).unwrap();
     let mut stored = Vec::new();
     let mut shared = Vec::new();
@@ -441,8 +446,7 @@ fn a_crash_loses_staged_records_only() {
 #[test]
 fn a_full_queue_makes_the_owner_write_in_order() {
     let tmp = tempfile::tempdir().unwrap();
-    let cfg =
-        Config { write_buffer_bytes: 4096, write_queue_batches: 1, ..config(1 << 20, FsyncPolicy::Always) };
+    let cfg = small_buffers(1 << 20, FsyncPolicy::Always);
     let mut log = Log::open(tmp.path(), cfg.clone()).unwrap();
     let stored: Vec<(Offset, Vec<u8>)> =
         (0..3000).map(|i| (log.append(&payload(i, 300)).unwrap(), payload(i, 300))).collect();
