@@ -322,19 +322,9 @@ async fn tenant_settings_are_read_and_changed_at_runtime() {
         // Per-tenant metrics: one live connection in tenant 0, one refusal by the connection limit.
         let (_, _, text) = http(broker.admin(), "GET", "/metrics", Some(TOKEN));
         let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string()))).expect("valid");
-        let sample = |metric: &str, labels: &[(&str, &str)]| {
-            scrape
-                .samples
-                .iter()
-                .find(|s| s.metric == metric && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
-                .map(|s| match s.value {
-                    prometheus_parse::Value::Gauge(v) | prometheus_parse::Value::Counter(v) => v,
-                    ref other => panic!("{other:?}"),
-                })
-        };
-        assert_eq!(sample("shardmq_tenant_connections", &[("tenant", "0")]), Some(1.0));
+        assert_eq!(sample(&scrape, "shardmq_tenant_connections", &[("tenant", "0")]), Some(1.0));
         assert_eq!(
-            sample("shardmq_tenant_limited_total", &[("tenant", "0"), ("limit", "connections")]),
+            sample(&scrape, "shardmq_tenant_limited_total", &[("tenant", "0"), ("limit", "connections")]),
             Some(1.0)
         );
     })

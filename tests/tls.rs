@@ -8,7 +8,7 @@ mod common;
 #[path = "common/pki.rs"]
 mod pki;
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
@@ -99,13 +99,7 @@ impl Sub {
             .stderr(Stdio::null())
             .spawn()
             .expect("mosquitto_sub runs (apt-get install mosquitto-clients)");
-        let stdout = child.stdout.take().expect("stdout");
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
+        let lines = common::stdout_lines(&mut child);
         let mut sub = Sub { child, lines };
         sub.wait_for(|line| line.contains("received SUBACK"));
         sub

@@ -987,6 +987,19 @@ pub struct Spawned {
     pub lines: std::sync::mpsc::Receiver<String>,
 }
 
+/// A child process's standard output (which must be piped), line by line, read on a thread.
+pub fn stdout_lines(child: &mut std::process::Child) -> std::sync::mpsc::Receiver<String> {
+    let stdout = child.stdout.take().expect("stdout is piped");
+    let (tx, lines) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    lines
+}
+
 /// The port after `127.0.0.1:` in a log line.
 pub fn logged_port(line: &str) -> u16 {
     line.split("127.0.0.1:")
@@ -1014,14 +1027,7 @@ impl Spawned {
             .stderr(std::process::Stdio::null())
             .spawn()
             .expect("shardmq starts");
-        let stdout = child.stdout.take().expect("stdout");
-        let (tx, lines) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            use std::io::BufRead;
-            for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
+        let lines = stdout_lines(&mut child);
         let mut admin = None;
         let deadline = Instant::now() + Duration::from_secs(30);
         let addr = loop {
