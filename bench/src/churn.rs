@@ -23,9 +23,10 @@ use serde_json::{json, Map, Value};
 use crate::cli::Target;
 use crate::engine::{self, Pacer, Phase, PhaseWatch};
 use crate::env::Progress;
-use crate::mqtt::{connack_cause, failure_cause, tcp_connect, Conn, ConnectOptions};
+use crate::mqtt::{connack_cause, failure_cause, Conn, ConnectOptions};
 use crate::payload::mono_ns;
 use crate::stats::{self, Failures};
+use crate::stream::TlsSettings;
 
 /// Flags of `shardmq-bench churn`.
 #[derive(Args, Debug, Clone)]
@@ -62,6 +63,8 @@ pub struct ChurnArgs {
 struct Shared {
     args: ChurnArgs,
     addr: std::net::SocketAddr,
+    /// `Some` with `--tls`: every connection speaks TLS.
+    tls: Option<TlsSettings>,
     options: ConnectOptions,
     threads: usize,
     claimed: AtomicU64,
@@ -86,6 +89,7 @@ pub fn run(args: ChurnArgs) -> anyhow::Result<(Value, Value)> {
     let threads = args.target.threads_for(connectors);
     let shared = Arc::new(Shared {
         addr: args.target.addr()?,
+        tls: args.target.tls_settings()?,
         options: ConnectOptions {
             version: args.target.version()?,
             client_id: format!("{}-churn", args.target.client_id_prefix()),
@@ -213,7 +217,9 @@ async fn worker(shared: Arc<Shared>, thread: usize, phase: PhaseWatch) -> anyhow
 /// start of the TCP connect to CONNACK, in microseconds.
 async fn churn_one(shared: &Shared, id: u64) -> Result<u64, String> {
     let started_ns = mono_ns();
-    let stream = tcp_connect(shared.addr, None).await.map_err(|e| crate::mqtt::io_cause(&e).to_string())?;
+    let stream = crate::stream::connect(shared.addr, None, shared.tls.as_ref())
+        .await
+        .map_err(|e| crate::mqtt::io_cause(&e).to_string())?;
     let mut conn = Conn::new(stream, shared.options.version, false);
     let mut options = shared.options.clone();
     options.client_id = format!("{}-{id}", options.client_id);

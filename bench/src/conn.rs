@@ -34,9 +34,10 @@ use tokio::sync::Semaphore;
 use crate::cli::Target;
 use crate::engine::{self, wait_phase, Pacer, Phase, PhaseWatch};
 use crate::env::Progress;
-use crate::mqtt::{connack_cause, failure_cause, tcp_connect, Conn, ConnectOptions};
+use crate::mqtt::{connack_cause, failure_cause, Conn, ConnectOptions};
 use crate::payload::mono_ns;
 use crate::stats::{self, Failures};
+use crate::stream::TlsSettings;
 
 /// Connects in progress per worker thread when `--rate` is unlimited.
 const CONNECTS_IN_PROGRESS_MAX: usize = 2048;
@@ -115,6 +116,8 @@ pub fn rss_bytes(pid: u32) -> anyhow::Result<u64> {
 struct Shared {
     args: ConnArgs,
     addr: SocketAddr,
+    /// `Some` with `--tls`: every connection speaks TLS.
+    tls: Option<TlsSettings>,
     options: ConnectOptions,
     src_addrs: Vec<IpAddr>,
     threads: usize,
@@ -200,6 +203,7 @@ fn run_local(args: &ConnArgs) -> anyhow::Result<(Outcome, Option<u64>)> {
     let src_addrs = args.src_addrs.as_deref().map(parse_src_addrs).transpose()?.unwrap_or_default();
     let shared = Arc::new(Shared {
         addr: args.target.addr()?,
+        tls: args.target.tls_settings()?,
         options: ConnectOptions {
             version: args.target.version()?,
             client_id: args.target.client_id_prefix(),
@@ -345,7 +349,9 @@ async fn worker(shared: Arc<Shared>, thread: usize, phase: PhaseWatch) -> anyhow
 async fn connect_one(shared: &Shared, index: u64) -> Result<Result<Conn, String>, String> {
     let source =
         (!shared.src_addrs.is_empty()).then(|| shared.src_addrs[index as usize % shared.src_addrs.len()]);
-    let stream = tcp_connect(shared.addr, source).await.map_err(|e| crate::mqtt::io_cause(&e).to_string())?;
+    let stream = crate::stream::connect(shared.addr, source, shared.tls.as_ref())
+        .await
+        .map_err(|e| crate::mqtt::io_cause(&e).to_string())?;
     let mut conn = Conn::new(stream, shared.options.version, false);
     let mut options = shared.options.clone();
     options.client_id = format!("{}-c{index}", options.client_id);
@@ -405,6 +411,7 @@ fn run_parent(args: &ConnArgs) -> anyhow::Result<(Outcome, Option<u64>)> {
             .args(["--port", &args.target.port.to_string()])
             .args(["--mqtt", &args.target.mqtt])
             .args(["--keep-alive", &args.target.keep_alive.to_string()])
+            .args(args.target.tls_args())
             .args(["--conns", &count.to_string()])
             .args(["--conn-offset", &(args.conn_offset + offset).to_string()])
             .args(["--rate", &(args.rate / procs as f64).to_string()])

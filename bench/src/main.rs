@@ -7,7 +7,7 @@
 //! and only when stderr is a terminal, so stdout stays machine-readable.
 //!
 //! Code map: `engine.rs` (worker threads, phases, pacing), `mqtt.rs` (a client connection over
-//! the `shardmq-protocol` codec), `payload.rs` (the timestamped payload header), `stats.rs`
+//! the `shardmq-protocol` codec), `stream.rs` (TCP connect, and TLS with `--tls`), `payload.rs` (the timestamped payload header), `stats.rs`
 //! (histograms, stream tracking), `cli.rs` (shared flags), one file per scenario, `broker.rs` and
 //! `compare.rs` (side-by-side runs), `env.rs` (run facts, progress line).
 
@@ -23,6 +23,7 @@ mod payload;
 mod persist;
 mod pubsub;
 mod stats;
+mod stream;
 
 use std::process::ExitCode;
 

@@ -1,8 +1,7 @@
-//! One MQTT client connection over a non-blocking tokio `TcpStream`, encoded and decoded with
-//! `shardmq-protocol`.
+//! One MQTT client connection over a non-blocking [`Stream`] (plain TCP or TLS, see `stream.rs`),
+//! encoded and decoded with `shardmq-protocol`.
 //!
-//! Owns: the socket, its read buffer and its write buffer, TCP connect with an optional source
-//! address, the CONNECT/CONNACK and SUBSCRIBE/SUBACK exchanges, and the PUBLISH frame template that
+//! Owns: the stream, its read buffer and its write buffer, the CONNECT/CONNACK and SUBSCRIBE/SUBACK exchanges, and the PUBLISH frame template that
 //! lets a publisher emit a message without building a `Packet` per message.
 //!
 //! Does not own: what a scenario does with the packets (the scenario modules do that), timing, or
@@ -18,7 +17,6 @@
 //!   connections of the `conn` scenario cost only their task and socket.
 
 use std::io;
-use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use anyhow::{anyhow, bail};
@@ -27,8 +25,9 @@ use shardmq_protocol::{
     decode, encode, ConnAck, Connect, Packet, PacketId, Properties, ProtocolVersion, Publish, QoS,
     ReasonCode, Subscribe, Subscription, SubscriptionOptions, Utf8,
 };
-use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest, Ready};
-use tokio::net::{TcpSocket, TcpStream};
+use tokio::io::{Interest, Ready};
+
+use crate::stream::{is_tls_error, Stream};
 
 /// Largest inbound packet accepted; PUBLISH payloads of a benchmark are far smaller.
 pub const PACKET_SIZE_MAX_BYTES: u32 = 16 * 1024 * 1024;
@@ -65,46 +64,13 @@ pub struct ConnectOptions {
     pub credentials: Option<(String, String)>,
 }
 
-/// Opens a TCP connection to `target`, bound to `source` when given.
-///
-/// With a source address the socket sets `IP_BIND_ADDRESS_NO_PORT`, so the kernel picks the
-/// source port at connect time from the whole 4-tuple space instead of reserving one port per
-/// address at bind time: that is what lets several source addresses exceed one address's range.
-pub async fn tcp_connect(target: SocketAddr, source: Option<IpAddr>) -> io::Result<TcpStream> {
-    let socket = if target.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
-    if let Some(source) = source {
-        set_bind_address_no_port(&socket);
-        socket.bind(SocketAddr::new(source, 0))?;
-    }
-    let stream = socket.connect(target).await?;
-    stream.set_nodelay(true)?;
-    Ok(stream)
-}
-
-fn set_bind_address_no_port(socket: &TcpSocket) {
-    use std::os::fd::AsRawFd;
-    let enable: libc::c_int = 1;
-    // SAFETY: the fd is a live socket owned by `socket` for the duration of the call, and the
-    // option value points at a c_int whose size is passed alongside. A failure (old kernel) only
-    // means ports are reserved at bind time, which still works for small runs, so it is ignored.
-    unsafe {
-        libc::setsockopt(
-            socket.as_raw_fd(),
-            libc::IPPROTO_IP,
-            libc::IP_BIND_ADDRESS_NO_PORT,
-            (&enable as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        );
-    }
-}
-
 /// An MQTT client connection: a socket plus bounded read and write buffers.
 ///
 /// Owner: the one task that created it, on one worker thread. Lifecycle: TCP connect, CONNECT /
 /// CONNACK ([`Conn::handshake`]), traffic, then DISCONNECT or drop.
 #[derive(Debug)]
 pub struct Conn {
-    stream: TcpStream,
+    stream: Stream,
     version: ProtocolVersion,
     read_buf: BytesMut,
     write_buf: BytesMut,
@@ -114,7 +80,7 @@ pub struct Conn {
 impl Conn {
     /// Wraps a connected stream. `busy` picks a large read chunk (data-path clients) or a tiny one
     /// (idle clients held open by the `conn` scenario).
-    pub fn new(stream: TcpStream, version: ProtocolVersion, busy: bool) -> Conn {
+    pub fn new(stream: Stream, version: ProtocolVersion, busy: bool) -> Conn {
         Conn {
             stream,
             version,
@@ -189,14 +155,14 @@ impl Conn {
         self.write_buf.len() >= WRITE_BUFFER_HIGH_WATER_BYTES
     }
 
-    /// True when bytes wait to be written.
+    /// True when bytes wait to be written (in the write buffer, or TLS ciphertext in the stream).
     pub fn has_pending_writes(&self) -> bool {
-        !self.write_buf.is_empty()
+        !self.write_buf.is_empty() || self.stream.wants_write()
     }
 
-    /// Writes the whole write buffer, waiting as needed.
+    /// Writes the whole write buffer (and any TLS ciphertext the stream holds), waiting as needed.
     pub async fn flush(&mut self) -> io::Result<()> {
-        if !self.write_buf.is_empty() {
+        if self.has_pending_writes() {
             self.stream.write_all(&self.write_buf).await?;
             self.write_buf.clear();
         }
@@ -214,8 +180,7 @@ impl Conn {
             if let Some(packet) = self.next_packet()? {
                 return Ok(packet);
             }
-            self.read_buf.reserve(self.read_chunk_bytes);
-            let read = self.stream.read_buf(&mut self.read_buf).await?;
+            let read = self.stream.read_buf(&mut self.read_buf, self.read_chunk_bytes).await?;
             if read == 0 {
                 return Err(io::Error::from(io::ErrorKind::UnexpectedEof).into());
             }
@@ -236,6 +201,7 @@ impl Conn {
         let interest = if self.write_backlogged() {
             Interest::WRITABLE
         } else if self.write_buf.is_empty() {
+            // `Stream::ready` adds writability while TLS ciphertext waits in the stream.
             Interest::READABLE
         } else {
             Interest::READABLE | Interest::WRITABLE
@@ -248,8 +214,7 @@ impl Conn {
     pub fn try_read(&mut self, budget_bytes: usize) -> io::Result<bool> {
         let mut total = 0;
         while total < budget_bytes {
-            self.read_buf.reserve(self.read_chunk_bytes);
-            match self.stream.try_read_buf(&mut self.read_buf) {
+            match self.stream.try_read_buf(&mut self.read_buf, self.read_chunk_bytes) {
                 Ok(0) => return Ok(false),
                 Ok(read) => total += read,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
@@ -269,6 +234,13 @@ impl Conn {
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) => return Err(e),
+            }
+        }
+        if self.write_buf.is_empty() {
+            // TLS ciphertext left over from an earlier write that met a full socket.
+            match self.stream.try_flush() {
+                Err(e) if e.kind() != io::ErrorKind::WouldBlock => return Err(e),
+                _ => {}
             }
         }
         if self.write_buf.is_empty() && self.write_buf.capacity() > 4 * WRITE_BUFFER_HIGH_WATER_BYTES {
@@ -382,6 +354,9 @@ pub fn failure_cause(error: &anyhow::Error) -> String {
 
 /// The cause name of an I/O error.
 pub fn io_cause(error: &io::Error) -> &'static str {
+    if is_tls_error(error) {
+        return "tls";
+    }
     match error.raw_os_error() {
         Some(libc::EMFILE) | Some(libc::ENFILE) => return "fd_limit",
         Some(libc::EADDRNOTAVAIL) => return "addr_unavailable",

@@ -27,9 +27,10 @@ use shardmq_protocol::{Packet, PubResp, QoS};
 use crate::cli::Target;
 use crate::engine::{self, wait_phase, Phase, PhaseWatch};
 use crate::env::Progress;
-use crate::mqtt::{tcp_connect, Conn, ConnectOptions, PublishTemplate};
+use crate::mqtt::{Conn, ConnectOptions, PublishTemplate};
 use crate::payload::{mono_ns, Header, HEADER_BYTES};
 use crate::stats::{self, PaddedCounter, StreamTotals, StreamTracker};
+use crate::stream::TlsSettings;
 
 /// Session expiry asked for by MQTT 5 sessions, seconds.
 const SESSION_EXPIRY_SECS: u32 = 3600;
@@ -60,6 +61,8 @@ pub struct PersistArgs {
 struct Shared {
     args: PersistArgs,
     addr: std::net::SocketAddr,
+    /// `Some` with `--tls`: every connection speaks TLS.
+    tls: Option<TlsSettings>,
     topic: String,
     client_id_prefix: String,
     threads: usize,
@@ -109,6 +112,7 @@ pub fn run(args: PersistArgs) -> anyhow::Result<(Value, Value)> {
     let threads = args.target.threads_for(u64::from(args.sessions) + 1);
     let shared = Arc::new(Shared {
         addr: args.target.addr()?,
+        tls: args.target.tls_settings()?,
         topic: format!("{}/persist", args.target.topic_prefix()),
         client_id_prefix: args.target.client_id_prefix(),
         threads,
@@ -287,7 +291,7 @@ async fn worker(shared: Arc<Shared>, thread: usize, phase: PhaseWatch) -> anyhow
 }
 
 async fn connect(shared: &Shared, options: &ConnectOptions) -> anyhow::Result<(Conn, bool)> {
-    let stream = tcp_connect(shared.addr, None).await.context("connect")?;
+    let stream = crate::stream::connect(shared.addr, None, shared.tls.as_ref()).await.context("connect")?;
     let mut conn = Conn::new(stream, shared.version, true);
     let connack = conn.handshake(options).await?;
     if connack.reason.is_error() {

@@ -40,9 +40,10 @@ use tokio::sync::Notify;
 use crate::cli::Target;
 use crate::engine::{self, wait_phase, Phase, PhaseWatch};
 use crate::env::Progress;
-use crate::mqtt::{tcp_connect, Conn, ConnectOptions, PublishTemplate};
+use crate::mqtt::{Conn, ConnectOptions, PublishTemplate};
 use crate::payload::{mono_ns, Header, HEADER_BYTES};
 use crate::stats::{self, PaddedCounter, StreamTotals, StreamTracker};
+use crate::stream::TlsSettings;
 
 /// Messages a publisher queues per loop turn before letting its thread's other tasks run.
 const BATCH_MAX: u64 = 256;
@@ -129,6 +130,8 @@ struct Shared {
     version: ProtocolVersion,
     qos: QoS,
     addr: std::net::SocketAddr,
+    /// `Some` with `--tls`: every connection speaks TLS.
+    tls: Option<TlsSettings>,
     topic_prefix: String,
     client_id_prefix: String,
     threads: usize,
@@ -252,6 +255,7 @@ pub fn run(args: PubSubArgs) -> anyhow::Result<(Value, Value)> {
         version: args.target.version()?,
         qos: QoS::from_u8(args.qos).context("--qos")?,
         addr: args.target.addr()?,
+        tls: args.target.tls_settings()?,
         topic_prefix: args.target.topic_prefix(),
         client_id_prefix: args.target.client_id_prefix(),
         threads,
@@ -561,7 +565,7 @@ async fn run_publisher(
 ) -> anyhow::Result<()> {
     let args = &shared.args;
     let qos = shared.qos;
-    let stream = tcp_connect(shared.addr, None).await.context("connect")?;
+    let stream = crate::stream::connect(shared.addr, None, shared.tls.as_ref()).await.context("connect")?;
     let mut conn = Conn::new(stream, shared.version, true);
     let client_id = format!("{}-p{publisher}", shared.client_id_prefix);
     let connack = conn.handshake(&shared.client_options(client_id)).await?;
@@ -743,7 +747,7 @@ async fn run_subscriber(
     mut phase: PhaseWatch,
     ready: &mut bool,
 ) -> anyhow::Result<()> {
-    let stream = tcp_connect(shared.addr, None).await.context("connect")?;
+    let stream = crate::stream::connect(shared.addr, None, shared.tls.as_ref()).await.context("connect")?;
     let mut conn = Conn::new(stream, shared.version, true);
     let client_id = format!("{}-s{subscriber}", shared.client_id_prefix);
     let connack = conn.handshake(&shared.client_options(client_id)).await?;

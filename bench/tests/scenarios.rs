@@ -6,8 +6,8 @@
 //! Mosquitto missing from PATH is a failure with instructions, never a silent pass: CI installs it.
 
 use std::io::Read;
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::PathBuf;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -21,6 +21,8 @@ const RUN_TIMEOUT: Duration = Duration::from_secs(60);
 struct Mosquitto {
     child: Child,
     port: u16,
+    /// The TLS listener's port, when the test asked for one.
+    tls_port: Option<u16>,
     dir: PathBuf,
 }
 
@@ -37,6 +39,13 @@ fn free_port() -> u16 {
 }
 
 fn start_mosquitto() -> Mosquitto {
+    start_mosquitto_with(false)
+}
+
+/// With `tls`: a second listener speaking TLS with a server certificate for localhost and
+/// 127.0.0.1, signed by a CA written to `<dir>/ca.pem`; another CA that signed nothing goes to
+/// `<dir>/other-ca.pem`.
+fn start_mosquitto_with(tls: bool) -> Mosquitto {
     let found = std::env::var_os("PATH")
         .map(|path| std::env::split_paths(&path).any(|dir| dir.join("mosquitto").is_file()))
         .unwrap_or(false);
@@ -49,15 +58,22 @@ fn start_mosquitto() -> Mosquitto {
     let dir = std::env::temp_dir().join(format!("shardmq-bench-test-{}-{port}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let config = dir.join("mosquitto.conf");
-    std::fs::write(
-        &config,
-        format!(
-            "listener {port} 127.0.0.1\nallow_anonymous true\nmax_connections -1\n\
-             max_queued_messages 1000000\nmax_inflight_messages 1000\nset_tcp_nodelay true\n\
-             persistence false\n"
-        ),
-    )
-    .unwrap();
+    let mut text = format!(
+        "listener {port} 127.0.0.1\nallow_anonymous true\nmax_connections -1\n\
+         max_queued_messages 1000000\nmax_inflight_messages 1000\nset_tcp_nodelay true\n\
+         persistence false\n"
+    );
+    let tls_port = tls.then(|| {
+        let tls_port = free_port();
+        let (cert_file, key_file) = write_pki(&dir);
+        text.push_str(&format!(
+            "listener {tls_port} 127.0.0.1\ncertfile {}\nkeyfile {}\n",
+            cert_file.display(),
+            key_file.display()
+        ));
+        tls_port
+    });
+    std::fs::write(&config, text).unwrap();
     let child = Command::new("mosquitto")
         .arg("-c")
         .arg(&config)
@@ -66,8 +82,9 @@ fn start_mosquitto() -> Mosquitto {
         .stderr(Stdio::piped())
         .spawn()
         .expect("starting mosquitto");
-    let mut broker = Mosquitto { child, port, dir };
-    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let mut broker = Mosquitto { child, port, tls_port, dir };
+    // Mosquitto opens every listener before it serves any, so the last one accepting is enough.
+    let addr = SocketAddr::from(([127, 0, 0, 1], tls_port.unwrap_or(port)));
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         if let Ok(Some(status)) = broker.child.try_wait() {
@@ -84,6 +101,33 @@ fn start_mosquitto() -> Mosquitto {
         // Retry pacing while the broker boots; the loop ends on readiness, not on the sleep.
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// Writes `ca.pem`, `other-ca.pem` and a server certificate (`server.pem`, `server.key`) for
+/// localhost and 127.0.0.1 signed by the first CA into `dir`; returns the server's files.
+fn write_pki(dir: &Path) -> (PathBuf, PathBuf) {
+    use rcgen::{
+        BasicConstraints, Certificate, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, SanType,
+    };
+    let ca = |name: &str| {
+        let mut params = CertificateParams::new(Vec::new());
+        params.distinguished_name.push(DnType::CommonName, format!("{name} test CA"));
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let cert = Certificate::from_params(params).expect("CA certificate");
+        std::fs::write(dir.join(format!("{name}.pem")), cert.serialize_pem().expect("CA PEM")).unwrap();
+        cert
+    };
+    let signer = ca("ca");
+    ca("other-ca");
+    let mut params = CertificateParams::new(vec!["localhost".to_string()]);
+    params.subject_alt_names.push(SanType::IpAddress(IpAddr::V4(Ipv4Addr::LOCALHOST)));
+    params.distinguished_name.push(DnType::CommonName, "localhost");
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    let server = Certificate::from_params(params).expect("server certificate");
+    let (cert_file, key_file) = (dir.join("server.pem"), dir.join("server.key"));
+    std::fs::write(&cert_file, server.serialize_pem_with_signer(&signer).expect("server PEM")).unwrap();
+    std::fs::write(&key_file, server.serialize_private_key_pem()).unwrap();
+    (cert_file, key_file)
 }
 
 /// Runs the tool with `args`, fails the test if it takes longer than [`RUN_TIMEOUT`], and returns
@@ -298,6 +342,92 @@ fn conn_counts_refusals_by_cause() {
     assert_eq!(n(results, "connected"), 0, "{value}");
     assert_eq!(n(results, "failed"), 5, "{value}");
     assert_eq!(results["failures"]["refused"], 5, "{value}");
+}
+
+#[test]
+fn pubsub_and_conn_speak_tls_verified_against_the_ca() {
+    let broker = start_mosquitto_with(true);
+    let tls_port = broker.tls_port.expect("a TLS listener").to_string();
+    let ca = broker.dir.join("ca.pem").display().to_string();
+    // A window wider than one TLS record's worth of PUBLISHes, so writes meet a full socket.
+    let value = run_bench(&[
+        "pubsub",
+        "--mode",
+        "pairs",
+        "--pubs",
+        "2",
+        "--subs",
+        "2",
+        "--qos",
+        "1",
+        "--count",
+        "3000",
+        "--window",
+        "256",
+        "--payload",
+        "512",
+        "--port",
+        &tls_port,
+        "--threads",
+        "2",
+        "--tls",
+        "--cafile",
+        &ca,
+    ]);
+    assert!(value.get("error").is_none(), "{value}");
+    let results = &value["results"];
+    assert_eq!(value["params"]["tls"], true, "{value}");
+    assert_eq!(n(results, "acked"), 6000, "{results}");
+    assert_eq!(n(results, "received"), 6000, "{results}");
+    assert_eq!(n(results, "loss"), 0, "{results}");
+    assert_eq!(n(results, "duplicates"), 0, "{results}");
+    // The server name defaults to --host (an IP address SAN here); --server-name picks the DNS
+    // SAN; --procs children inherit the TLS flags.
+    for extra in [&[][..], &["--server-name", "localhost", "--procs", "2"][..]] {
+        let mut all =
+            vec!["conn", "--conns", "20", "--port", &tls_port, "--threads", "2", "--tls", "--cafile", &ca];
+        all.extend_from_slice(extra);
+        let value = run_bench(&all);
+        let results = &value["results"];
+        assert_eq!(n(results, "connected"), 20, "{value}");
+        assert_eq!(n(results, "failed"), 0, "{value}");
+    }
+}
+
+#[test]
+fn tls_refuses_a_broker_certificate_the_ca_did_not_sign() {
+    let broker = start_mosquitto_with(true);
+    let tls_port = broker.tls_port.expect("a TLS listener").to_string();
+    let cases = [
+        (broker.dir.join("other-ca.pem").display().to_string(), "127.0.0.1"),
+        (broker.dir.join("ca.pem").display().to_string(), "not-the-broker.example"),
+    ];
+    for (ca, server_name) in &cases {
+        let value = run_bench(&[
+            "conn",
+            "--conns",
+            "3",
+            "--port",
+            &tls_port,
+            "--threads",
+            "1",
+            "--tls",
+            "--cafile",
+            ca,
+            "--server-name",
+            server_name,
+        ]);
+        let results = &value["results"];
+        assert_eq!(n(results, "connected"), 0, "{value}");
+        assert_eq!(results["failures"]["tls"], 3, "{value}");
+    }
+    // --tls without --cafile is refused on the command line: verification cannot be skipped.
+    let output = Command::new(env!("CARGO_BIN_EXE_shardmq-bench"))
+        .args(["conn", "--conns", "1", "--port", &tls_port, "--tls"])
+        .output()
+        .expect("running shardmq-bench");
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("--cafile"), "{output:?}");
 }
 
 #[test]
