@@ -78,6 +78,7 @@ start() {  # start <shardmq|mosquitto>: a fresh broker, its pid in $broker_pid
   wait_port $port && wait_port $((port + 1))
 }
 stop() { kill "$broker_pid"; wait "$broker_pid" || true; }
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }   # utime + stime of a process
 tls_flags=(--tls --cafile "$work/ca.pem")
 pick() {  # pick KEY...: the results fields of the JSON line on stdin, or the error
   python3 -c 'import json,sys
@@ -97,8 +98,13 @@ for broker in shardmq mosquitto; do
     start $broker
     flags=(); [ $transport = tls ] && flags=("${tls_flags[@]}")
     port_used=$port; [ $transport = tls ] && port_used=$((port + 1))
-    result[$broker conn $transport]=$("$bench" "${conn[@]}" --port $port_used "${flags[@]}" --broker-pid "$broker_pid" 2>/dev/null \
+    ticks_before=$(cpu_ticks "$broker_pid")
+    line=$("$bench" "${conn[@]}" --port $port_used "${flags[@]}" --broker-pid "$broker_pid" 2>/dev/null \
       | pick connect_rate_per_sec broker_rss_bytes_per_conn connected failed connack_latency_us_p50 connack_latency_us_p99)
+    # The broker's CPU time per connection (connect, CONNACK and the disconnect at the end): unlike
+    # the rate, it does not depend on how much of the 2 cores the load generator and others take.
+    ticks=$(( $(cpu_ticks "$broker_pid") - ticks_before ))
+    result[$broker conn $transport]="$line $(python3 -c "print(round($ticks * 1e6 / $(getconf CLK_TCK) / $conns))")"
     stop
   done
   start $broker
@@ -152,6 +158,8 @@ rows = [
     ("TLS connects failed (of each run's --conns)", "conn tls", 3, 0),
     ("TLS CONNACK latency p50 us", "conn tls", 4, 0),
     ("TLS CONNACK latency p99 us", "conn tls", 5, 0),
+    ("broker CPU per TLS connection (connect to disconnect), us", "conn tls", 6, 0),
+    ("broker CPU per plain connection, us", "conn plain", 6, 0),
     ("broker RSS per idle TLS connection, bytes", "conn tls", 1, 0),
     ("broker RSS per idle plain connection, bytes", "conn plain", 1, 0),
 ]
@@ -169,6 +177,7 @@ for title, key, index in [
     ("QoS 1 pairs delivered msgs/s", "pubsub", 0),
     ("QoS 1 pairs latency p99", "pubsub", 2),
     ("connect rate", "conn", 0),
+    ("broker CPU per connection", "conn", 6),
     ("RSS per idle connection", "conn", 1),
 ]:
     cells = [ratio(num(b, f"{key} tls", index), num(b, f"{key} plain", index)) for b in ("shardmq", "mosquitto")]
@@ -179,7 +188,7 @@ raw=$(for key in "shardmq pubsub plain" "shardmq pubsub tls" "mosquitto pubsub p
         printf '%s (msgs/s p50 p99 loss, per round): %s\n' "$key" "$(printf '%s' "${result[$key]}" | tr '\n' ';' | sed 's/;$//; s/;/; /g')"
       done
       for key in "shardmq conn tls" "shardmq conn plain" "mosquitto conn tls" "mosquitto conn plain"; do
-        printf '%s (rate/s rss/conn connected failed connack_p50 connack_p99): %s\n' "$key" "${result[$key]}"
+        printf '%s (rate/s rss/conn connected failed connack_p50 connack_p99 broker_cpu_us/conn): %s\n' "$key" "${result[$key]}"
       done
       for broker in shardmq mosquitto; do printf '%s handshake (openssl s_client): %s\n' $broker "${result[$broker handshake]}"; done)
 section=$(cat <<MD
@@ -202,7 +211,11 @@ never resumes a session, so every handshake is a full one.
 - Throughput (a): \`shardmq-bench ${pubsub[*]} --port <plain|tls> [--tls --cafile ca.pem]\`, plain then
   TLS on the same broker process, $rounds rounds alternating the brokers; figures are the mean of the rounds.
 - Connect rate (b) and memory (c): \`shardmq-bench ${conn[*]} --port <plain|tls> [--tls --cafile ca.pem] --broker-pid <pid>\`
-  (unpaced), each on a freshly started broker: RSS after all are connected minus RSS before, per connection.
+  (unpaced), each on a freshly started broker: RSS after all are connected minus RSS before, per connection;
+  broker CPU from \`/proc/<pid>/stat\` (utime + stime) over the run, per connection. The load generator
+  spends CPU on its side of every handshake on the same cores, so the rate is bounded by both; the
+  CPU per connection is the broker's own cost. Latency p99 varies by round under the shared load:
+  see each run's figures below.
 
 $table
 
