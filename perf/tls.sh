@@ -168,6 +168,15 @@ print("|---|---:|---:|---:|")
 for title, key, index, digits in rows:
     s, m = num("shardmq", key, index), num("mosquitto", key, index)
     print(f"| {title} | {fmt(s, digits)} | {fmt(m, digits)} | {ratio(s, m)} |")
+for broker in ("shardmq", "mosquitto"):
+    for transport in ("tls", "plain"):
+        failed = num(broker, f"conn {transport}", 3)
+        if failed:
+            print()
+            print(f"Note: {failed:,.0f} {transport} connects to {broker} failed (see `failures` in a rerun for"
+                  " the cause; 60 s timeout). The connect rate is connections / time to the last CONNACK, so"
+                  " a broker that leaves some handshakes waiting has a rate set by its stragglers (see its"
+                  " CONNACK p99); its CPU per connection is the steadier figure.")
 print()
 print("TLS / plain, per broker (same broker, same sitting):")
 print()
