@@ -123,7 +123,14 @@ fn build(files: &TlsFiles) -> Result<Arc<ServerConfig>, TlsError> {
         what: format!("does not match the certificate in {}: {what}", files.cert_file.display()),
     };
     check_key_matches(&certs[0], &key).map_err(mismatch)?;
-    let config = builder.with_single_cert(certs, key).map_err(|e| mismatch(e.to_string()))?;
+    let mut config = builder.with_single_cert(certs, key).map_err(|e| mismatch(e.to_string()))?;
+    // Resumption by stateless tickets (rustls's ring ticketer, keys rotated every 6 hours), one
+    // per handshake. rustls's defaults (4 tickets and a 256-entry session cache behind one mutex
+    // shared by all shards) cost four ticket derivations and four locked inserts per handshake and
+    // forget a client after 64 others.
+    config.ticketer = rustls::crypto::ring::Ticketer::new().map_err(|e| TlsError::Config(e.to_string()))?;
+    config.send_tls13_tickets = 1;
+    config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
     Ok(Arc::new(config))
 }
 
