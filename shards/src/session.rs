@@ -362,16 +362,9 @@ impl Session {
             }
             let delivery = match self.backlog.pop_front() {
                 Some(lazy) => {
-                    let loaded =
-                        if lazy.expires_at.is_some_and(|at| at <= now) { None } else { load(lazy.stored) };
+                    let loaded = if lazy.is_expired(now) { None } else { load(lazy.stored) };
                     match loaded {
-                        Some(msg) => Delivery {
-                            msg,
-                            qos: lazy.qos,
-                            retain: lazy.retain,
-                            subscription_ids: lazy.subscription_ids,
-                            stored: lazy.stored,
-                        },
+                        Some(msg) => lazy.into_delivery(msg),
                         None => {
                             // Expired, or unreadable (counted and logged by the store).
                             stats.dropped_expired += 1;
@@ -397,13 +390,7 @@ impl Session {
                 if self.backlog.is_empty() {
                     self.queue.push_front(delivery);
                 } else {
-                    self.backlog.push_front(LazyDelivery {
-                        stored: delivery.stored,
-                        qos: delivery.qos,
-                        retain: delivery.retain,
-                        expires_at: delivery.msg.expires_at,
-                        subscription_ids: delivery.subscription_ids,
-                    });
+                    self.backlog.push_front(LazyDelivery::from_delivery(delivery));
                 }
                 break;
             }

@@ -555,14 +555,7 @@ impl Shard {
             for queued in stored.deliveries {
                 let Some(packet_id) = queued.packet_id else {
                     // Not sent before the restart: back to the store until its turn.
-                    let d = queued.delivery;
-                    session.backlog.push_back(LazyDelivery {
-                        stored: d.stored,
-                        qos: d.qos,
-                        retain: d.retain,
-                        expires_at: d.msg.expires_at,
-                        subscription_ids: d.subscription_ids,
-                    });
+                    session.backlog.push_back(LazyDelivery::from_delivery(queued.delivery));
                     continue;
                 };
                 let state = if queued.released { InflightState::AwaitComp } else { InflightState::AwaitAck };

@@ -344,8 +344,16 @@ impl<'a> Cursor<'a> {
 
     /// The target list of a `Msg` record (count, then per target: uid, flags, subscription ids).
     fn targets(&mut self) -> Result<Vec<Target>, RecError> {
+        let mut targets = Vec::new();
+        self.targets_into(&mut targets)?;
+        Ok(targets)
+    }
+
+    /// Appends the record's targets to `targets` (recovery keeps every message's targets in one
+    /// vector instead of one allocation per message).
+    fn targets_into(&mut self, targets: &mut Vec<Target>) -> Result<(), RecError> {
         let count = self.u32()? as usize;
-        let mut targets = Vec::with_capacity(count.min(4096));
+        targets.reserve(count.min(4096));
         for _ in 0..count {
             let uid = self.u64()?;
             let flags = self.u8()?;
@@ -357,7 +365,7 @@ impl<'a> Cursor<'a> {
             }
             targets.push(Target { uid, qos, retain: flags & 4 != 0, subscription_ids });
         }
-        Ok(targets)
+        Ok(())
     }
 
     fn publish(&mut self) -> Result<Publish, RecError> {
@@ -455,7 +463,8 @@ pub fn decode_rec(bytes: &[u8]) -> Result<Rec, RecError> {
 
 /// The fields of a `Msg` record before its PUBLISH frame: (id, expiry in Unix ms, targets).
 /// Recovery reads these for every message and decodes the frame only of messages still queued.
-pub fn decode_msg_header(bytes: &[u8]) -> Result<(u64, u64, Vec<Target>), RecError> {
+/// Decodes a message record's header: its id and expiry, its targets appended to `targets`.
+pub fn decode_msg_header(bytes: &[u8], targets: &mut Vec<Target>) -> Result<(u64, u64), RecError> {
     if peek_kind(bytes)? != KIND_MSG {
         return Err(RecError::Invalid("not a message record"));
     }
@@ -463,7 +472,8 @@ pub fn decode_msg_header(bytes: &[u8]) -> Result<(u64, u64, Vec<Target>), RecErr
     let id = c.u64()?;
     let _tenant = c.u32()?;
     let expires_at_ms = c.u64()?;
-    Ok((id, expires_at_ms, c.targets()?))
+    c.targets_into(targets)?;
+    Ok((id, expires_at_ms))
 }
 
 /// The identity of a record whose position the store's indexes track.
