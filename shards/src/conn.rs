@@ -220,28 +220,10 @@ pub async fn serve_accepted(
     let deadline = Instant::now() + cfg.connect_timeout;
     let mut peer = stream.peer_addr().ok();
     if listener.config.proxy_protocol {
-        // The PROXY header comes first; anything else (a plain MQTT client, garbage) is refused.
-        loop {
-            match parse_proxy(&buf) {
-                Ok(Some((header, len))) => {
-                    if let ProxyHeader::Proxied(source) = header {
-                        peer = Some(source);
-                    }
-                    let _ = buf.split_to(len);
-                    break;
-                }
-                Ok(None) => {}
-                Err(error) => {
-                    listener.proxy_errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    warn!(listener = %listener.config.address, peer = ?peer, %error, "PROXY header refused");
-                    return;
-                }
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            match monoio::time::timeout(left, read_more(&mut stream, buf, PROXY_V2_LEN_MAX + 16)).await {
-                Ok((Ok(n), back)) if n > 0 => buf = back,
-                _ => return,
-            }
+        // Boxed: only PROXY listeners read a header (see CONNECT_PHASE_BYTES_MAX in the tests).
+        match Box::pin(read_proxy_header(&mut stream, &mut buf, &listener, peer, deadline)).await {
+            Some(source) => peer = source.or(peer),
+            None => return,
         }
     }
     let mut layers = match listener.new_layers() {
@@ -259,7 +241,7 @@ pub async fn serve_accepted(
     if let Some(layers) = layers.as_mut() {
         // What followed the PROXY header is the start of the TLS or WebSocket stream.
         let raw = buf.split();
-        if !through_layers(&mut stream, layers, raw, &mut buf).await {
+        if !Box::pin(through_layers(&mut stream, layers, raw, &mut buf)).await {
             return;
         }
     }
@@ -276,16 +258,26 @@ pub async fn serve_accepted(
             }
             Ok(None) => {}
             Err(error) => {
-                refuse_bad_connect(&cell, &mut stream, layers, level, &error).await;
+                Box::pin(refuse_bad_connect(&cell, &mut stream, layers, level, &error)).await;
                 return;
             }
         }
-        if !read_early(&mut stream, &mut layers, &mut buf, cfg.packet_size_bytes_max as usize, deadline).await
-        {
-            return; // closed, failed or timed out before CONNECT
+        let limit = cfg.packet_size_bytes_max as usize;
+        if layers.is_some() {
+            if !Box::pin(read_early(&mut stream, &mut layers, &mut buf, limit, deadline)).await {
+                return; // closed, failed, refused by a layer or timed out before CONNECT
+            }
+            continue;
+        }
+        // Plain TCP, inline: the smallest state for the future every connecting client holds.
+        let left = deadline.saturating_duration_since(Instant::now());
+        match monoio::time::timeout(left, read_more(&mut stream, buf, limit)).await {
+            Ok((Ok(n), back)) if n > 0 => buf = back,
+            _ => return, // closed, failed or timed out before CONNECT
         }
     };
-    let client_cert = layers.as_ref().and_then(|layers| layers.client_cert());
+    // Boxed, like the rest of the rare paths: this future's size is every connecting client's.
+    let client_cert = layers.as_ref().and_then(|layers| layers.client_cert()).map(Box::new);
     let mut connect = connect;
     if connect.username.is_none() {
         // Mutual TLS without a username: the certificate's common name is the username (what
@@ -293,7 +285,6 @@ pub async fn serve_accepted(
         let name = client_cert.as_ref().and_then(|cert| cert.common_name.as_deref());
         connect.username = name.and_then(|name| shardmq_protocol::Utf8::try_from(name).ok());
     }
-    let method = connect.properties.authentication_method.clone();
     let mut enhanced_outcome = None;
     let credentials = Credentials {
         client_id: connect.client_id.as_str(),
@@ -301,9 +292,9 @@ pub async fn serve_accepted(
         password: connect.password.as_deref(),
         peer,
         default_tenant: listener.config.default_tenant,
-        client_cert: client_cert.as_ref(),
+        client_cert: client_cert.as_deref(),
     };
-    let decision = match &method {
+    let decision = match connect.properties.authentication_method.as_ref() {
         // MQTT 5 enhanced authentication: AUTH packets until the provider decides.
         Some(method) => match cfg.auth.start_enhanced(method.as_str(), &credentials) {
             None => AuthDecision::BadAuthenticationMethod,
@@ -311,11 +302,12 @@ pub async fn serve_accepted(
                 let first = connect.properties.authentication_data.clone();
                 let limit = cfg.packet_size_bytes_max;
                 let io = EarlyIo { stream: &mut stream, layers: &mut layers, buf: &mut buf, limit, deadline };
-                let Some((decision, data, username)) = run_exchange(&mut *exchange, method, first, io).await
+                let Some((decision, data, username)) =
+                    Box::pin(run_exchange(&mut *exchange, method, first, io)).await
                 else {
                     return;
                 };
-                enhanced_outcome = Some((data, username));
+                enhanced_outcome = Some(Box::new((data, username)));
                 decision
             }
         },
@@ -324,7 +316,7 @@ pub async fn serve_accepted(
             Verdict::Later(pending) => {
                 // Bounded by the connect timeout; a provider that never answers refuses the client.
                 let left = deadline.saturating_duration_since(Instant::now());
-                match monoio::time::timeout(left, pending.wait()).await {
+                match Box::pin(monoio::time::timeout(left, pending.wait())).await {
                     Ok(decision) => decision,
                     Err(_) => AuthDecision::NotAuthorized,
                 }
@@ -346,20 +338,20 @@ pub async fn serve_accepted(
                 peer,
             });
             let mut properties = shardmq_protocol::Properties::default();
-            if let (Some((data, _)), true) = (&enhanced_outcome, connect.protocol.is_v5()) {
-                properties.authentication_method = method.clone();
-                properties.authentication_data = data.clone();
+            if let (Some(outcome), true) = (&enhanced_outcome, connect.protocol.is_v5()) {
+                properties.authentication_method = connect.properties.authentication_method.clone();
+                properties.authentication_data = outcome.0.clone();
             }
             let connack = shardmq_protocol::ConnAck { session_present: false, reason, properties };
             let mut out = BytesMut::new();
             if connect.protocol.is_v5() || reason.to_v3_connack().is_some() {
                 let _ = encode(&Packet::ConnAck(connack), connect.protocol, &mut out);
             }
-            send_and_close(&mut stream, layers, out).await;
+            Box::pin(send_and_close(&mut stream, layers, out)).await;
             return;
         }
     };
-    if let Some((data, username)) = enhanced_outcome {
+    if let Some((data, username)) = enhanced_outcome.map(|outcome| *outcome) {
         // The CONNACK carries the exchange's last data; the name it proved is the username.
         connect.properties.authentication_data = data;
         if let Some(name) = username.and_then(|name| shardmq_protocol::Utf8::try_from(name).ok()) {
@@ -443,6 +435,42 @@ async fn refuse_bad_connect(
         (_, V3Action::Close) => None,
     };
     send_and_close(stream, layers, BytesMut::from(bytes.unwrap_or_default().as_slice())).await;
+}
+
+/// Reads the PROXY header that starts a connection on a PROXY listener, leaving what follows it in
+/// `buf`. `Some(source)`: the header's client address (`None` for a LOCAL header); `None`: no valid
+/// header in time (refused, counted and logged), close the connection.
+async fn read_proxy_header(
+    stream: &mut TcpStream,
+    buf: &mut BytesMut,
+    listener: &ListenerInfo,
+    peer: Option<std::net::SocketAddr>,
+    deadline: Instant,
+) -> Option<Option<std::net::SocketAddr>> {
+    // The PROXY header comes first; anything else (a plain MQTT client, garbage) is refused.
+    loop {
+        match parse_proxy(buf) {
+            Ok(Some((header, len))) => {
+                let _ = buf.split_to(len);
+                return Some(match header {
+                    ProxyHeader::Proxied(source) => Some(source),
+                    ProxyHeader::Local => None,
+                });
+            }
+            Ok(None) => {}
+            Err(error) => {
+                listener.proxy_errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                warn!(listener = %listener.config.address, peer = ?peer, %error, "PROXY header refused");
+                return None;
+            }
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        match monoio::time::timeout(left, read_more(stream, std::mem::take(buf), PROXY_V2_LEN_MAX + 16)).await
+        {
+            Ok((Ok(n), back)) if n > 0 => *buf = back,
+            _ => return None,
+        }
+    }
 }
 
 /// Reads more MQTT bytes into `buf` before the connection is split (the CONNECT phase), through
@@ -794,25 +822,39 @@ async fn read_loop(
         }
         wait_for_mesh_room(cell).await;
         wait_for_writer(cell, shared, key).await;
-        let layer_buf = shared.layers.borrow_mut().as_mut().map(|layers| layers.take_read_buf());
-        let Some(raw) = layer_buf else {
-            let (result, back) = read_more(&mut reader, buf, packet_size_max as usize).await;
-            buf = back;
-            match result {
-                Ok(0) | Err(_) => return true,
-                Ok(_) => shared.last_read.set(Instant::now()),
+        if shared.layers.borrow().is_some() {
+            // Boxed: its state would otherwise sit in every idle plain connection's reader.
+            if !Box::pin(read_layered(&mut reader, shared, &mut buf, packet_size_max as usize)).await {
+                return true;
             }
             continue;
-        };
-        let (result, raw) = read_more(&mut reader, raw, packet_size_max as usize).await;
-        if !matches!(result, Ok(n) if n > 0) {
-            return true;
         }
-        shared.last_read.set(Instant::now());
-        if !shared.layers_inbound(raw, &mut buf) {
-            return true;
+        let (result, back) = read_more(&mut reader, buf, packet_size_max as usize).await;
+        buf = back;
+        match result {
+            Ok(0) | Err(_) => return true,
+            Ok(_) => shared.last_read.set(Instant::now()),
         }
     }
+}
+
+/// One read of a TLS or WebSocket connection: socket bytes through its layers into `mqtt`.
+/// False when the connection ends.
+async fn read_layered(
+    reader: &mut OwnedReadHalf<TcpStream>,
+    shared: &ConnShared,
+    mqtt: &mut BytesMut,
+    limit: usize,
+) -> bool {
+    let Some(raw) = shared.layers.borrow_mut().as_mut().map(|layers| layers.take_read_buf()) else {
+        return false;
+    };
+    let (result, raw) = read_more(reader, raw, limit).await;
+    if !matches!(result, Ok(n) if n > 0) {
+        return false;
+    }
+    shared.last_read.set(Instant::now());
+    shared.layers_inbound(raw, mqtt)
 }
 
 /// A connection's publish limits: messages and bytes per second (token buckets) and the
@@ -1080,6 +1122,7 @@ mod tests {
     const READ_LOOP_BYTES_MAX: usize = 512;
     const WRITE_TASK_BYTES_MAX: usize = 512;
     const SESSION_BYTES_MAX: usize = 512;
+    const CONNECT_PHASE_BYTES_MAX: usize = 1408;
 
     #[test]
     fn per_connection_state_stays_within_budget() {
@@ -1097,6 +1140,26 @@ mod tests {
             let cell: ShardCell = Rc::new(RefCell::new(shard));
             let shared = ConnShared::new(ConnId(1), 0, ProtocolVersion::V5, &cell);
             let key = SessionKey { index: 0, generation: 0 };
+            let info = Arc::new(
+                crate::listener::ListenerInfo::new(
+                    0,
+                    crate::listener::ListenerConfig::tcp("127.0.0.1:0".parse().unwrap()),
+                )
+                .unwrap(),
+            );
+            let other = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+            let (accepted, _) = listener.accept().await.unwrap();
+            let slot = info.take_slot().unwrap();
+            let connect_phase = serve_accepted(cell.clone(), accepted, info.clone(), slot);
+            // The CONNECT phase's future is transient, but a connect storm holds thousands at once
+            // and the allocator keeps the peak: at 2,816 bytes it added 1.2 KB to the RSS of each
+            // of 19,000 idle connections.
+            let connect_bytes = std::mem::size_of_val(&connect_phase);
+            assert!(
+                connect_bytes <= CONNECT_PHASE_BYTES_MAX,
+                "serve_accepted future is {connect_bytes} bytes"
+            );
+            drop((connect_phase, other));
             let (reader, writer) = stream.into_split();
             let read = read_loop(&cell, &shared, key, reader, BytesMut::new(), 1024);
             let read_bytes = std::mem::size_of_val(&read);
