@@ -4,7 +4,10 @@
 //! returns a pending decision the connection's task awaits.
 //!
 //! Protocol: `POST <url>` with `{"client_id": .., "username": .. | null, "password": .. | null}`
-//! (the password as UTF-8, lossy). A `200` answer `{"result": "allow", "tenant": <int, optional>}`
+//! (the password as UTF-8, lossy); on a mutual-TLS listener also `"cert_subject"` (RFC 4514),
+//! `"cert_common_name"` and `"cert_sans"` (DNS names, e-mail addresses, URIs, IP addresses) of the
+//! verified client certificate, whose common name is the username when the client sent none. A
+//! `200` answer `{"result": "allow", "tenant": <int, optional>}`
 //! allows; `{"result": "deny"}` is a bad user name or password (v5 0x86, 3.1.1 code 4); any other
 //! status, a timeout or an unreachable server refuses as not authorised (0x87 / 5).
 //! Authorisation of PUBLISH and SUBSCRIBE is not asked per packet (a network round trip on the

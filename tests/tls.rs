@@ -326,3 +326,115 @@ fn sighup_reloads_the_certificate() {
     assert!(out.status.success(), "new CA after the reload: {}", String::from_utf8_lossy(&out.stderr));
     broker.kill();
 }
+
+/// A webhook for the mutual-TLS test, on a std thread: allows (tenant 3) a client whose
+/// certificate names alice (subject, common name and e-mail SAN, as the broker forwards them),
+/// denies any other. Returns its address and every request body it saw.
+fn cert_webhook() -> (SocketAddr, Arc<std::sync::Mutex<Vec<serde_json::Value>>>) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let seen: Arc<std::sync::Mutex<Vec<serde_json::Value>>> = Arc::default();
+    let bodies = seen.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { return };
+            let bodies = bodies.clone();
+            std::thread::spawn(move || {
+                let _ = stream.set_read_timeout(Some(WAIT));
+                let mut buf = Vec::new();
+                loop {
+                    // One request: headers, then Content-Length bytes of body (keep-alive).
+                    let mut chunk = [0u8; 4096];
+                    let Some(head_end) = buf.windows(4).position(|w| w == b"\r\n\r\n").map(|at| at + 4)
+                    else {
+                        match stream.read(&mut chunk) {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                        continue;
+                    };
+                    let head = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
+                    let length: usize = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length:").and_then(|v| v.trim().parse().ok()))
+                        .unwrap_or(0);
+                    if buf.len() < head_end + length {
+                        match stream.read(&mut chunk) {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                        continue;
+                    }
+                    let body: serde_json::Value =
+                        serde_json::from_slice(&buf[head_end..head_end + length]).unwrap_or_default();
+                    buf.drain(..head_end + length);
+                    let alice = body["cert_common_name"] == "alice"
+                        && body["cert_subject"].as_str().is_some_and(|s| s.contains("CN=alice"))
+                        && body["cert_sans"] == serde_json::json!(["alice@example.test"]);
+                    bodies.lock().unwrap().push(body);
+                    let answer =
+                        if alice { r#"{"result":"allow","tenant":3}"# } else { r#"{"result":"deny"}"# };
+                    let response = format!(
+                        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{answer}",
+                        answer.len()
+                    );
+                    if stream.write_all(response.as_bytes()).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, seen)
+}
+
+/// The real binary, `--auth http`, a mutual-TLS listener: the webhook receives the client
+/// certificate's subject, common name and SANs, and decides on them.
+#[test]
+fn the_webhook_gets_the_client_certificate() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let ca = Ca::new(dir.path(), "main");
+    let server = ca.server(dir.path(), "server");
+    let alice = ca.client(dir.path(), "alice");
+    let bob = ca.client(dir.path(), "bob");
+    let (hook, bodies) = cert_webhook();
+    let config = dir.path().join("shardmq.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[[listeners]]\naddress = \"127.0.0.1:0\"\nkind = \"tls\"\ncert_file = \"{}\"\nkey_file = \"{}\"\n\
+             client_ca_file = \"{}\"\n",
+            server.cert_file.display(),
+            server.key_file.display(),
+            ca.cert_file.display()
+        ),
+    )
+    .expect("config");
+    let url = format!("http://{hook}/auth");
+    let broker = Spawned::start([
+        "--config",
+        config.to_str().expect("utf-8 path"),
+        "--admin-listen",
+        "off",
+        "--in-memory",
+        "--auth",
+        "http",
+        "--auth-url",
+        &url,
+    ]);
+    let port = broker.addr.port();
+    let out = mosquitto_pub(port, &tls_args(&ca.cert_file, Some(&alice)), "t", "hi");
+    assert!(
+        out.status.success(),
+        "alice is allowed by her certificate: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = mosquitto_pub(port, &tls_args(&ca.cert_file, Some(&bob)), "t", "hi");
+    assert!(!out.status.success(), "bob's certificate is denied by the webhook");
+    let bodies = bodies.lock().unwrap();
+    assert_eq!(bodies.len(), 2, "{bodies:?}");
+    assert_eq!(bodies[0]["username"], "alice", "no username: the common name stands in");
+    assert_eq!(bodies[1]["cert_common_name"], "bob");
+    assert_eq!(bodies[1]["cert_sans"], serde_json::json!(["bob@example.test"]));
+    broker.kill();
+}
