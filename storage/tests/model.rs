@@ -24,7 +24,7 @@
 //!   that are still stored (as the broker does from its own ack records); those whose segment was
 //!   deleted are gone.
 //!
-//! The normal run is 1000 seeds of 200 operations each (13.5 s in a debug build on the shared
+//! The normal run is 2000 seeds of 200 operations each (25 s in a debug build on the shared
 //! 2-core VM; most of it is waiting for `fdatasync`, so a busy disk makes it longer); run one
 //! seed with `STORAGE_SEED=<n>`, another count with `STORAGE_SEEDS=<count>`, and another length
 //! with `STORAGE_OPS=<operations>`.
@@ -448,7 +448,7 @@ fn run(seed: u64, ops: usize, cov: &mut Coverage) {
 /// Operations per seed: many short runs find more than few long ones (every run starts empty,
 /// and a log this small fills its budget within a few hundred appends).
 const OPS_DEFAULT: usize = 200;
-const SEEDS_DEFAULT: u64 = 1000;
+const SEEDS_DEFAULT: u64 = 2000;
 
 #[test]
 fn random_operations_against_a_model() {
