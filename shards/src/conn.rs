@@ -41,8 +41,7 @@ use crate::transport::{Flow, LayerError, Layers};
 pub type ShardCell = Rc<RefCell<Shard>>;
 
 /// What the session side and the connection tasks share about one connection.
-/// Owner: the connection's shard.
-#[derive(Debug)]
+/// Owner: the connection's shard. One per connection: its size is part of the idle-memory figure.
 pub struct ConnShared {
     pub id: ConnId,
     pub fd: RawFd,
@@ -52,7 +51,7 @@ pub struct ConnShared {
     /// When bytes last arrived; the keep-alive queue compares it with `idle_max`.
     last_read: Cell<Instant>,
     /// 1.5 times the keep-alive (MQTT-3.1.2-24); `None` when keep-alive is off.
-    idle_max: Cell<Option<Duration>>,
+    idle_max_ms: Cell<Option<std::num::NonZeroU32>>,
     /// Work arrived for the writer since it last looked.
     pending: Cell<bool>,
     /// The write half while no writer task runs. A writer task exists only while there is
@@ -63,11 +62,23 @@ pub struct ConnShared {
     this: std::rc::Weak<ConnShared>,
     shard: std::rc::Weak<RefCell<Shard>>,
     /// The reader, when it waits for the writer to drain the session's control queue.
-    reader_waker: RefCell<Option<std::task::Waker>>,
+    reader_waker: Cell<Option<std::task::Waker>>,
     /// The connection's place on its listener, released when the connection's state goes.
     slot: RefCell<Option<ListenerSlot>>,
     /// TLS and WebSocket between the socket and MQTT; `None` on plain TCP.
     layers: RefCell<Option<Box<Layers>>>,
+}
+
+impl std::fmt::Debug for ConnShared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConnShared")
+            .field("id", &self.id)
+            .field("fd", &self.fd)
+            .field("version", &self.version)
+            .field("session", &self.session.get())
+            .field("closing", &self.closing.get())
+            .finish_non_exhaustive()
+    }
 }
 
 impl ConnShared {
@@ -79,13 +90,13 @@ impl ConnShared {
             version,
             closing: Cell::new(None),
             last_read: Cell::new(Instant::now()),
-            idle_max: Cell::new(None),
+            idle_max_ms: Cell::new(None),
             pending: Cell::new(false),
             idle_writer: RefCell::new(None),
             session: Cell::new(None),
             this: this.clone(),
             shard,
-            reader_waker: RefCell::new(None),
+            reader_waker: Cell::new(None),
             slot: RefCell::new(None),
             layers: RefCell::new(None),
         })
@@ -127,9 +138,14 @@ impl ConnShared {
         result
     }
 
+    /// 1.5 times the keep-alive, as the keep-alive queue compares it.
+    fn idle_max(&self) -> Option<Duration> {
+        self.idle_max_ms.get().map(|ms| Duration::from_millis(u64::from(ms.get())))
+    }
+
     /// Wakes the reader if it waits for the writer to make progress.
     fn wake_reader(&self) {
-        if let Some(waker) = self.reader_waker.borrow_mut().take() {
+        if let Some(waker) = self.reader_waker.take() {
             waker.wake();
         }
     }
@@ -171,7 +187,7 @@ pub struct KeepaliveQueue {
 
 impl KeepaliveQueue {
     fn watch(&mut self, conn: &Rc<ConnShared>) {
-        if let Some(idle) = conn.idle_max.get() {
+        if let Some(idle) = conn.idle_max() {
             self.heap.push(std::cmp::Reverse((conn.last_read.get() + idle, conn.id.0)));
             self.conns.insert(conn.id.0, Rc::downgrade(conn));
         }
@@ -188,7 +204,7 @@ impl KeepaliveQueue {
                 self.conns.remove(&id);
                 continue;
             };
-            let Some(idle) = conn.idle_max.get() else { continue };
+            let Some(idle) = conn.idle_max() else { continue };
             let due = conn.last_read.get() + idle;
             if conn.closing().is_some() {
                 self.conns.remove(&id);
@@ -720,7 +736,7 @@ fn start(
     };
     if keepalive_secs > 0 {
         // MQTT-3.1.2-24: one and a half times the keep-alive without a packet closes the connection.
-        shared.idle_max.set(Some(Duration::from_millis(u64::from(keepalive_secs) * 1500)));
+        shared.idle_max_ms.set(std::num::NonZeroU32::new(u32::from(keepalive_secs) * 1500));
         cell.borrow_mut().keepalive.watch(&shared);
     }
     let (reader, writer) = stream.into_split();
@@ -989,7 +1005,7 @@ async fn wait_for_writer(cell: &ShardCell, shared: &ConnShared, key: SessionKey)
             counted = true;
             shard.stats.reader_backpressure_waits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
-        *shared.reader_waker.borrow_mut() = Some(cx.waker().clone());
+        shared.reader_waker.set(Some(cx.waker().clone()));
         Poll::Pending
     })
     .await
@@ -1123,6 +1139,7 @@ mod tests {
     const WRITE_TASK_BYTES_MAX: usize = 512;
     const SESSION_BYTES_MAX: usize = 512;
     const CONNECT_PHASE_BYTES_MAX: usize = 1408;
+    const CONN_SHARED_BYTES_MAX: usize = 136;
 
     #[test]
     fn per_connection_state_stays_within_budget() {
@@ -1166,6 +1183,9 @@ mod tests {
             let write = write_task(cell.clone(), shared.clone(), key, writer);
             let write_bytes = std::mem::size_of_val(&write);
             let session_bytes = std::mem::size_of::<crate::session::Session>();
+            let shared_bytes = std::mem::size_of::<ConnShared>();
+            // 136 bytes is a 144-byte allocation in glibc; one more word moves it to 160.
+            assert!(shared_bytes <= CONN_SHARED_BYTES_MAX, "ConnShared is {shared_bytes} bytes");
             assert!(read_bytes <= READ_LOOP_BYTES_MAX, "read_loop future is {read_bytes} bytes");
             assert!(write_bytes <= WRITE_TASK_BYTES_MAX, "write_task future is {write_bytes} bytes");
             assert!(session_bytes <= SESSION_BYTES_MAX, "Session is {session_bytes} bytes");
