@@ -156,6 +156,20 @@ pub enum FillEvent {
     Dropped { stored: u64 },
 }
 
+/// The settings a new session holds until its CONNECT gives it its tenant's: one shared value, so a
+/// connect storm does not allocate (and free) a placeholder per session.
+fn placeholder_settings() -> Arc<TenantSettings> {
+    static PLACEHOLDER: std::sync::OnceLock<Arc<TenantSettings>> = std::sync::OnceLock::new();
+    PLACEHOLDER.get_or_init(Arc::default).clone()
+}
+
+/// The tenant state a new session holds until its CONNECT gives it its tenant's (as above; the
+/// state is also an aligned allocation, which fragments the heap when made and freed per session).
+fn placeholder_tenant_state() -> Arc<TenantState> {
+    static PLACEHOLDER: std::sync::OnceLock<Arc<TenantState>> = std::sync::OnceLock::new();
+    PLACEHOLDER.get_or_init(Arc::default).clone()
+}
+
 /// Counters a session's encoder reports back to the shard.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct FillStats {
@@ -247,8 +261,8 @@ impl Session {
             request_problem_information: true,
             aliases_in: HashMap::new(),
             aliases_out: HashMap::new(),
-            settings: Arc::default(),
-            tenant_state: Arc::default(),
+            settings: placeholder_settings(),
+            tenant_state: placeholder_tenant_state(),
             username: None,
             peer: None,
             store_uid: 0,
