@@ -127,15 +127,10 @@ impl ConnShared {
     /// Passes the MQTT bytes in `out` through the layers, leaving in `out` what goes on the wire
     /// (with anything the layers owed the peer). `goodbye` adds the layers' closing words.
     fn layers_outbound(&self, out: &mut BytesMut, goodbye: bool) -> Result<(), LayerError> {
-        let mut layers = self.layers.borrow_mut();
-        let Some(layers) = layers.as_mut() else { return Ok(()) };
-        let result = layers.outbound(out);
-        if goodbye {
-            layers.close();
+        match self.layers.borrow_mut().as_mut() {
+            Some(layers) => layers.wrap(out, goodbye),
+            None => Ok(()),
         }
-        out.clear();
-        layers.take_output(out);
-        result
     }
 
     /// 1.5 times the keep-alive, as the keep-alive queue compares it.
@@ -437,7 +432,7 @@ async fn refuse_bad_connect(
 ) {
     bump_malformed(cell);
     debug!(%error, "bad CONNECT");
-    let bytes: Option<Vec<u8>> = match (level, error.v3_action()) {
+    let bytes: Option<BytesMut> = match (level, error.v3_action()) {
         (Some(5), _) => {
             let mut out = BytesMut::new();
             let connack = shardmq_protocol::ConnAck {
@@ -445,12 +440,12 @@ async fn refuse_bad_connect(
                 reason: error.reason_code(),
                 properties: Default::default(),
             };
-            encode(&Packet::ConnAck(connack), ProtocolVersion::V5, &mut out).ok().map(|_| out.to_vec())
+            encode(&Packet::ConnAck(connack), ProtocolVersion::V5, &mut out).ok().map(|_| out)
         }
-        (_, V3Action::ConnAck(code)) => Some(vec![0x20, 0x02, 0x00, code]),
+        (_, V3Action::ConnAck(code)) => Some(BytesMut::from(&[0x20, 0x02, 0x00, code][..])),
         (_, V3Action::Close) => None,
     };
-    send_and_close(stream, layers, BytesMut::from(bytes.unwrap_or_default().as_slice())).await;
+    send_and_close(stream, layers, bytes.unwrap_or_default()).await;
 }
 
 /// Reads the PROXY header that starts a connection on a PROXY listener, leaving what follows it in
@@ -609,11 +604,9 @@ async fn send_early(
         return false;
     }
     if let Some(layers) = layers.as_mut() {
-        if layers.outbound(&out).is_err() {
+        if layers.wrap(&mut out, false).is_err() {
             return false;
         }
-        out.clear();
-        layers.take_output(&mut out);
     }
     stream.write_all(out).await.0.is_ok()
 }
@@ -648,17 +641,10 @@ async fn through_layers(
 
 /// Sends `mqtt` bytes (a refusal) on a socket that is not split yet, through its layers, and the
 /// layers' goodbye; the caller then drops the socket.
-async fn send_and_close(stream: &mut TcpStream, layers: Option<Box<Layers>>, mqtt: BytesMut) {
-    let out = match layers {
-        None => mqtt,
-        Some(mut layers) => {
-            let _ = layers.outbound(&mqtt);
-            layers.close();
-            let mut out = BytesMut::new();
-            layers.take_output(&mut out);
-            out
-        }
-    };
+async fn send_and_close(stream: &mut TcpStream, layers: Option<Box<Layers>>, mut out: BytesMut) {
+    if let Some(mut layers) = layers {
+        let _ = layers.wrap(&mut out, true);
+    }
     if !out.is_empty() {
         let _ = stream.write_all(out).await;
     }
@@ -708,7 +694,6 @@ fn start(
     };
     let shared = ConnShared::new(conn_id, fd, version, &cell);
     *shared.slot.borrow_mut() = slot;
-    let layered = layers.is_some();
     *shared.layers.borrow_mut() = layers;
     let outcome = cell.borrow_mut().connect_as(tenant, *connect, shared.clone(), peer, Instant::now());
     let mut packet_size_max = packet_size_max;
@@ -727,7 +712,7 @@ fn start(
                 let _ = encode(&Packet::ConnAck(*connack), version, &mut out);
             }
             let layers = shared.layers.borrow_mut().take();
-            if !out.is_empty() || layered {
+            if !out.is_empty() || layers.is_some() {
                 let mut stream = stream;
                 monoio::spawn(async move { send_and_close(&mut stream, layers, out).await });
             }

@@ -147,7 +147,7 @@ impl Layers {
                 Ok(state) => state,
                 Err(error) => {
                     // Send the alert rustls queued for this error, then give up.
-                    let _ = tls.write_tls(&mut (&mut self.output).writer());
+                    let _ = drain_tls(tls, &mut self.output);
                     return Err(LayerError::Tls(error.to_string()));
                 }
             };
@@ -160,9 +160,7 @@ impl Layers {
             }
             closed |= state.peer_has_closed();
         }
-        while tls.wants_write() {
-            tls.write_tls(&mut (&mut self.output).writer()).map_err(|e| LayerError::Tls(e.to_string()))?;
-        }
+        drain_tls(tls, &mut self.output)?;
         let flow = if self.ws.is_some() { self.ws_inbound(mqtt)? } else { Flow::Open };
         Ok(if closed { Flow::Closed } else { flow })
     }
@@ -225,12 +223,7 @@ impl Layers {
                 while !rest.is_empty() {
                     let taken = tls.writer().write(rest).map_err(|e| LayerError::Tls(e.to_string()))?;
                     rest = &rest[taken..];
-                    let mut moved = 0;
-                    while tls.wants_write() {
-                        moved += tls
-                            .write_tls(&mut (&mut self.output).writer())
-                            .map_err(|e| LayerError::Tls(e.to_string()))?;
-                    }
+                    let moved = drain_tls(tls, &mut self.output)?;
                     if taken == 0 && moved == 0 {
                         return Err(LayerError::Tls("TLS session takes no more data".into()));
                     }
@@ -267,17 +260,26 @@ impl Layers {
         }
         if let Some(tls) = self.tls.as_mut() {
             tls.send_close_notify();
-            while tls.wants_write() {
-                if tls.write_tls(&mut (&mut self.output).writer()).is_err() {
-                    break;
-                }
-            }
+            let _ = drain_tls(tls, &mut self.output);
         }
     }
 
     /// Whether bytes wait to be sent.
     pub fn has_output(&self) -> bool {
         !self.output.is_empty()
+    }
+
+    /// Passes the MQTT bytes in `out` through the layers and leaves in `out` what goes on the wire,
+    /// with anything the layers owed the peer before it; `goodbye` adds their closing words
+    /// ([`Layers::close`]). On error `out` still holds what the layers produced.
+    pub fn wrap(&mut self, out: &mut BytesMut, goodbye: bool) -> Result<(), LayerError> {
+        let result = self.outbound(out);
+        if goodbye {
+            self.close();
+        }
+        out.clear();
+        self.take_output(out);
+        result
     }
 
     /// Takes the bytes waiting to be sent, appended to `out`.
@@ -306,6 +308,15 @@ impl Layers {
         let leaf = tls.peer_certificates()?.first()?;
         ClientCert::from_der(leaf.as_ref())
     }
+}
+
+/// Moves every TLS record rustls has ready into `output`; returns how many bytes moved.
+fn drain_tls(tls: &mut rustls::ServerConnection, output: &mut BytesMut) -> Result<usize, LayerError> {
+    let mut moved = 0;
+    while tls.wants_write() {
+        moved += tls.write_tls(&mut output.writer()).map_err(|e| LayerError::Tls(e.to_string()))?;
+    }
+    Ok(moved)
 }
 
 use bytes::BufMut as _;
