@@ -173,7 +173,6 @@ fn placeholder_tenant_state() -> Arc<TenantState> {
 /// Counters a session's encoder reports back to the shard.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct FillStats {
-    pub publishes_sent: u64,
     /// PUBLISH packets sent, by QoS, and their payload bytes.
     pub sent_by_qos: [u64; 3],
     pub payload_bytes_sent: u64,
@@ -410,7 +409,6 @@ impl Session {
             }
             match self.encode_publish(&delivery, packet_id, false, out, now) {
                 Ok(()) => {
-                    stats.publishes_sent += 1;
                     stats.sent_by_qos[delivery.qos as usize] += 1;
                     stats.payload_bytes_sent += delivery.msg.payload.len() as u64;
                     if packet_id.is_none() && delivery.stored != 0 {

@@ -2347,8 +2347,13 @@ impl Shard {
         session: &mut Session,
         delivery: Delivery,
     ) -> Option<u64> {
-        let dropped = |session: &Session, delivery: &Delivery, reason: &'static str| {
-            let why = if reason == "offline" { DropReason::Offline } else { DropReason::QueueFull };
+        // Counts a drop on the shard and the tenant (by `why`) and emits the event (with `reason`).
+        let dropped = |session: &Session, delivery: &Delivery, why: DropReason, reason: &'static str| {
+            let counter = match why {
+                DropReason::Offline => &stats.dropped_offline_qos0,
+                _ => &stats.dropped_queue_full,
+            };
+            bump(counter, 1);
             session.tenant_state.traffic(shard).drop_one(why);
             cfg.events.event(&Event::Dropped {
                 tenant: session.tenant,
@@ -2360,16 +2365,14 @@ impl Shard {
         if session.conn.is_none()
             && (!session.is_persistent() || (delivery.qos == QoS::AtMostOnce && !cfg.queue_qos0_offline))
         {
-            bump(&stats.dropped_offline_qos0, 1);
-            dropped(session, &delivery, "offline");
+            dropped(session, &delivery, DropReason::Offline, "offline");
             return Some(delivery.stored);
         }
         let mut evicted = None;
         let queued_max = session.settings.max_queued_messages.unwrap_or(cfg.queued_messages_max);
         if session.queue.len() + session.backlog.len() >= queued_max {
             if delivery.qos == QoS::AtMostOnce {
-                bump(&stats.dropped_queue_full, 1);
-                dropped(session, &delivery, "queue full");
+                dropped(session, &delivery, DropReason::QueueFull, "queue full");
                 return Some(delivery.stored);
             }
             // QoS 0 messages go first, whatever the policy.
@@ -2378,8 +2381,7 @@ impl Shard {
             } else {
                 match session.settings.queue_full_policy.unwrap_or(cfg.queue_full_policy) {
                     QueueFullPolicy::DropNew => {
-                        bump(&stats.dropped_queue_full, 1);
-                        dropped(session, &delivery, "queue full");
+                        dropped(session, &delivery, DropReason::QueueFull, "queue full");
                         return Some(delivery.stored);
                     }
                     QueueFullPolicy::DropOldest => {
@@ -2389,8 +2391,7 @@ impl Shard {
                         };
                     }
                     QueueFullPolicy::Disconnect => {
-                        bump(&stats.dropped_queue_full, 1);
-                        dropped(session, &delivery, "queue full");
+                        dropped(session, &delivery, DropReason::QueueFull, "queue full");
                         if let Some(conn) = &session.conn {
                             conn.close(Some(ReasonCode::QuotaExceeded));
                         }
@@ -2398,9 +2399,8 @@ impl Shard {
                     }
                 }
             }
-            bump(&stats.dropped_queue_full, 1);
             // The evicted message is the one dropped; it is named by the one that evicted it.
-            dropped(session, &delivery, "queue full (oldest evicted)");
+            dropped(session, &delivery, DropReason::QueueFull, "queue full (oldest evicted)");
         }
         session.queue.push_back(delivery);
         session.wake_writer();
@@ -2590,8 +2590,9 @@ impl Shard {
             let clock = *clock.get_or_insert_with(Clock::now);
             store.and_then(|s| s.load(id, &clock))
         };
-        let FillStats { publishes_sent, sent_by_qos, payload_bytes_sent, dropped_expired, dropped_too_large } =
+        let FillStats { sent_by_qos, payload_bytes_sent, dropped_expired, dropped_too_large } =
             session.fill(out, budget, inflight_max, now, &mut events, &mut load);
+        let publishes_sent: u64 = sent_by_qos.iter().sum();
         if publishes_sent + dropped_expired + dropped_too_large > 0 {
             let traffic = session.tenant_state.traffic(self.id.index());
             for (qos, sent) in sent_by_qos.into_iter().enumerate() {
