@@ -8,7 +8,6 @@ mod common;
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -184,18 +183,9 @@ async fn passwd_writes_users_and_sighup_reloads_them() {
     bounded(async {
         let dir = tempfile::tempdir().expect("temp dir");
         let users = dir.path().join("users.toml");
-        let passwd = |user: &str, password: &str, tenant: &str| {
-            let mut child = Command::new(env!("CARGO_BIN_EXE_shardmq"))
-                .args(["passwd", "--username", user, "--tenant", tenant, "--file"])
-                .arg(&users)
-                .stdin(Stdio::piped())
-                .stdout(Stdio::null())
-                .spawn()
-                .expect("passwd runs");
-            writeln!(child.stdin.take().expect("stdin"), "{password}").expect("password on stdin");
-            assert!(child.wait().expect("passwd exits").success());
-        };
-        passwd("dave", "first", "4");
+        let passwd =
+            |user: &str, password: &str, tenant: u32| common::passwd(&users, user, password, tenant, &[]);
+        passwd("dave", "first", 4);
         let broker = Spawned::start(
             [
                 "--listen",
@@ -216,8 +206,8 @@ async fn passwd_writes_users_and_sighup_reloads_them() {
         assert_eq!(connect_with_credentials(addr, V5, "d1", "dave", b"first").await.1, 0);
         assert_eq!(connect_with_credentials(addr, V5, "e1", "erin", b"second").await.1, 0x86);
         // Change dave's password and add erin, then SIGHUP.
-        passwd("dave", "changed", "4");
-        passwd("erin", "second", "5");
+        passwd("dave", "changed", 4);
+        passwd("erin", "second", 5);
         broker.sighup();
         broker.wait_line(|line| line.contains("auth configuration reloaded"));
         assert_eq!(

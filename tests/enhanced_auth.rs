@@ -7,9 +7,7 @@
 
 mod common;
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -24,18 +22,8 @@ const V5: ProtocolVersion = ProtocolVersion::V5;
 /// owns `home/%u/#`.
 fn users_file(dir: &Path) -> PathBuf {
     let users = dir.join("users.toml");
-    let passwd = |user: &str, password: &str, scram: bool| {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_shardmq"));
-        command.args(["passwd", "--username", user, "--tenant", "1", "--file"]).arg(&users);
-        if scram {
-            command.arg("--scram");
-        }
-        let mut child = command.stdin(Stdio::piped()).stdout(Stdio::null()).spawn().expect("passwd runs");
-        writeln!(child.stdin.take().expect("stdin"), "{password}").expect("password on stdin");
-        assert!(child.wait().expect("passwd exits").success());
-    };
-    passwd("alice", "wonderland", true);
-    passwd("bob", "builder", false);
+    common::passwd(&users, "alice", "wonderland", 1, &["--scram"]);
+    common::passwd(&users, "bob", "builder", 1, &[]);
     let mut text = std::fs::read_to_string(&users).expect("users file");
     text.push_str("\n[[acl]]\naction = \"all\"\ntopic = \"home/%u/#\"\npermission = \"allow\"\n");
     std::fs::write(&users, text).expect("acl");

@@ -987,6 +987,22 @@ pub struct Spawned {
     pub lines: std::sync::mpsc::Receiver<String>,
 }
 
+/// Runs `shardmq passwd` (the real binary) to write `user` with `password` (on standard input, as an
+/// operator would type it) into the users file `file`, in `tenant`, with `extra` flags.
+pub fn passwd(file: &std::path::Path, user: &str, password: &str, tenant: u32, extra: &[&str]) {
+    use std::io::Write;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_shardmq"))
+        .args(["passwd", "--username", user, "--tenant", &tenant.to_string(), "--file"])
+        .arg(file)
+        .args(extra)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("passwd runs");
+    writeln!(child.stdin.take().expect("stdin"), "{password}").expect("password on stdin");
+    assert!(child.wait().expect("passwd exits").success(), "shardmq passwd failed for {user}");
+}
+
 /// A child process's standard output (which must be piped), line by line, read on a thread.
 pub fn stdout_lines(child: &mut std::process::Child) -> std::sync::mpsc::Receiver<String> {
     let stdout = child.stdout.take().expect("stdout is piped");
