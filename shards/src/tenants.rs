@@ -284,41 +284,26 @@ impl TenantState {
     /// shards (one atomic: window second in the high 40 bits, count in the low 24). Returns
     /// whether it fits.
     pub fn admit_connect(&self, per_second: u32, now_secs: u64) -> bool {
-        admit(&self.connect_window, per_second, now_secs)
+        admit::<COUNT_BITS>(&self.connect_window, u64::from(per_second), 1, now_secs, false)
     }
 
     /// Counts a PUBLISH against the tenant-wide publish rate (as [`TenantState::admit_connect`]).
     pub fn admit_publish(&self, per_second: u32, now_secs: u64) -> bool {
-        admit(&self.publish_window, per_second, now_secs)
+        admit::<COUNT_BITS>(&self.publish_window, u64::from(per_second), 1, now_secs, false)
     }
 
     /// Counts `bytes` of PUBLISH against the tenant-wide bandwidth (one-second windows shared by
     /// all shards). Returns whether they fit; a window with nothing in it admits any amount.
     pub fn admit_bytes(&self, per_second: u64, bytes: u64, now_secs: u64) -> bool {
-        const COUNT_BITS: u32 = 40;
-        const COUNT_MASK: u64 = (1 << COUNT_BITS) - 1;
-        let second = now_secs & 0xFF_FFFF;
-        let bytes = bytes.min(COUNT_MASK);
-        let mut current = self.bytes_window.load(Ordering::SeqCst);
-        loop {
-            let used = if current >> COUNT_BITS == second { current & COUNT_MASK } else { 0 };
-            if used > 0 && used + bytes > per_second {
-                return false;
-            }
-            let next = (second << COUNT_BITS) | (used + bytes).min(COUNT_MASK);
-            match self.bytes_window.compare_exchange(current, next, Ordering::SeqCst, Ordering::SeqCst) {
-                Ok(_) => return true,
-                Err(seen) => current = seen,
-            }
-        }
+        admit::<BYTES_BITS>(&self.bytes_window, per_second, bytes, now_secs, true)
     }
 
     /// Gives back a PUBLISH admitted by [`TenantState::admit_publish`] in second `now_secs` that
     /// another limit then held back (it will be counted again when it goes).
     pub fn unadmit_publish(&self, now_secs: u64) {
         let _ = self.publish_window.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |current| {
-            let (second, count) = (current >> 24, current & 0xFF_FFFF);
-            (second == now_secs & 0xFF_FFFF_FFFF && count > 0).then(|| current - 1)
+            let (second, count) = (current >> COUNT_BITS, current & ((1 << COUNT_BITS) - 1));
+            (second == now_secs & (u64::MAX >> COUNT_BITS) && count > 0).then(|| current - 1)
         });
     }
 
@@ -365,18 +350,32 @@ impl Default for TenantState {
     }
 }
 
-/// One-second window admission on a packed atomic: window second in the high 40 bits, count in
-/// the low 24. Returns whether one more fits `per_second`.
-fn admit(window: &AtomicU64, per_second: u32, now_secs: u64) -> bool {
-    let mut current = window.load(Ordering::SeqCst);
+/// Bits of a count window's count (connects, publishes); the second takes the other 40.
+const COUNT_BITS: u32 = 24;
+/// Bits of a byte window's count; the second (mod 2^24: only equality matters) takes the other 24.
+const BYTES_BITS: u32 = 40;
 
+/// One-second window admission on a packed atomic: the window's second (its low `64 - BITS` bits)
+/// in the high bits, the amount counted in it in the low `BITS`. Counts `amount` and returns true
+/// if it fits `per_second`; with `lone_overdraw`, an empty window admits any amount (a packet
+/// larger than a second's worth passes alone).
+fn admit<const BITS: u32>(
+    window: &AtomicU64,
+    per_second: u64,
+    amount: u64,
+    now_secs: u64,
+    lone_overdraw: bool,
+) -> bool {
+    let mask = (1u64 << BITS) - 1;
+    let second = now_secs & (u64::MAX >> BITS);
+    let amount = amount.min(mask);
+    let mut current = window.load(Ordering::SeqCst);
     loop {
-        let (second, count) = (current >> 24, current & 0xFF_FFFF);
-        let next = if second == now_secs & 0xFF_FFFF_FFFF { current + 1 } else { (now_secs << 24) | 1 };
-        let count_after = if second == now_secs & 0xFF_FFFF_FFFF { count + 1 } else { 1 };
-        if count_after > u64::from(per_second) {
+        let used = if current >> BITS == second { current & mask } else { 0 };
+        if used + amount > per_second && !(lone_overdraw && used == 0) {
             return false;
         }
+        let next = (second << BITS) | (used + amount).min(mask);
         match window.compare_exchange(current, next, Ordering::SeqCst, Ordering::SeqCst) {
             Ok(_) => return true,
             Err(seen) => current = seen,
@@ -457,6 +456,21 @@ mod tests {
         assert!(state.admit_connect(3, 101));
         assert!(!state.admit_connect(3, 101));
         assert!(!state.admit_connect(0, 500), "a zero rate admits nothing");
+    }
+
+    #[test]
+    fn byte_windows_admit_a_lone_oversized_packet() {
+        let state = TenantState::default();
+        assert!(state.admit_bytes(1000, 600, 7));
+        assert!(!state.admit_bytes(1000, 600, 7), "600 more would make 1,200");
+        assert!(state.admit_bytes(1000, 400, 7), "exactly the rate");
+        assert!(state.admit_bytes(1000, 5000, 8), "an empty window takes any one packet");
+        assert!(!state.admit_bytes(1000, 1, 8), "and then nothing more that second");
+        // A publish given back is counted again later in the same window.
+        assert!(state.admit_publish(1, 9));
+        assert!(!state.admit_publish(1, 9));
+        state.unadmit_publish(9);
+        assert!(state.admit_publish(1, 9));
     }
 
     #[test]
