@@ -1010,6 +1010,15 @@ async fn wait_for_mesh_room(cell: &ShardCell) {
     .await
 }
 
+/// Waits until the shard's log has written everything below `end` (see
+/// [`Shard::unwritten_visible`]); woken by the shard's loop when the sync thread reports the write.
+async fn wait_written(cell: &ShardCell, end: shardmq_storage::Offset) {
+    poll_fn(
+        |cx| if cell.borrow_mut().wait_written(end, cx.waker()) { Poll::Ready(()) } else { Poll::Pending },
+    )
+    .await
+}
+
 /// Writes what the session owes the connection, then ends: parking the write half back in
 /// [`ConnShared`] when idle, or sending DISCONNECT (v5) and shutting the socket down after a close
 /// request.
@@ -1024,7 +1033,15 @@ async fn write_task(
         shared.pending.set(false);
         loop {
             out.clear();
-            let owns = cell.borrow_mut().fill_output(key, shared.id, &mut out, Instant::now());
+            let (owns, hold) = {
+                let mut shard = cell.borrow_mut();
+                let held = shard.output_held(key);
+                let owns = shard.fill_output(key, shared.id, &mut out, Instant::now());
+                (owns, if held { shard.unwritten_visible() } else { None })
+            };
+            if let Some(end) = hold {
+                wait_written(&cell, end).await;
+            }
             if let Err(error) = shared.layers_outbound(&mut out, false) {
                 debug!(%error, "cannot send through the connection's layers");
                 if shared.closing.get().is_none() {
@@ -1049,6 +1066,12 @@ async fn write_task(
             }
         }
         if let Some(reason) = shared.closing() {
+            // A session that ended (or was saved) at this close is written before the client
+            // sees the close.
+            let hold = cell.borrow().unwritten_visible();
+            if let Some(end) = hold {
+                wait_written(&cell, end).await;
+            }
             out.clear();
             if let (Some(reason), true) = (reason, shared.version.is_v5()) {
                 let _ = encode(&Packet::Disconnect(Disconnect::new(reason)), ProtocolVersion::V5, &mut out);

@@ -390,6 +390,9 @@ pub struct Shard {
     durable_waiters: VecDeque<(Offset, Waiter)>,
     /// Answers to other shards' tokens, sent in one mesh message per shard per batch.
     durable_replies: Vec<Vec<(u64, bool)>>,
+    /// Writers holding output back until the log has written up to an offset (see
+    /// [`Shard::wait_written`]). At most one entry per connection's writer.
+    written_waiters: Vec<(Offset, Waker)>,
     fill_events: Vec<FillEvent>,
     /// Reused between publishes: the deliveries of one message on this shard.
     deliveries: Vec<(SessionKey, Delivery, bool)>,
@@ -488,6 +491,7 @@ impl Shard {
             ack_tokens: HashMap::new(),
             durable_waiters: VecDeque::new(),
             durable_replies: vec![Vec::new(); shard_count],
+            written_waiters: Vec::new(),
             fill_events: Vec::new(),
             deliveries: Vec::new(),
         };
@@ -1695,6 +1699,65 @@ impl Shard {
         }
     }
 
+    /// Whether output to session `key` waits for the log (see [`Shard::unwritten_visible`]): a
+    /// stored session's deliveries, PUBRELs and CONNACK, and any CONNACK, show the client records
+    /// the broker does not wait to make durable (`Sent`, `Released`, snapshots). Asked before the
+    /// output is filled (the CONNACK leaves the queue then). Output of other sessions never waits.
+    pub fn output_held(&self, key: SessionKey) -> bool {
+        self.store.is_some()
+            && self.sessions.get(key).is_some_and(|session| {
+                session.store_uid != 0
+                    || matches!(session.control.front(), Some(Control::Other(p)) if matches!(**p, Packet::ConnAck(_)))
+            })
+    }
+
+    /// The log end that held output (and every close) waits for before it leaves, if the log has
+    /// not written it yet: the output waits only until the sync thread has written the records,
+    /// never for a flush, and nothing is written on the shard's thread for it.
+    pub fn unwritten_visible(&self) -> Option<Offset> {
+        self.store.as_ref()?.unwritten_visible()
+    }
+
+    /// Registers `waker` to be woken once the log has written everything below `end`. Returns
+    /// true (registering nothing) if it has already.
+    pub fn wait_written(&mut self, end: Offset, waker: &Waker) -> bool {
+        let Some(store) = self.store.as_ref() else { return true };
+        if store.notify_when_written(end) {
+            return true;
+        }
+        match self.written_waiters.iter_mut().find(|(_, w)| w.will_wake(waker)) {
+            Some(entry) => entry.0 = entry.0.max(end),
+            None => self.written_waiters.push((end, waker.clone())),
+        }
+        // The log keeps one wish: the nearest end anyone waits for.
+        let nearest = self.written_waiters.iter().map(|(end, _)| *end).min().unwrap_or(end);
+        if nearest < end && store.notify_when_written(nearest) {
+            self.poll_written();
+        }
+        false
+    }
+
+    /// Wakes the writers whose output the log has now written, and asks the log to wake the shard
+    /// for the nearest of the others.
+    fn poll_written(&mut self) {
+        let Some(store) = self.store.as_ref() else { return };
+        while !self.written_waiters.is_empty() {
+            let written = store.log().written_offset();
+            let failed = store.log().failed();
+            self.written_waiters.retain(|(end, waker)| {
+                let done = failed || *end <= written;
+                if done {
+                    waker.wake_by_ref();
+                }
+                !done
+            });
+            let Some(nearest) = self.written_waiters.iter().map(|(end, _)| *end).min() else { break };
+            if !store.notify_when_written(nearest) {
+                break;
+            }
+        }
+    }
+
     /// Answers every waiter whose records are now durable, and sends the batched answers to other
     /// shards. Called after each mesh batch and on each tick.
     pub fn poll_durable(&mut self) {
@@ -1711,6 +1774,7 @@ impl Shard {
                 }
             }
         }
+        self.poll_written();
         for to in 0..self.durable_replies.len() {
             if !self.durable_replies[to].is_empty() {
                 let replies = std::mem::take(&mut self.durable_replies[to]);
@@ -2575,7 +2639,8 @@ impl Shard {
     }
 
     /// Encodes what session `key` owes connection `conn` into `out`. Returns false when the
-    /// connection no longer owns the session.
+    /// connection no longer owns the session. The writer sends `out` once
+    /// [`Shard::output_hold`] lets it.
     pub fn fill_output(&mut self, key: SessionKey, conn: ConnId, out: &mut BytesMut, now: Instant) -> bool {
         let budget = self.cfg.write_buffer_bytes_max;
         let inflight_max = self.cfg.inflight_count_max;
@@ -2612,10 +2677,6 @@ impl Shard {
                     FillEvent::Dropped { stored } => store.release(uid, stored, false),
                 }
             }
-        }
-        if let Some(store) = self.store.as_mut() {
-            // What goes out now must not be forgotten by a crash: see `Store::write_before_send`.
-            store.write_before_send();
         }
         events.clear();
         self.fill_events = events;

@@ -537,18 +537,6 @@ impl Log {
         }
     }
 
-    /// Commits, then writes every committed batch on the calling thread (the sync thread's
-    /// queue included, in order; `pwrite`s, no flush) and returns the written end: after it, a
-    /// crash of the process keeps everything appended so far. For an owner that is about to show
-    /// the effect of a record to the outside world before it is durable (a shard sending a
-    /// message it has recorded as sent). It blocks on the page cache, and waits for the sync
-    /// thread's current `pwrite`s if there are any.
-    pub fn write(&mut self) -> Result<Offset> {
-        self.commit()?;
-        self.syncer.write_committed()?;
-        Ok(self.syncer.written())
-    }
-
     /// Starts a new active segment.
     fn roll(&mut self) -> Result<()> {
         // The staged bytes belong to the old segment.
@@ -821,6 +809,21 @@ impl Log {
     /// under every policy.
     pub fn written_offset(&self) -> Offset {
         self.syncer.written()
+    }
+
+    /// Returns true if every record below `offset` is in the segment files. Otherwise the
+    /// write that puts it there calls [`Config::on_durable`], under every policy, and this
+    /// returns false. Never blocks: for an owner that holds back what a client would see of a
+    /// record until a crash of the process can no longer lose it (a shard's write loop), without
+    /// writing on its own thread. One wish at a time: a later call replaces the previous one.
+    pub fn notify_when_written(&self, offset: Offset) -> bool {
+        self.syncer.notify_when_written(offset)
+    }
+
+    /// Whether the log has failed for good (a write, flush or deletion failed): appends are
+    /// refused and nothing more becomes written or durable.
+    pub fn failed(&self) -> bool {
+        self.syncer.failed()
     }
 
     /// Records below this offset have been flushed to disk, under every policy (under `Never`

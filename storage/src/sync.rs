@@ -82,6 +82,9 @@ struct Shared {
     written: AtomicU64,
     /// The end of what has been flushed.
     synced: AtomicU64,
+    /// A `written` end the owner waits for (0: none): the write that reaches it calls
+    /// `on_durable` under every policy (see [`Syncer::notify_when_written`]).
+    written_wanted: AtomicU64,
     /// Batches the owner wrote itself because the queue was full.
     owner_writes: AtomicU64,
     failed: AtomicBool,
@@ -114,7 +117,9 @@ impl Shared {
     fn write(&self, batch: &Batch) -> Result<()> {
         batch.seg.write_at(batch.pos, &batch.bytes)?;
         batch.mark_written();
-        self.written.fetch_max(batch.end.0, Ordering::AcqRel);
+        // SeqCst, paired with `notify_when_written`: either the owner sees this end, or this
+        // thread sees the owner's wish (no lost wake-up).
+        self.written.fetch_max(batch.end.0, Ordering::SeqCst);
         Ok(())
     }
 
@@ -140,6 +145,18 @@ impl Shared {
             self.progress.notify_all();
             if let Some(notify) = &self.on_durable {
                 notify(Offset(self.written.load(Ordering::Acquire)));
+            }
+        } else if wrote {
+            let written = self.written.load(Ordering::SeqCst);
+            let wanted = self.written_wanted.load(Ordering::SeqCst);
+            let reached = wanted != 0
+                && written >= wanted
+                && self
+                    .written_wanted
+                    .compare_exchange(wanted, 0, Ordering::SeqCst, Ordering::SeqCst)
+                    .is_ok();
+            if let (true, Some(notify)) = (reached, &self.on_durable) {
+                notify(Offset(written));
             }
         }
         Ok(wrote)
@@ -337,6 +354,7 @@ impl Syncer {
             write_turn: Mutex::new(()),
             written: AtomicU64::new(end.0),
             synced: AtomicU64::new(end.0),
+            written_wanted: AtomicU64::new(0),
             owner_writes: AtomicU64::new(0),
             failed: AtomicBool::new(false),
             inner: Mutex::new(Inner { segments: vec![active], ..Inner::default() }),
@@ -448,6 +466,19 @@ impl Syncer {
         Offset(self.shared.written.load(Ordering::Acquire))
     }
 
+    /// Returns true if everything below `offset` is in the file. Otherwise arranges for the
+    /// write that gets it there to call `on_durable` (also under the policies where that write
+    /// makes nothing durable), and returns false. Never blocks. One wish at a time: a later call
+    /// replaces it, so the owner asks for the smallest end it waits for.
+    pub(crate) fn notify_when_written(&self, offset: Offset) -> bool {
+        if self.shared.written.load(Ordering::SeqCst) >= offset.0 {
+            return true;
+        }
+        self.shared.written_wanted.store(offset.0, Ordering::SeqCst);
+        // A write that finished between the load above and the store did not see the wish.
+        self.shared.written.load(Ordering::SeqCst) >= offset.0
+    }
+
     /// The end of what was actually flushed (under every policy).
     pub(crate) fn synced(&self) -> Offset {
         Offset(self.shared.synced.load(Ordering::Acquire))
@@ -456,6 +487,11 @@ impl Syncer {
     /// Batches the owner wrote itself because the queue was full.
     pub(crate) fn owner_writes(&self) -> u64 {
         self.shared.owner_writes.load(Ordering::Relaxed)
+    }
+
+    /// Whether a write, flush or deletion failed (the log accepts nothing more). One atomic load.
+    pub(crate) fn failed(&self) -> bool {
+        self.shared.failed.load(Ordering::Acquire)
     }
 
     /// The error that stopped the log, if a write, flush or deletion failed.

@@ -367,6 +367,41 @@ fn durable_offset_follows_the_policy() {
     }
 }
 
+/// `notify_when_written`: under a policy that flushes once an hour, a write alone (no flush) wakes
+/// the owner that asked, and no wish is lost when the write races the asking (200 rounds, each
+/// asking right after its commit; a lost wake-up fails the bounded wait).
+#[test]
+fn the_owner_is_told_when_its_records_are_written() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (notify, rx) = notifier();
+    let cfg = Config {
+        on_durable: Some(notify),
+        ..config(1 << 20, FsyncPolicy::Interval(Duration::from_secs(3600)))
+    };
+    let mut log = Log::open(tmp.path(), cfg).unwrap();
+    let mut asked_before_written = 0;
+    for round in 0..200 {
+        log.append(&payload(round, 64)).unwrap();
+        let end = log.end_offset();
+        if round == 0 {
+            // Not committed: never written, so the wish stands.
+            assert!(!log.notify_when_written(end));
+        }
+        log.commit().unwrap();
+        if !log.notify_when_written(end) {
+            asked_before_written += 1;
+            wait_notified(&rx, end);
+        }
+        assert!(log.written_offset() >= end, "round {round}");
+        assert!(log.notify_when_written(end), "written ends are reported at once");
+        while rx.try_recv().is_ok() {}
+    }
+    assert!(asked_before_written >= 1, "the first round waited for the write");
+    // Written is not durable under this policy: nothing was flushed after the opening round.
+    assert!(log.durable_offset() < log.end_offset());
+    log.close().unwrap();
+}
+
 /// Records are readable from the moment they are appended: from the staging buffer, from a
 /// committed batch the sync thread has not written, and from the mapping after; `read_shared`
 /// copies an unwritten record and maps a written one.

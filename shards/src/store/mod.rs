@@ -165,9 +165,9 @@ pub struct Store {
     buf: Vec<u8>,
     /// Whether records were appended since the last [`Store::commit`].
     uncommitted: bool,
-    /// Whether records that a client will see the effect of before they are durable (`Sent`,
-    /// `Released`) were appended since the last [`Store::write_before_send`].
-    unwritten_visible: bool,
+    /// The end of the newest record whose effect a client sees before it is durable (see
+    /// [`Store::unwritten_visible`]).
+    visible_end: Offset,
     /// Wakes the shard's loop (a mesh poke), so that it commits at the end of the turn in which
     /// the first uncommitted record was appended. Set by `recovery.rs`; `None` in tests.
     pub commit_wake: Option<CommitWake>,
@@ -190,7 +190,7 @@ impl Store {
             limbo_order: BinaryHeap::new(),
             buf: Vec::with_capacity(256),
             uncommitted: false,
-            unwritten_visible: false,
+            visible_end: Offset(0),
             commit_wake: None,
             counters: StoreCounters::default(),
         }
@@ -228,24 +228,29 @@ impl Store {
         }
     }
 
-    /// Makes the records appended so far survive a crash of the process before the client sees
-    /// their effect, for the records the broker answers without waiting for durability: a
-    /// delivery's `Sent` and `Released` (before the PUBLISH or PUBREL leaves; without it a crash
-    /// could lose the record of a delivery the client received, and the message would come again
-    /// without DUP) and session snapshots and ends (before the CONNACK or the close). The shard's
-    /// thread writes them itself (`Log::write`: a `pwrite` of the staged bytes, no flush). Cheap
-    /// when nothing of the kind was appended.
-    pub fn write_before_send(&mut self) {
-        if !std::mem::take(&mut self.unwritten_visible) {
-            return;
-        }
-        self.uncommitted = false;
-        let started = Instant::now();
-        let result = self.log.write();
-        self.count_stall(started);
-        if let Err(error) = result {
-            warn!(%error, "store: write before send failed");
-        }
+    /// Records the broker answers without waiting for durability must still survive a crash of
+    /// the process before the client sees their effect: a delivery's `Sent` and `Released`
+    /// (before the PUBLISH or PUBREL leaves; a crash that lost the record of a delivery the
+    /// client received would send the message again without DUP), and session snapshots and
+    /// ends (before the CONNACK or the close). Marks the record just appended as one of them.
+    fn mark_visible(&mut self) {
+        self.visible_end = self.log.end_offset();
+    }
+
+    /// The end the log must have written to its files before a stored session's output (or any
+    /// CONNACK or close) may leave, if it has not yet: `None` when nothing visible is unwritten.
+    /// The shard's writer then waits (`Shard::wait_written`) for the sync thread's `pwrite`
+    /// instead of writing on the shard's thread. A failed log writes nothing more; holding
+    /// output back then would only hang the client, so it is `None` too (the failure is
+    /// reported by the appends).
+    pub fn unwritten_visible(&self) -> Option<Offset> {
+        (self.visible_end > self.log.written_offset() && !self.log.failed()).then_some(self.visible_end)
+    }
+
+    /// Returns true if `end` is written already; otherwise the write that gets it there wakes the
+    /// shard (through the log's durable notification), and this returns false.
+    pub fn notify_when_written(&self, end: Offset) -> bool {
+        self.log.failed() || self.log.notify_when_written(end)
     }
 
     /// Counts a call on the log that held the shard's thread for 100 us or more.
@@ -305,9 +310,9 @@ impl Store {
         uid
     }
 
-    /// Writes a session's snapshot; the previous one is consumed. The snapshot is in the log's
-    /// file when this returns (`Store::write_before_send`): the caller answers the client next
-    /// (CONNACK, or the close after DISCONNECT), and a crash must not undo what it answered.
+    /// Writes a session's snapshot; the previous one is consumed. The caller answers the client
+    /// next (CONNACK, or the close after DISCONNECT), and a crash must not undo what it answered:
+    /// that answer waits until the snapshot is written ([`Store::unwritten_visible`]).
     pub fn put_session(&mut self, rec: SessionRec) -> Result<(), StorageError> {
         let uid = rec.uid;
         let offset = self.append(&Rec::Session(rec))?;
@@ -315,8 +320,7 @@ impl Store {
         if let Some(old) = self.sessions.insert(uid, offset) {
             self.ack(old);
         }
-        self.unwritten_visible = true;
-        self.write_before_send();
+        self.mark_visible();
         Ok(())
     }
 
@@ -340,9 +344,8 @@ impl Store {
         match self.append(&Rec::SessionGone { uid }) {
             Ok(tomb) => {
                 self.park_tombstone(tomb, snapshot);
-                // Written at once, as a snapshot is: the client is told next.
-                self.unwritten_visible = true;
-                self.write_before_send();
+                // Held like a snapshot: the client is told next.
+                self.mark_visible();
             }
             // Without the tombstone the session comes back after a restart (and expires then, or
             // is resumed): logged, not lost data.
@@ -406,13 +409,13 @@ impl Store {
     /// Message `msg` went out to session `uid` under `packet_id` (kept across restarts).
     pub fn sent(&mut self, uid: u64, msg: u64, packet_id: u16) {
         self.put_aux(KIND_SENT, Rec::Sent { uid, msg, packet_id }, uid, msg);
-        self.unwritten_visible = true;
+        self.mark_visible();
     }
 
     /// Session `uid` acknowledged QoS 2 message `msg` with PUBREC.
     pub fn released(&mut self, uid: u64, msg: u64) {
         self.put_aux(KIND_RELEASED, Rec::Released { uid, msg }, uid, msg);
-        self.unwritten_visible = true;
+        self.mark_visible();
     }
 
     /// Message `msg` is finished for session `uid`: a `Done` record is written, unless
