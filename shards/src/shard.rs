@@ -1721,7 +1721,10 @@ impl Shard {
     /// Registers `waker` to be woken once the log has written everything below `end`. Returns
     /// true (registering nothing) if it has already.
     pub fn wait_written(&mut self, end: Offset, waker: &Waker) -> bool {
-        let Some(store) = self.store.as_ref() else { return true };
+        let Some(store) = self.store.as_mut() else { return true };
+        // Hand the records to the log's writer now rather than at the end of the loop turn: a
+        // writer is waiting for them.
+        store.commit();
         if store.notify_when_written(end) {
             return true;
         }

@@ -9,17 +9,20 @@
 //!
 //! # Owner and threads
 //! A [`Log`] is owned by one shard (its home shard) and used only from that shard's thread: every
-//! mutating call takes `&mut self`. Each `Log` starts one background thread, its *sync thread*,
-//! which is where the log's bytes reach the files and the disk: `pwrite`, `fdatasync`, file
-//! deletion, directory `fsync` and spare segments. The shard never waits for it:
+//! mutating call takes `&mut self`. Each `Log` starts two background threads, its *sync threads*
+//! (`sync.rs`), which is where the log's bytes reach the files and the disk: the writer does the
+//! `pwrite`s; the flusher does `fdatasync`, file deletion, directory `fsync` and spare segments,
+//! so that a write never waits behind a flush. "The sync thread" below means whichever of the two
+//! does the work named. The shard never waits for them:
 //! - an append frames the record into an in-memory staging buffer ([`Config::write_buffer_bytes`],
 //!   64 KiB): a copy, no system call, no page fault of the segment;
 //! - [`Log::commit`] (the owner calls it at the end of each loop turn that appended, and the log
 //!   itself when the buffer is full and before a roll) hands the buffer to the sync thread
 //!   through a bounded queue ([`Config::write_queue_batches`]) and unparks it (a futex wake only
 //!   when it is parked);
-//! - the sync thread writes each batch with one `pwrite` at its place in the preallocated segment
-//!   and publishes the written end; then it flushes what was written with `fdatasync` per the
+//! - the writer writes each batch with one `pwrite` at its place in the preallocated segment
+//!   and publishes the written end (waking the owner if it asked: [`Log::notify_when_written`]);
+//!   the flusher flushes what was written with `fdatasync` per the
 //!   policy (group commit: all batches that arrived while the previous flush ran share the next
 //!   one), publishes the durable end and calls [`Config::on_durable`];
 //! - the shard reads [`Log::durable_offset`] (one atomic load) and acknowledges the records below it.

@@ -1,18 +1,26 @@
-//! The sync thread: the writes of committed batches, group-commit flushes, the durable offset,
+//! The sync threads: the writes of committed batches, group-commit flushes, the durable offset,
 //! deferred segment deletion and spare segments.
 //!
-//! Owner: one [`Syncer`] per [`crate::Log`], created by it and stopped (joined) when it drops. The
-//! thread is where the log's bytes reach the file and the disk: the `pwrite` of each batch the
-//! owner commits (`stage.rs`), `fdatasync` of written segments, file deletion and directory
-//! `fsync`, and the preparation of the next segment (a preallocated spare file, so that a roll on
-//! the owner's thread is a `rename` and an `mmap`). The owner talks to it through a bounded queue,
-//! atomics and an unpark, and never waits for it, except in the explicitly blocking
-//! [`Syncer::sync_now`] and [`Syncer::wait_durable`], and when the queue is full (below).
+//! Owner: one [`Syncer`] per [`crate::Log`], created by it and stopped (joined) when it drops. Two
+//! threads per log are where the log's bytes reach the file and the disk:
+//! - the writer does the `pwrite` of each batch the owner commits (`stage.rs`), as soon as it is
+//!   committed, and wakes the owner when a written end it asked for is reached
+//!   ([`Syncer::notify_when_written`]);
+//! - the flusher does the `fdatasync` of written segments per policy (one flush covers every
+//!   batch written since the last: group commit), file deletion and directory `fsync`, and the
+//!   preparation of the next segment (a preallocated spare file, so that a roll on the owner's
+//!   thread is a `rename` and an `mmap`).
+//!
+//! They are apart so that a write never waits for a flush: an owner that holds output until its
+//! records are written (a shard's writer) would otherwise wait for every `fdatasync` under
+//! `always`. The owner talks to them through a bounded queue, atomics and unparks, and never waits
+//! for them, except in the explicitly blocking [`Syncer::sync_now`] and [`Syncer::wait_durable`],
+//! and when the queue is full (below).
 //!
 //! The write turn: batches are written strictly in commit order, by whoever holds `write_turn`
 //! (a mutex held for the `pwrite`s of one pass, never across an `fdatasync`). Normally that is
-//! the sync thread. Queue bound: `Config::write_queue_batches` batches. Full policy: the owner
-//! writes itself ([`Syncer::submit`]): it takes the write turn (waiting at most for the sync
+//! the writer thread. Queue bound: `Config::write_queue_batches` batches. Full policy: the owner
+//! writes itself ([`Syncer::submit`]): it takes the write turn (waiting at most for the writer
 //! thread's current pass of `pwrite`s), writes every queued batch and its own, in order, and goes
 //! on. So a stalled disk slows the owner to the speed of `pwrite`, never to that of `fdatasync`,
 //! and memory stays bounded.
@@ -91,6 +99,8 @@ struct Shared {
     inner: Mutex<Inner>,
     progress: Condvar,
     on_durable: Option<DurableNotify>,
+    /// The flusher thread, for the writer to wake (set once, right after it is spawned).
+    flusher: std::sync::OnceLock<thread::Thread>,
 }
 
 /// Locks `mutex`. A panic while holding one of these locks can only come from a broken
@@ -231,15 +241,45 @@ impl Shared {
         segment::sync_dir(&self.dir)
     }
 
-    /// One round of the thread's work. Returns whether it should stop.
-    fn round(&self, next_tick: &mut Instant) -> Result<bool> {
+    /// One round of the writer thread: writes the queued batches. Returns whether it should stop.
+    fn write_round(&self) -> Result<bool> {
         if self.lock().shutdown {
-            // Stopping is a crash as far as durability goes: write and flush nothing more, apply
-            // only the deletions whose flush already happened.
+            // Stopping is a crash as far as durability goes: write nothing more.
+            return Ok(true);
+        }
+        if self.write_queued(None)? && self.flusher_wanted() {
+            self.unpark_flusher();
+        }
+        Ok(false)
+    }
+
+    /// Whether a write gives the flusher work it would not wake for by itself: every write under
+    /// `Always`; otherwise a flush someone waits for or a deletion (whose segment headers and
+    /// flush target depend on what is written).
+    fn flusher_wanted(&self) -> bool {
+        match self.policy {
+            FsyncPolicy::Always => true,
+            FsyncPolicy::Interval(_) | FsyncPolicy::Never => {
+                let inner = self.lock();
+                inner.wanted > self.synced.load(Ordering::Acquire) || !inner.deletes.is_empty()
+            }
+        }
+    }
+
+    fn unpark_flusher(&self) {
+        if let Some(t) = self.flusher.get() {
+            t.unpark();
+        }
+    }
+
+    /// One round of the flusher thread: flushes per policy, deletes, prepares the spare. Returns
+    /// whether it should stop.
+    fn flush_round(&self, next_tick: &mut Instant) -> Result<bool> {
+        if self.lock().shutdown {
+            // Flush nothing more; apply only the deletions whose flush already happened.
             self.apply_deletes()?;
             return Ok(true);
         }
-        self.write_queued(None)?;
         let (wanted, delete_at) = {
             let inner = self.lock();
             (inner.wanted, inner.deletes.iter().map(|(at, _)| *at).max().unwrap_or(0))
@@ -263,11 +303,11 @@ impl Shared {
         Ok(false)
     }
 
-    /// Whether there is writing or (under `Always`) flushing to do.
-    fn idle(&self) -> bool {
-        lock(&self.queue).is_empty()
-            && (self.policy != FsyncPolicy::Always
-                || self.written.load(Ordering::Acquire) == self.synced.load(Ordering::Acquire))
+    /// Whether the flusher has nothing to do until it is woken (under `Always`: everything
+    /// written is flushed).
+    fn flusher_idle(&self) -> bool {
+        self.policy != FsyncPolicy::Always
+            || self.written.load(Ordering::Acquire) == self.synced.load(Ordering::Acquire)
     }
 
     /// Prepares the spare segment the log asked for, if there is none yet.
@@ -290,12 +330,15 @@ impl Shared {
     }
 }
 
-fn run(shared: Arc<Shared>) {
-    let mut next_tick = Instant::now();
+/// Runs `round` until it asks to stop; on an error, fails the log and waits for shutdown.
+/// `park` is called after each round; every request (a committed batch, a deletion, an explicit
+/// wait, shutdown) unparks the thread it is for after publishing itself, and an unpark before the
+/// park makes the park return at once, so no request is missed between a round and the park.
+fn run(shared: &Shared, mut round: impl FnMut() -> Result<bool>, mut park: impl FnMut()) {
     loop {
-        match shared.round(&mut next_tick) {
+        match round() {
             Ok(true) => return,
-            Ok(false) => {}
+            Ok(false) => park(),
             Err(e) => {
                 shared.fail(e.to_string());
                 // Keep serving shutdown, but write and flush nothing more.
@@ -305,24 +348,52 @@ fn run(shared: Arc<Shared>) {
                 return;
             }
         }
-        // Every request (a committed batch, a deletion, an explicit wait, shutdown) unparks after
-        // publishing itself, and an unpark before the park makes the park return at once, so no
-        // request is missed between the round above and the park below.
-        if shared.idle() {
-            match shared.policy {
-                FsyncPolicy::Interval(_) => {
-                    thread::park_timeout(next_tick.saturating_duration_since(Instant::now()));
-                }
-                FsyncPolicy::Always | FsyncPolicy::Never => thread::park(),
-            }
-        }
     }
 }
 
-/// The log's handle on its sync thread.
+/// The writer thread: `pwrite`s committed batches as they come, so that a write never waits for
+/// a flush (an owner may hold output until its records are written: `notify_when_written`).
+fn run_writer(shared: Arc<Shared>) {
+    run(
+        &shared,
+        || shared.write_round(),
+        || {
+            if lock(&shared.queue).is_empty() {
+                thread::park();
+            }
+        },
+    );
+}
+
+/// The flusher thread: `fdatasync` per policy (group commit: one flush covers every batch
+/// written since the last), deletions, spare segments.
+fn run_flusher(shared: Arc<Shared>) {
+    let next_tick = std::cell::Cell::new(Instant::now());
+    run(
+        &shared,
+        || {
+            let mut tick = next_tick.get();
+            let stop = shared.flush_round(&mut tick);
+            next_tick.set(tick);
+            stop
+        },
+        || {
+            if shared.flusher_idle() {
+                match shared.policy {
+                    FsyncPolicy::Interval(_) => {
+                        thread::park_timeout(next_tick.get().saturating_duration_since(Instant::now()));
+                    }
+                    FsyncPolicy::Always | FsyncPolicy::Never => thread::park(),
+                }
+            }
+        },
+    );
+}
+
+/// The log's handle on its sync threads (the writer and the flusher).
 pub(crate) struct Syncer {
     shared: Arc<Shared>,
-    thread: Option<JoinHandle<()>>,
+    threads: Vec<JoinHandle<()>>,
 }
 
 impl std::fmt::Debug for Syncer {
@@ -360,19 +431,34 @@ impl Syncer {
             inner: Mutex::new(Inner { segments: vec![active], ..Inner::default() }),
             progress: Condvar::new(),
             on_durable,
+            flusher: std::sync::OnceLock::new(),
         });
-        let thread_shared = Arc::clone(&shared);
-        let thread = thread::Builder::new()
+        let mut syncer = Syncer { shared: Arc::clone(&shared), threads: Vec::with_capacity(2) };
+        let writer_shared = Arc::clone(&shared);
+        let writer = thread::Builder::new()
+            .name("shardmq-log-write".into())
+            .spawn(move || run_writer(writer_shared))
+            .map_err(|e| Error::io(&dir, e))?;
+        syncer.threads.push(writer);
+        let flusher_shared = Arc::clone(&shared);
+        // Published before the flusher's first round, so that the writer can always wake it.
+        let flusher = thread::Builder::new()
             .name("shardmq-log-sync".into())
-            .spawn(move || run(thread_shared))
-            .map_err(|e| Error::io(dir, e))?;
-        Ok(Syncer { shared, thread: Some(thread) })
+            .spawn(move || run_flusher(flusher_shared))
+            .map_err(|e| Error::io(&dir, e))?;
+        let _ = shared.flusher.set(flusher.thread().clone());
+        syncer.threads.push(flusher);
+        Ok(syncer)
     }
 
-    fn unpark(&self) {
-        if let Some(t) = &self.thread {
+    fn unpark_writer(&self) {
+        if let Some(t) = self.threads.first() {
             t.thread().unpark();
         }
+    }
+
+    fn unpark_flusher(&self) {
+        self.shared.unpark_flusher();
     }
 
     /// Hands a committed batch to the sync thread, which writes it (and, per policy, flushes it).
@@ -385,7 +471,7 @@ impl Syncer {
             if queue.len() < self.shared.queue_max {
                 queue.push_back(batch);
                 drop(queue);
-                self.unpark();
+                self.unpark_writer();
                 return Ok(());
             }
         }
@@ -394,8 +480,8 @@ impl Syncer {
             self.shared.fail(e.to_string());
             return Err(e);
         }
-        // The sync thread may have work (a flush under `Always`) that this write created.
-        self.unpark();
+        // The flusher may have work (a flush under `Always`) that this write created.
+        self.unpark_flusher();
         Ok(())
     }
 
@@ -420,14 +506,14 @@ impl Syncer {
             let mut inner = self.shared.lock();
             inner.deletes.push((after.0, seg));
         }
-        self.unpark();
+        self.unpark_flusher();
     }
 
     /// Asks the sync thread to prepare a spare segment of `size_bytes` for the next roll. Never
     /// blocks.
     pub(crate) fn request_spare(&self, size_bytes: usize) {
         self.shared.lock().spare_size_bytes = size_bytes;
-        self.unpark();
+        self.unpark_flusher();
     }
 
     /// Takes the spare asked for with [`Syncer::request_spare`]. Blocks only if the sync thread has
@@ -526,7 +612,7 @@ impl Syncer {
             let mut inner = self.shared.lock();
             inner.wanted = inner.wanted.max(offset.0);
         }
-        self.unpark();
+        self.unpark_flusher();
         let mut inner = self.shared.lock();
         loop {
             if self.shared.failed.load(Ordering::Acquire) {
@@ -551,9 +637,10 @@ impl Syncer {
     /// Idempotent.
     pub(crate) fn stop(&mut self) {
         self.shared.lock().shutdown = true;
-        self.unpark();
-        if let Some(t) = self.thread.take() {
-            // A panic on the sync thread is a broken invariant; it was already reported there.
+        self.unpark_writer();
+        self.unpark_flusher();
+        for t in self.threads.drain(..) {
+            // A panic on a sync thread is a broken invariant; it was already reported there.
             let _ = t.join();
         }
     }
