@@ -46,8 +46,9 @@ for args in "${runs[@]}"; do
   kill %1; wait %1 || true
 done
 echo
-echo "How long the store held each shard's thread in those runs (appends and commits: a segment roll,"
-echo "a full write queue or a write before send is a \`pwrite\` on the shard's thread; fsync never is)."
+echo "How long the store held each shard's thread in those runs (appends and commits: a segment roll"
+echo "without a spare or a full write queue is a \`pwrite\` on the shard's thread; fsync never is; the"
+echo "timings include any preemption of the shard by the load generator, which shares the 2 cores)."
 echo "From the \`store: closed\` line each shard logs at shutdown:"
 echo
 echo '```'
