@@ -637,3 +637,48 @@ pub fn replay(log: Log, clock: &Clock) -> Result<Recovered, String> {
     sessions.sort_by_key(|s| s.rec.uid);
     Ok(Recovered { store, sessions, retained })
 }
+
+#[cfg(test)]
+mod tests {
+    use shardmq_storage::FsyncPolicy;
+
+    use super::super::records::{KIND_MSG, KIND_SESSION_GONE};
+    use super::*;
+
+    fn config() -> LogConfig {
+        LogConfig {
+            segment_size_bytes: 4096,
+            record_len_max_bytes: 1024,
+            fsync: FsyncPolicy::Never,
+            ..LogConfig::default()
+        }
+    }
+
+    /// A log written before records were rkyv archives (record encoding 1: a kind byte, then the
+    /// fields little-endian, no encoding byte) is refused, and the error names the segment file and
+    /// the record's position in it, both for a message (read by its header) and any other record.
+    #[test]
+    fn a_log_of_hand_encoded_records_is_refused_naming_the_file() {
+        let session_gone = [&[KIND_SESSION_GONE][..], &1u64.to_le_bytes()].concat();
+        // id, tenant, expiry, no targets, then (here) a stand-in for the PUBLISH frame.
+        let msg = [&[KIND_MSG][..], &1u64.to_le_bytes(), &[0; 4], &[0; 8], &[0; 4], &[0x30, 3, 0, 1, b't']]
+            .concat();
+        for old in [session_gone, msg] {
+            let dir = tempfile::tempdir().unwrap();
+            let mut log = Log::open(dir.path(), config()).unwrap();
+            log.append(&old).unwrap();
+            log.close().unwrap();
+            let error = replay(Log::open(dir.path(), config()).unwrap(), &Clock::now()).unwrap_err();
+            let segment = fs::read_dir(dir.path())
+                .unwrap()
+                .flatten()
+                .map(|e| e.path())
+                .find(|p| p.extension().is_some_and(|e| e == "seg"))
+                .expect("a segment file");
+            let name = segment.file_name().unwrap().to_string_lossy().to_string();
+            assert!(error.contains(&name), "the error names {name}: {error}");
+            assert!(error.contains("at file position 64"), "{error}");
+            assert!(error.contains("record encoding 1 is not the one this build reads"), "{error}");
+        }
+    }
+}
