@@ -133,6 +133,8 @@ pub struct WillState {
 /// (stored for every persistent session it was queued for). Acks leave in arrival order.
 #[derive(Debug)]
 pub struct PendingAck {
+    /// The shard's token for the answers it waits on; unique and ascending within a session's
+    /// queue (entries nobody waits on get one too).
     pub token: u64,
     pub packet_id: PacketId,
     pub qos: QoS,

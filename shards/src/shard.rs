@@ -1487,6 +1487,14 @@ impl Shard {
         if qos == QoS::ExactlyOnce && !ack_reason.is_error() {
             session.incoming_qos2.insert(packet_id);
         }
+        // Every entry gets a token, also one nobody waits on, so a session's tokens ascend and
+        // `answer` finds its entry by binary search (the window can hold thousands).
+        let token = if token != 0 {
+            token
+        } else {
+            self.next_token += 1;
+            self.next_token - 1
+        };
         session.pending_acks.push_back(PendingAck {
             token,
             packet_id,
@@ -1653,7 +1661,8 @@ impl Shard {
             self.ack_tokens.remove(&token);
             return;
         };
-        let Some(pending) = session.pending_acks.iter_mut().find(|p| p.token == token) else {
+        let found = session.pending_acks.binary_search_by_key(&token, |p| p.token);
+        let Some(pending) = found.ok().and_then(|index| session.pending_acks.get_mut(index)) else {
             self.ack_tokens.remove(&token);
             return;
         };
