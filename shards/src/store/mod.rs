@@ -773,11 +773,26 @@ mod tests {
                         let msg = recovered.store.load(l.stored, &clock).expect("a backlog entry reads back");
                         (l.stored, msg)
                     });
+                    // Each queue in message id order (the order the messages were queued in),
+                    // and no message twice: compaction copies must not come back as extra
+                    // entries or out of place.
+                    for ids in [
+                        s.deliveries.iter().map(|d| d.delivery.stored).collect::<Vec<_>>(),
+                        s.backlog.iter().map(|l| l.stored).collect(),
+                    ] {
+                        assert!(
+                            ids.windows(2).all(|w| w[0] < w[1]),
+                            "seed {seed} step {step}: a recovered queue is out of order: {ids:?}"
+                        );
+                    }
+                    let mut entries = 0;
                     for (id, msg) in eager.chain(lazy) {
                         let payload = String::from_utf8(msg.payload.to_vec()).unwrap();
                         queued.insert((s.rec.client_id.clone(), payload.clone()), id);
                         payloads.insert(payload);
+                        entries += 1;
                     }
+                    assert_eq!(entries, payloads.len(), "seed {seed} step {step}: a message queued twice");
                     got.sessions.insert(s.rec.client_id.clone(), payloads);
                     if !s.incoming_qos2.is_empty() {
                         got.inbound

@@ -667,26 +667,18 @@ pub fn decode_rec(bytes: &[u8]) -> Result<Rec, RecError> {
     }
 }
 
-/// Reads a `Msg` record's header: returns its id and expiry (Unix ms) and appends its targets to
-/// `targets` (recovery keeps every message's targets in one vector instead of one allocation per
-/// message). Straight from the archive: the PUBLISH frame is not decoded (recovery decodes it
-/// only for messages still queued, when they are loaded).
-pub fn decode_msg_header(bytes: &[u8], targets: &mut Vec<Target>) -> Result<(u64, u64), RecError> {
+/// Reads a `Msg` record's header: returns its id and expiry (Unix ms) and hands each of its
+/// targets to `each`. Straight from the archive: the PUBLISH frame is not decoded (recovery
+/// decodes it only for messages still queued, when they are loaded). On an error, `each` may
+/// have seen some of the targets.
+pub fn decode_msg_header(bytes: &[u8], mut each: impl FnMut(Target)) -> Result<(u64, u64), RecError> {
     let (kind, archive) = split(bytes)?;
     if kind != KIND_MSG {
         return Err(RecError::Invalid("not a message record"));
     }
     read_archive(archive, |m: &schema::ArchivedMsg<'_>| {
-        let start = targets.len();
-        targets.reserve(m.targets.len());
         for target in m.targets.iter() {
-            match target_from(target) {
-                Ok(target) => targets.push(target),
-                Err(e) => {
-                    targets.truncate(start);
-                    return Err(e);
-                }
-            }
+            each(target_from(target)?);
         }
         Ok((m.id.to_native(), m.expires_at_ms.to_native()))
     })
@@ -849,13 +841,10 @@ mod tests {
             if let Rec::Msg { id, targets, message } = &rec {
                 let mut got =
                     vec![Target { uid: 99, qos: QoS::AtMostOnce, retain: false, subscription_ids: vec![] }];
-                assert_eq!(decode_msg_header(&buf, &mut got), Ok((*id, message.expires_at_ms)));
+                assert_eq!(decode_msg_header(&buf, |t| got.push(t)), Ok((*id, message.expires_at_ms)));
                 assert_eq!(got[1..], targets[..], "appended after what was there");
             } else {
-                assert_eq!(
-                    decode_msg_header(&buf, &mut Vec::new()),
-                    Err(RecError::Invalid("not a message record"))
-                );
+                assert_eq!(decode_msg_header(&buf, |_| {}), Err(RecError::Invalid("not a message record")));
             }
             let id = rec_id(&buf).unwrap();
             match (&rec, id) {
@@ -890,7 +879,7 @@ mod tests {
             for cut in 0..buf.len() {
                 assert!(decode_rec(&buf[..cut]).is_err(), "{rec:?} cut at {cut} decoded");
                 assert!(rec_id(&buf[..cut]).is_err(), "{rec:?} cut at {cut} has an identity");
-                assert!(decode_msg_header(&buf[..cut], &mut Vec::new()).is_err(), "{rec:?} cut at {cut}");
+                assert!(decode_msg_header(&buf[..cut], |_| {}).is_err(), "{rec:?} cut at {cut}");
             }
             let mut longer = buf.clone();
             longer.push(0);
@@ -960,7 +949,7 @@ mod tests {
                 let bytes = &placed[range];
                 let _ = peek_kind(bytes);
                 let _ = rec_id(bytes);
-                let _ = decode_msg_header(bytes, &mut Vec::new());
+                let _ = decode_msg_header(bytes, |_| {});
                 if let Ok(got) = decode_rec(bytes) {
                     decoded += 1;
                     encode_rec(&got, &mut again);
@@ -1008,7 +997,7 @@ mod tests {
                 let bytes = &placed[range];
                 assert!(decode_rec(bytes).is_err(), "id {id}: {bytes:?}");
                 assert!(rec_id(bytes).is_err(), "id {id}: {bytes:?}");
-                assert!(decode_msg_header(bytes, &mut Vec::new()).is_err(), "id {id}: {bytes:?}");
+                assert!(decode_msg_header(bytes, |_| {}).is_err(), "id {id}: {bytes:?}");
             }
         }
     }

@@ -371,28 +371,46 @@ pub fn replay(log: Log, clock: &Clock) -> Result<Recovered, String> {
             .unwrap_or_else(|_| format!("{} at log offset {offset}", log.dir().display()));
         format!("storage: {place}: {e}")
     };
-    // Messages are the bulk of a log: only their headers are read here, and their PUBLISH frames
-    // are decoded (from the mapping, below) only for messages still queued.
-    // Every message's targets live in one vector (`targets`), each message holding its range:
-    // one allocation per message, and its free, were a fifth of the replay of a large backlog.
+    // Messages are the bulk of a log: only their headers are read here (in place, from the
+    // mapping), and their PUBLISH frames are decoded only for messages in flight. Their targets
+    // are not kept: the second pass below reads them again from the mapping, where they are
+    // already, instead of copying millions of them into fresh memory.
     let mut records = Vec::new();
     let stored = log.stats().records as usize;
-    let mut msgs: Vec<(u64, Offset, std::ops::Range<usize>, u64)> = Vec::with_capacity(stored);
-    let mut all_targets: Vec<super::records::Target> = Vec::with_capacity(stored);
+    // (id, offset, expiry in Unix ms) of every message record, in log order.
+    let mut msgs: Vec<(u64, Offset, u64)> = Vec::with_capacity(stored);
+    // Whether message ids ascend in log order (no compaction copies): then no sort is needed.
+    let mut ascending = true;
+    let mut max_uid = 0u64;
+    // Targets per session, to size each live session's backlog once.
+    let mut backlog_sizes: IdMap<usize> = IdMap::default();
+    let mut last_uid = (0u64, 0usize);
     for item in log.iter_after_open() {
         let (offset, bytes) = item.map_err(|e| format!("storage: {e}"))?;
         if bytes.first() == Some(&KIND_MSG) {
-            let start = all_targets.len();
-            let (id, expires_at_ms) =
-                decode_msg_header(bytes, &mut all_targets).map_err(|e| place(&log, offset, e))?;
-            msgs.push((id, offset, start..all_targets.len(), expires_at_ms));
+            let (id, expires_at_ms) = decode_msg_header(bytes, |target| {
+                // Consecutive messages mostly go to the same sessions: count in runs.
+                if target.uid != last_uid.0 {
+                    if last_uid.1 > 0 {
+                        *backlog_sizes.entry(last_uid.0).or_default() += last_uid.1;
+                    }
+                    last_uid = (target.uid, 0);
+                }
+                last_uid.1 += 1;
+                max_uid = max_uid.max(target.uid);
+            })
+            .map_err(|e| place(&log, offset, e))?;
+            ascending &= msgs.last().is_none_or(|last| last.0 < id);
+            msgs.push((id, offset, expires_at_ms));
             continue;
         }
         records.push((offset, decode_rec(bytes).map_err(|e| place(&log, offset, e))?));
     }
+    if last_uid.1 > 0 {
+        *backlog_sizes.entry(last_uid.0).or_default() += last_uid.1;
+    }
     let mut store = Store::empty(log);
-    let mut max_uid = 0u64;
-    let mut max_msg = 0u64;
+    let mut max_msg = msgs.iter().map(|m| m.0).max().unwrap_or(0);
     let mut max_retain_seq = 0u64;
     let mut snapshots: IdMap<Vec<(Offset, SessionRec)>> = IdMap::default();
     let mut gones: Vec<(Offset, u64)> = Vec::new();
@@ -442,10 +460,6 @@ pub fn replay(log: Log, clock: &Clock) -> Result<Recovered, String> {
             }
         }
     }
-    for (id, _, targets, _) in &msgs {
-        max_msg = max_msg.max(*id);
-        max_uid = all_targets[targets.clone()].iter().map(|t| t.uid).fold(max_uid, u64::max);
-    }
     store.next_uid = max_uid + 1;
     store.next_msg_id = max_msg + 1;
     store.next_retain_seq = max_retain_seq + 1;
@@ -486,103 +500,143 @@ pub fn replay(log: Log, clock: &Clock) -> Result<Recovered, String> {
 
     // Messages: targets that are live sessions without a `Done`; the rest is released.
     // Queue order is message id order; the newest copy of each id wins.
-    let mut order: Vec<(u64, usize)> = msgs.iter().enumerate().map(|(index, m)| (m.0, index)).collect();
-    order.sort_unstable();
-    let mut newest: Vec<usize> = Vec::with_capacity(order.len());
-    for (position, &(id, index)) in order.iter().enumerate() {
-        match order.get(position + 1) {
-            Some(&(next_id, _)) if next_id == id => store.ack(msgs[index].1),
-            _ => newest.push(index),
+    // The indexes into `msgs` to replay, in id order: all of them when ids ascend.
+    let newest: Vec<usize> = if ascending {
+        Vec::new()
+    } else {
+        let mut order: Vec<(u64, usize)> = msgs.iter().enumerate().map(|(index, m)| (m.0, index)).collect();
+        order.sort_unstable();
+        let mut newest = Vec::with_capacity(order.len());
+        for (position, &(id, index)) in order.iter().enumerate() {
+            match order.get(position + 1) {
+                Some(&(next_id, _)) if next_id == id => store.ack(msgs[index].1),
+                _ => newest.push(index),
+            }
         }
-    }
-    store.msgs.reserve(newest.len());
-    // Each live session's backlog at its final size, so 2 M entries are not copied as it doubles.
-    let mut backlog_sizes: IdMap<usize> = IdMap::default();
-    for &index in &newest {
-        for target in &all_targets[msgs[index].2.clone()] {
-            *backlog_sizes.entry(target.uid).or_default() += 1;
-        }
-    }
+        newest
+    };
+    store.msgs.reserve(msgs.len());
+    // Each live session's backlog at its final size (at most: counted over every copy), so 2 M
+    // entries are not copied as it doubles.
     for (uid, session) in live.iter_mut() {
         session.backlog.reserve(backlog_sizes.get(uid).copied().unwrap_or(0));
     }
-    let mut remaining: Vec<super::records::Target> = Vec::new();
-    for index in newest {
-        let (id, offset, targets, expires_at_ms) = msgs[index].clone();
-        let records = aux.remove(&id).unwrap_or_default();
-        let done = |uid: u64| records.iter().any(|r| r.0 == KIND_DONE && r.1 == uid);
-        remaining.clear();
-        if !expired(expires_at_ms, clock) {
-            for target in &mut all_targets[targets] {
-                if live.contains_key(&target.uid) && !done(target.uid) {
-                    remaining.push(super::records::Target {
-                        subscription_ids: std::mem::take(&mut target.subscription_ids),
-                        ..*target
-                    });
+    drop(backlog_sizes);
+    // The message records again, in id order: from a second sequential pass over the mapping
+    // when ids ascend (no checksums again, no index lookups), else one by one by offset. The log
+    // is only read here; the acknowledgements and tombstones it owes wait until the pass is over.
+    let mut acks: Vec<Offset> = Vec::new();
+    let mut tombs: Vec<(Offset, Offset)> = Vec::new();
+    {
+        let log = &store.log;
+        let mut sequential = ascending.then(|| log.iter_after_open());
+        let mut sorted = newest.into_iter();
+        let mut position = 0usize;
+        let mut remaining: Vec<super::records::Target> = Vec::new();
+        loop {
+            let (index, bytes) = match sequential.as_mut() {
+                Some(iter) => {
+                    let Some(item) = iter.next() else { break };
+                    let (at, bytes) = item.map_err(|e| format!("storage: {e}"))?;
+                    if bytes.first() != Some(&KIND_MSG) {
+                        continue;
+                    }
+                    position += 1;
+                    if msgs.get(position - 1).map(|m| m.1) != Some(at) {
+                        return Err(format!(
+                            "storage: {}: the log changed during recovery",
+                            log.dir().display()
+                        ));
+                    }
+                    (position - 1, bytes)
                 }
-            }
-        }
-        if remaining.is_empty() {
-            store.ack(offset);
-            for (kind, _, aux_offset, _) in records {
-                if kind == KIND_DONE {
-                    store.park_tombstone(aux_offset, offset);
-                } else {
-                    store.ack(aux_offset);
+                None => {
+                    let Some(index) = sorted.next() else { break };
+                    (index, log.read(msgs[index].1).map_err(|e| format!("storage: {e}"))?)
                 }
-            }
-            continue;
-        }
-        let mut kept = Vec::new();
-        for (kind, uid, aux_offset, _) in &records {
-            let pending = remaining.iter().any(|t| t.uid == *uid);
-            if *kind == KIND_DONE || pending {
-                kept.push((*kind, *uid, *aux_offset));
-            } else {
-                store.ack(*aux_offset);
-            }
-        }
-        store.msgs.insert(id, StoredMsg { offset, refs: remaining.len() as u32 });
-        if !kept.is_empty() {
-            store.progress.insert(id, kept);
-        }
-        // Decoded only if some session had it in flight; the others keep it as a backlog entry.
-        let mut msg: Option<Arc<Message>> = None;
-        for target in remaining.drain(..) {
-            let progress = records.iter().filter(|r| r.1 == target.uid);
-            let packet_id = progress.clone().filter(|r| r.0 == KIND_SENT).filter_map(|r| r.3).next_back();
-            let released = progress.clone().any(|r| r.0 == KIND_RELEASED);
-            let session = live.get_mut(&target.uid).expect("remaining targets are live sessions");
-            let Some(packet_id) = packet_id else {
-                session.backlog.push(LazyDelivery::new(
-                    id,
-                    target.qos,
-                    target.retain,
-                    target.subscription_ids,
-                    (expires_at_ms != 0).then(|| clock.to_instant(expires_at_ms)),
-                ));
-                continue;
             };
-            if msg.is_none() {
-                msg = match store.log.read(offset).map(decode_rec) {
-                    Ok(Ok(Rec::Msg { message, .. })) => Some(message_of(message, clock)),
-                    Ok(Ok(_)) => unreachable!("the header said message"),
-                    Ok(Err(e)) => return Err(place(&store.log, offset, e)),
-                    Err(e) => return Err(format!("storage: {e}")),
-                };
+            let (id, offset, expires_at_ms) = msgs[index];
+            // Most messages of a backlog have no progress records at all.
+            let records = if aux.is_empty() { Vec::new() } else { aux.remove(&id).unwrap_or_default() };
+            let done = |uid: u64| records.iter().any(|r| r.0 == KIND_DONE && r.1 == uid);
+            remaining.clear();
+            if !expired(expires_at_ms, clock) {
+                // Validated by the first pass; read again in place.
+                decode_msg_header(bytes, |target| {
+                    if live.contains_key(&target.uid) && !done(target.uid) {
+                        remaining.push(target);
+                    }
+                })
+                .map_err(|e| place(log, offset, e))?;
             }
-            session.deliveries.push(RecoveredDelivery {
-                delivery: Delivery {
-                    msg: msg.clone().expect("decoded above"),
-                    qos: target.qos,
-                    retain: target.retain,
-                    subscription_ids: target.subscription_ids,
-                    stored: id,
-                },
-                packet_id: Some(packet_id),
-                released,
-            });
+            if remaining.is_empty() {
+                acks.push(offset);
+                for (kind, _, aux_offset, _) in records {
+                    if kind == KIND_DONE {
+                        tombs.push((aux_offset, offset));
+                    } else {
+                        acks.push(aux_offset);
+                    }
+                }
+                continue;
+            }
+            let mut kept = Vec::new();
+            for (kind, uid, aux_offset, _) in &records {
+                let pending = remaining.iter().any(|t| t.uid == *uid);
+                if *kind == KIND_DONE || pending {
+                    kept.push((*kind, *uid, *aux_offset));
+                } else {
+                    acks.push(*aux_offset);
+                }
+            }
+            store.msgs.insert(id, StoredMsg { offset, refs: remaining.len() as u32 });
+            if !kept.is_empty() {
+                store.progress.insert(id, kept);
+            }
+            // Decoded only if some session had it in flight; the others keep it as a backlog entry.
+            let mut msg: Option<Arc<Message>> = None;
+            for target in remaining.drain(..) {
+                let progress = records.iter().filter(|r| r.1 == target.uid);
+                let packet_id = progress.clone().filter(|r| r.0 == KIND_SENT).filter_map(|r| r.3).next_back();
+                let released = progress.clone().any(|r| r.0 == KIND_RELEASED);
+                let session = live.get_mut(&target.uid).expect("remaining targets are live sessions");
+                let Some(packet_id) = packet_id else {
+                    session.backlog.push(LazyDelivery::new(
+                        id,
+                        target.qos,
+                        target.retain,
+                        target.subscription_ids,
+                        (expires_at_ms != 0).then(|| clock.to_instant(expires_at_ms)),
+                    ));
+                    continue;
+                };
+                if msg.is_none() {
+                    msg = match decode_rec(bytes) {
+                        Ok(Rec::Msg { message, .. }) => Some(message_of(message, clock)),
+                        Ok(_) => unreachable!("the header said message"),
+                        Err(e) => return Err(place(log, offset, e)),
+                    };
+                }
+                session.deliveries.push(RecoveredDelivery {
+                    delivery: Delivery {
+                        msg: msg.clone().expect("decoded above"),
+                        qos: target.qos,
+                        retain: target.retain,
+                        subscription_ids: target.subscription_ids,
+                        stored: id,
+                    },
+                    packet_id: Some(packet_id),
+                    released,
+                });
+            }
         }
+    }
+    drop(msgs);
+    for offset in acks {
+        store.ack(offset);
+    }
+    for (tomb, target) in tombs {
+        store.park_tombstone(tomb, target);
     }
     // Progress records of messages that are gone.
     for (_, records) in aux {
