@@ -574,6 +574,21 @@ impl Store {
     }
 }
 
+/// A xorshift generator for the store's seeded tests: deterministic per seed, no dependency.
+#[cfg(test)]
+pub(crate) mod test_rng {
+    pub(crate) struct Rng(pub(crate) u64);
+
+    impl Rng {
+        pub(crate) fn below(&mut self, n: u64) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0 % n
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     //! Seeded random operations on a store against a plain model, with crashes (the log abandoned
@@ -628,16 +643,7 @@ mod tests {
         }
     }
 
-    /// A xorshift generator: deterministic per seed, no dependency.
-    struct Rng(u64);
-    impl Rng {
-        fn below(&mut self, n: u64) -> u64 {
-            self.0 ^= self.0 << 13;
-            self.0 ^= self.0 >> 7;
-            self.0 ^= self.0 << 17;
-            self.0 % n
-        }
-    }
+    use super::test_rng::Rng;
 
     /// The model: live sessions with their queued payloads (by message id), and retained topics.
     #[derive(Default, Debug, PartialEq)]

@@ -895,16 +895,7 @@ mod tests {
         );
     }
 
-    /// A xorshift generator: deterministic per seed, no dependency.
-    struct Rng(u64);
-    impl Rng {
-        fn below(&mut self, n: u64) -> u64 {
-            self.0 ^= self.0 << 13;
-            self.0 ^= self.0 >> 7;
-            self.0 ^= self.0 << 17;
-            self.0 % n
-        }
-    }
+    use super::super::test_rng::Rng;
 
     /// Thousands of garbled encodings of every kind (flipped bits, overwritten bytes, runs of
     /// zeros or 0xFF, cut or grown, prefix fixed up so the damage reaches the archive) never
