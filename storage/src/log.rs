@@ -820,6 +820,11 @@ impl Log {
         self.syncer.notify_when_written(offset)
     }
 
+    /// Committed batches waiting for the writer thread (not counting one it is writing).
+    pub fn write_queue_len(&self) -> usize {
+        self.syncer.queue_len()
+    }
+
     /// Whether the log has failed for good (a write, flush or deletion failed): appends are
     /// refused and nothing more becomes written or durable.
     pub fn failed(&self) -> bool {

@@ -90,6 +90,9 @@ struct Shared {
     written: AtomicU64,
     /// The end of what has been flushed.
     synced: AtomicU64,
+    /// The durable end at the failure that stopped the log (`u64::MAX` until then): nothing
+    /// written or flushed after a failure is called durable.
+    frozen: AtomicU64,
     /// A `written` end the owner waits for (0: none): the write that reaches it calls
     /// `on_durable` under every policy (see [`Syncer::notify_when_written`]).
     written_wanted: AtomicU64,
@@ -115,11 +118,24 @@ impl Shared {
         lock(&self.inner)
     }
 
+    /// Stops the log for good: both threads stop at their next round, the durable end stops where
+    /// it is, and the owner is woken (what it holds back for a write is released, and its appends
+    /// report the error).
     fn fail(&self, message: String) {
-        let mut inner = self.lock();
-        inner.error.get_or_insert(message);
-        self.failed.store(true, Ordering::Release);
-        self.progress.notify_all();
+        {
+            let mut inner = self.lock();
+            inner.error.get_or_insert(message);
+            let durable = match self.policy {
+                FsyncPolicy::Never => self.written.load(Ordering::Acquire),
+                _ => self.synced.load(Ordering::Acquire),
+            };
+            self.frozen.fetch_min(durable, Ordering::AcqRel);
+            self.failed.store(true, Ordering::Release);
+            self.progress.notify_all();
+        }
+        if let Some(notify) = &self.on_durable {
+            notify(Offset(self.frozen.load(Ordering::Acquire)));
+        }
     }
 
     /// Writes `batch` (the caller holds the write turn, and every batch committed before it is
@@ -194,12 +210,19 @@ impl Shared {
         {
             let mut inner = self.lock();
             let synced = previous.max(target);
-            let keep_from = inner.segments.len().saturating_sub(1);
-            let mut i = 0;
-            inner.segments.retain(|s| {
-                i += 1;
-                i > keep_from || s.written_end_offset().0 > synced
-            });
+            // A segment leaves the list once it is complete (written up to the next segment's
+            // base: its last batch may still be queued for the writer after a roll) and flushed
+            // to its end. The active segment never leaves.
+            let done: Vec<bool> = inner
+                .segments
+                .windows(2)
+                .map(|pair| {
+                    let end = pair[0].written_end_offset();
+                    end >= pair[1].base && end.0 <= synced
+                })
+                .collect();
+            let mut done = done.into_iter();
+            inner.segments.retain(|_| !done.next().unwrap_or(false));
             self.progress.notify_all();
         }
         if target > previous && self.policy != FsyncPolicy::Never {
@@ -243,8 +266,9 @@ impl Shared {
 
     /// One round of the writer thread: writes the queued batches. Returns whether it should stop.
     fn write_round(&self) -> Result<bool> {
-        if self.lock().shutdown {
-            // Stopping is a crash as far as durability goes: write nothing more.
+        if self.lock().shutdown || self.failed.load(Ordering::Acquire) {
+            // Stopping is a crash as far as durability goes: write nothing more. After a failure
+            // of either thread, nothing more either (the kernel may have dropped pages).
             return Ok(true);
         }
         if self.write_queued(None)? && self.flusher_wanted() {
@@ -275,6 +299,10 @@ impl Shared {
     /// One round of the flusher thread: flushes per policy, deletes, prepares the spare. Returns
     /// whether it should stop.
     fn flush_round(&self, next_tick: &mut Instant) -> Result<bool> {
+        if self.failed.load(Ordering::Acquire) {
+            // The writer failed: flush and delete nothing more.
+            return Ok(true);
+        }
         if self.lock().shutdown {
             // Flush nothing more; apply only the deletions whose flush already happened.
             self.apply_deletes()?;
@@ -426,6 +454,7 @@ impl Syncer {
             written: AtomicU64::new(end.0),
             synced: AtomicU64::new(end.0),
             written_wanted: AtomicU64::new(0),
+            frozen: AtomicU64::new(u64::MAX),
             owner_writes: AtomicU64::new(0),
             failed: AtomicBool::new(false),
             inner: Mutex::new(Inner { segments: vec![active], ..Inner::default() }),
@@ -441,7 +470,8 @@ impl Syncer {
             .map_err(|e| Error::io(&dir, e))?;
         syncer.threads.push(writer);
         let flusher_shared = Arc::clone(&shared);
-        // Published before the flusher's first round, so that the writer can always wake it.
+        // Set right after the spawn, possibly after the flusher's first round: harmless, because
+        // nothing can ask for the flusher (a commit, a deletion, a wait) before `start` returns.
         let flusher = thread::Builder::new()
             .name("shardmq-log-sync".into())
             .spawn(move || run_flusher(flusher_shared))
@@ -541,10 +571,11 @@ impl Syncer {
     /// The end of what the policy treats as durable: what was flushed, or under `Never`
     /// everything written to the file.
     pub(crate) fn durable(&self) -> Offset {
-        match self.shared.policy {
+        let end = match self.shared.policy {
             FsyncPolicy::Never => self.written(),
             _ => self.synced(),
-        }
+        };
+        Offset(end.0.min(self.shared.frozen.load(Ordering::Acquire)))
     }
 
     /// The end of what is in the file (survives a crash of the process).
@@ -573,6 +604,11 @@ impl Syncer {
     /// Batches the owner wrote itself because the queue was full.
     pub(crate) fn owner_writes(&self) -> u64 {
         self.shared.owner_writes.load(Ordering::Relaxed)
+    }
+
+    /// Committed batches not yet taken by the writer.
+    pub(crate) fn queue_len(&self) -> usize {
+        lock(&self.shared.queue).len()
     }
 
     /// Whether a write, flush or deletion failed (the log accepts nothing more). One atomic load.
