@@ -280,6 +280,41 @@ impl Outbox {
     }
 }
 
+/// Connection writers holding output until the shard's log has written up to an offset, in
+/// ascending order of that offset, so the nearest is the front and the written ones leave from
+/// it. Bound: a writer waits for one end at a time and registers again only after this queue
+/// woke it, so there is at most one entry per connection (the listeners' connection limits).
+#[derive(Debug, Default)]
+struct WrittenWaiters(VecDeque<(Offset, Waker)>);
+
+impl WrittenWaiters {
+    /// Adds `waker` for `end`. Ends nearly always arrive in ascending order (they are the log's
+    /// end when the writer filled its output); one that does not is put in its place.
+    fn register(&mut self, end: Offset, waker: &Waker) {
+        if let Some(last) = self.0.back_mut() {
+            if last.1.will_wake(waker) {
+                last.0 = last.0.max(end);
+                return;
+            }
+        }
+        let at = self.0.partition_point(|(e, _)| *e <= end);
+        self.0.insert(at, (end, waker.clone()));
+    }
+
+    /// The smallest end anyone waits for.
+    fn nearest(&self) -> Option<Offset> {
+        self.0.front().map(|(end, _)| *end)
+    }
+
+    /// Wakes (and forgets) every waiter whose end is at most `written`.
+    fn wake_until(&mut self, written: Offset) {
+        while self.0.front().is_some_and(|(end, _)| *end <= written) {
+            let (_, waker) = self.0.pop_front().expect("front checked");
+            waker.wake();
+        }
+    }
+}
+
 /// Who waits for the store to become durable up to an offset.
 #[derive(Debug, Clone, Copy)]
 enum Waiter {
@@ -391,8 +426,8 @@ pub struct Shard {
     /// Answers to other shards' tokens, sent in one mesh message per shard per batch.
     durable_replies: Vec<Vec<(u64, bool)>>,
     /// Writers holding output back until the log has written up to an offset (see
-    /// [`Shard::wait_written`]). At most one entry per connection's writer.
-    written_waiters: Vec<(Offset, Waker)>,
+    /// [`Shard::wait_written`]).
+    written_waiters: WrittenWaiters,
     fill_events: Vec<FillEvent>,
     /// Reused between publishes: the deliveries of one message on this shard.
     deliveries: Vec<(SessionKey, Delivery, bool)>,
@@ -491,7 +526,7 @@ impl Shard {
             ack_tokens: HashMap::new(),
             durable_waiters: VecDeque::new(),
             durable_replies: vec![Vec::new(); shard_count],
-            written_waiters: Vec::new(),
+            written_waiters: WrittenWaiters::default(),
             fill_events: Vec::new(),
             deliveries: Vec::new(),
         };
@@ -740,6 +775,7 @@ impl Shard {
             tracing::info!(
                 shard = self.id.0,
                 appends = c.appends,
+                owner_writes = store.log().stats().owner_writes,
                 append_failures = c.append_failures,
                 stalls_over_100us = c.append_stalls_100us,
                 stalls_over_1ms = c.append_stalls_1ms,
@@ -1731,41 +1767,30 @@ impl Shard {
     /// true (registering nothing) if it has already.
     pub fn wait_written(&mut self, end: Offset, waker: &Waker) -> bool {
         let Some(store) = self.store.as_mut() else { return true };
-        // Hand the records to the log's writer now rather than at the end of the loop turn: a
-        // writer is waiting for them.
-        store.commit();
+        // A writer waits for these records: hand them to the log's writer now if it is idle.
+        store.commit_for_waiter();
         if store.notify_when_written(end) {
             return true;
         }
-        match self.written_waiters.iter_mut().find(|(_, w)| w.will_wake(waker)) {
-            Some(entry) => entry.0 = entry.0.max(end),
-            None => self.written_waiters.push((end, waker.clone())),
-        }
+        self.written_waiters.register(end, waker);
         // The log keeps one wish: the nearest end anyone waits for.
-        let nearest = self.written_waiters.iter().map(|(end, _)| *end).min().unwrap_or(end);
-        if nearest < end && store.notify_when_written(nearest) {
-            self.poll_written();
+        match self.written_waiters.nearest() {
+            Some(nearest) if nearest < end && store.notify_when_written(nearest) => self.poll_written(),
+            _ => {}
         }
         false
     }
 
-    /// Wakes the writers whose output the log has now written, and asks the log to wake the shard
-    /// for the nearest of the others.
+    /// Wakes the writers whose output the log has now written (all of them if the log failed:
+    /// it writes nothing more), and asks the log to wake the shard for the nearest of the others.
     fn poll_written(&mut self) {
         let Some(store) = self.store.as_ref() else { return };
-        while !self.written_waiters.is_empty() {
-            let written = store.log().written_offset();
-            let failed = store.log().failed();
-            self.written_waiters.retain(|(end, waker)| {
-                let done = failed || *end <= written;
-                if done {
-                    waker.wake_by_ref();
-                }
-                !done
-            });
-            let Some(nearest) = self.written_waiters.iter().map(|(end, _)| *end).min() else { break };
+        loop {
+            let written = if store.log().failed() { Offset(u64::MAX) } else { store.log().written_offset() };
+            self.written_waiters.wake_until(written);
+            let Some(nearest) = self.written_waiters.nearest() else { return };
             if !store.notify_when_written(nearest) {
-                break;
+                return;
             }
         }
     }
@@ -2652,7 +2677,7 @@ impl Shard {
 
     /// Encodes what session `key` owes connection `conn` into `out`. Returns false when the
     /// connection no longer owns the session. The writer sends `out` once
-    /// [`Shard::output_hold`] lets it.
+    /// [`Shard::output_held`] and [`Shard::unwritten_visible`] let it.
     pub fn fill_output(&mut self, key: SessionKey, conn: ConnId, out: &mut BytesMut, now: Instant) -> bool {
         let budget = self.cfg.write_buffer_bytes_max;
         let inflight_max = self.cfg.inflight_count_max;
@@ -2705,5 +2730,60 @@ impl Shard {
                 conn.close(Some(reason));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicUsize;
+    use std::task::Wake;
+
+    use super::*;
+
+    /// A waker that counts its wakes.
+    struct Counter(AtomicUsize);
+
+    impl Wake for Counter {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn counter() -> (Arc<Counter>, Waker) {
+        let counter = Arc::new(Counter(AtomicUsize::new(0)));
+        (counter.clone(), Waker::from(counter))
+    }
+
+    fn wakes(counter: &Counter) -> usize {
+        counter.0.load(Ordering::Relaxed)
+    }
+
+    /// Writers are woken exactly when the log has written their end, in any order they registered
+    /// in; the nearest end is the one the log is asked to report; a writer registering again
+    /// raises its entry instead of adding one.
+    #[test]
+    fn written_waiters_wake_each_writer_once_its_end_is_written() {
+        let mut waiters = WrittenWaiters::default();
+        let (a, wa) = counter();
+        let (b, wb) = counter();
+        let (c, wc) = counter();
+        waiters.register(Offset(100), &wa);
+        waiters.register(Offset(300), &wb);
+        // Out of order: put in its place.
+        waiters.register(Offset(200), &wc);
+        assert_eq!(waiters.nearest(), Some(Offset(100)));
+        waiters.wake_until(Offset(99));
+        assert_eq!((wakes(&a), wakes(&b), wakes(&c)), (0, 0, 0), "nothing written far enough");
+        waiters.wake_until(Offset(200));
+        assert_eq!((wakes(&a), wakes(&b), wakes(&c)), (1, 0, 1), "100 and 200 are written");
+        assert_eq!(waiters.nearest(), Some(Offset(300)));
+        // The newest writer again (it was woken for another reason and waits further): one entry.
+        waiters.register(Offset(400), &wb);
+        assert_eq!(waiters.0.len(), 1);
+        waiters.wake_until(Offset(399));
+        assert_eq!(wakes(&b), 0, "its end is now 400");
+        waiters.wake_until(Offset(u64::MAX));
+        assert_eq!((wakes(&a), wakes(&b), wakes(&c)), (1, 1, 1), "each woken once");
+        assert_eq!(waiters.nearest(), None);
     }
 }

@@ -231,8 +231,8 @@ impl Store {
     /// Records the broker answers without waiting for durability must still survive a crash of
     /// the process before the client sees their effect: a delivery's `Sent` and `Released`
     /// (before the PUBLISH or PUBREL leaves; a crash that lost the record of a delivery the
-    /// client received would send the message again without DUP), and session snapshots and
-    /// ends (before the CONNACK or the close). Marks the record just appended as one of them.
+    /// client received would send the message again without DUP), an `InboundDone` (before the
+    /// PUBCOMP), and session snapshots and ends (before the CONNACK or the close). Marks the record just appended as one of them.
     fn mark_visible(&mut self) {
         self.visible_end = self.log.end_offset();
     }
@@ -251,6 +251,16 @@ impl Store {
     /// shard (through the log's durable notification), and this returns false.
     pub fn notify_when_written(&self, end: Offset) -> bool {
         self.log.failed() || self.log.notify_when_written(end)
+    }
+
+    /// Commits now if the log's writer has nothing queued: a connection's writer waits for the
+    /// records, and they go out at once instead of at the end of the turn. With the writer busy,
+    /// the turn's commit takes them, so waiting connections never split the turn into many small
+    /// batches (which could fill the write queue, whose overflow is a `pwrite` on this thread).
+    pub fn commit_for_waiter(&mut self) {
+        if self.log.write_queue_len() == 0 {
+            self.commit();
+        }
     }
 
     /// Counts a call on the log that held the shard's thread for 100 us or more.
@@ -474,6 +484,10 @@ impl Store {
             Ok(tomb) => {
                 self.next_retain_seq += 1;
                 self.park_tombstone(tomb, old);
+                // The PUBCOMP that follows waits until this is written: after a kill -9 that
+                // lost it, the id would come back as pending, and the client's next QoS 2
+                // PUBLISH reusing it would be acknowledged but never routed.
+                self.mark_visible();
             }
             // Without it, a restart keeps the packet id as pending: a later PUBLISH reusing it
             // would be acknowledged without being routed until the client's PUBREL. Logged.
