@@ -687,3 +687,54 @@ impl Drop for Syncer {
         self.stop();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::format::SEGMENT_HEADER_LEN_BYTES;
+    use crate::SegmentId;
+
+    fn shared(dir: &std::path::Path, segments: Vec<Arc<Segment>>) -> Shared {
+        Shared {
+            policy: FsyncPolicy::Always,
+            dir: dir.to_path_buf(),
+            queue: Mutex::new(VecDeque::new()),
+            queue_max: 8,
+            write_turn: Mutex::new(()),
+            written: AtomicU64::new(0),
+            synced: AtomicU64::new(0),
+            written_wanted: AtomicU64::new(0),
+            frozen: AtomicU64::new(u64::MAX),
+            owner_writes: AtomicU64::new(0),
+            failed: AtomicBool::new(false),
+            inner: Mutex::new(Inner { segments, ..Inner::default() }),
+            progress: Condvar::new(),
+            on_durable: None,
+            flusher: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// A segment whose last batch is still queued for the writer after a roll (written up to 100
+    /// of its 200 bytes of records, the next segment starting at 200) stays in the flush list when
+    /// a flush reaches its written end, so that its tail is flushed once written; it leaves once
+    /// complete and flushed. The list used to drop it at the first flush of its written end (this
+    /// test fails with that rule).
+    #[test]
+    fn a_segment_stays_in_the_flush_list_until_its_tail_is_written_and_flushed() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = Arc::new(Segment::create(dir.path(), SegmentId(1), Offset(0), 4096).unwrap());
+        let b = Arc::new(Segment::create(dir.path(), SegmentId(2), Offset(200), 4096).unwrap());
+        let header = SEGMENT_HEADER_LEN_BYTES;
+        a.write_at(header, &[1u8; 100]).unwrap();
+        let shared = shared(dir.path(), vec![a.clone(), b]);
+        shared.written.store(100, Ordering::SeqCst);
+        shared.flush_to(100).unwrap();
+        assert_eq!(shared.synced.load(Ordering::SeqCst), 100);
+        assert!(shared.lock().segments.iter().any(|s| Arc::ptr_eq(s, &a)), "its tail is not written yet");
+        // The writer writes the tail; the next flush covers it, and then the segment leaves.
+        a.write_at(header + 100, &[2u8; 100]).unwrap();
+        shared.written.store(200, Ordering::SeqCst);
+        shared.flush_to(200).unwrap();
+        assert_eq!(shared.lock().segments.len(), 1, "complete and flushed: only the active segment is left");
+    }
+}
