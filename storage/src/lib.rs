@@ -256,9 +256,12 @@ pub struct Config {
     /// `pwrite`). Default 64 KiB (`BENCH.md`: batched 64 KiB writes beat the mapping); at least
     /// 4 KiB. A record larger than the buffer is staged alone.
     pub write_buffer_bytes: usize,
-    /// How many committed buffers may wait for the sync thread to write them; when full, the owner
-    /// writes them itself. Default 8 (512 KiB with the default buffer); at least 1. The log holds
-    /// at most this many plus two buffers (plus the one being filled).
+    /// How many committed buffers may wait for the writer thread; when full, the owner writes them
+    /// itself. Default 32 (2 MiB with the default buffer; most batches are far smaller than the
+    /// buffer, which is recycled); at least 1. The log holds at most this many plus two buffers
+    /// (plus the one being filled). With 8, a 2-core machine shared with the load generator
+    /// overflowed it 7-284 times per `perf/persist.sh` run (the writer not scheduled in time);
+    /// with 32, 0-6 times.
     pub write_queue_batches: usize,
 }
 
@@ -271,7 +274,7 @@ impl Default for Config {
             record_len_max_bytes: 1024 * 1024,
             on_durable: None,
             write_buffer_bytes: 64 * 1024,
-            write_queue_batches: 8,
+            write_queue_batches: 32,
         }
     }
 }
