@@ -67,79 +67,58 @@ impl Message {
 
 /// A stored message queued for a session whose bytes stay in the store until the session's
 /// connection is ready for it (messages recovered at start-up): a queue of millions of them costs
-/// 32 bytes each in memory, and recovery does not decode them.
+/// 16 bytes each in memory, and recovery does not decode them. Its expiry is the message's own,
+/// checked when the message is read back (recovery drops what expired while the broker was down).
 #[derive(Debug, Clone)]
 pub struct LazyDelivery {
-    /// Id of the `Msg` record in the home shard's store.
-    pub stored: u64,
+    /// The id of the `Msg` record in the home shard's store (bits 0-60: ids count up from 1 per
+    /// log and never come near 2^61), the delivery's QoS (bits 61-62) and retain flag (bit 63).
+    packed: u64,
     /// Subscription identifiers: almost always none, and then no allocation. Boxed on purpose:
     /// a thin pointer is 8 bytes where a `Vec` (or a boxed slice) is 24 (16).
     #[allow(clippy::box_collection)]
     subscription_ids: Option<Box<Vec<u32>>>,
-    /// When the message expires, as signed nanoseconds from [`deadline_base`]; `i64::MIN`: never.
-    expires_at: i64,
-    pub qos: QoS,
-    pub retain: bool,
 }
 
-/// The instant [`LazyDelivery`] deadlines count from (the first use in this process).
-fn deadline_base() -> Instant {
-    static BASE: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
-    *BASE.get_or_init(Instant::now)
-}
+const LAZY_ID_BITS: u32 = 61;
+const LAZY_ID_MASK: u64 = (1 << LAZY_ID_BITS) - 1;
 
 impl LazyDelivery {
-    pub fn new(
-        stored: u64,
-        qos: QoS,
-        retain: bool,
-        subscription_ids: Vec<u32>,
-        expires_at: Option<Instant>,
-    ) -> LazyDelivery {
-        let base = deadline_base();
-        let clamp = |nanos: u128| i64::try_from(nanos).unwrap_or(i64::MAX);
-        let expires_at = expires_at.map_or(i64::MIN, |at| match at.checked_duration_since(base) {
-            Some(after) => clamp(after.as_nanos()),
-            // Before the base (292 years at most): negative, and never the "never" sentinel.
-            None => (-clamp(base.duration_since(at).as_nanos())).max(i64::MIN + 1),
-        });
+    pub fn new(stored: u64, qos: QoS, retain: bool, subscription_ids: Vec<u32>) -> LazyDelivery {
+        debug_assert!(stored <= LAZY_ID_MASK, "message id {stored} does not fit a lazy delivery");
+        let packed = (stored & LAZY_ID_MASK) | (qos as u64) << LAZY_ID_BITS | u64::from(retain) << 63;
         let subscription_ids = (!subscription_ids.is_empty()).then(|| Box::new(subscription_ids));
-        LazyDelivery { stored, subscription_ids, expires_at, qos, retain }
+        LazyDelivery { packed, subscription_ids }
     }
 
     /// A queued delivery put back into the store's keeping (its message stays in the store).
     pub fn from_delivery(delivery: Delivery) -> LazyDelivery {
-        let expires_at = delivery.msg.expires_at;
-        LazyDelivery::new(
-            delivery.stored,
-            delivery.qos,
-            delivery.retain,
-            delivery.subscription_ids,
-            expires_at,
-        )
+        LazyDelivery::new(delivery.stored, delivery.qos, delivery.retain, delivery.subscription_ids)
     }
 
-    pub fn expires_at(&self) -> Option<Instant> {
-        let nanos = std::time::Duration::from_nanos(self.expires_at.unsigned_abs());
-        match self.expires_at {
-            i64::MIN => None,
-            0.. => Some(deadline_base() + nanos),
-            _ => Some(deadline_base().checked_sub(nanos).unwrap_or_else(deadline_base)),
-        }
+    /// The id of the message's `Msg` record in the home shard's store.
+    pub fn stored(&self) -> u64 {
+        self.packed & LAZY_ID_MASK
     }
 
-    pub fn is_expired(&self, now: Instant) -> bool {
-        self.expires_at().is_some_and(|at| at <= now)
+    pub fn qos(&self) -> QoS {
+        // Two bits written from a `QoS`: 0, 1 or 2.
+        QoS::from_u8((self.packed >> LAZY_ID_BITS) as u8 & 3).unwrap_or(QoS::AtMostOnce)
+    }
+
+    pub fn retain(&self) -> bool {
+        self.packed >> 63 != 0
     }
 
     /// The delivery of `msg`, the message this entry stands for, once read from the store.
     pub fn into_delivery(self, msg: Arc<Message>) -> Delivery {
+        let (qos, retain, stored) = (self.qos(), self.retain(), self.stored());
         Delivery {
             msg,
-            qos: self.qos,
-            retain: self.retain,
+            qos,
+            retain,
             subscription_ids: self.subscription_ids.map(|ids| *ids).unwrap_or_default(),
-            stored: self.stored,
+            stored,
         }
     }
 }
@@ -166,19 +145,14 @@ mod tests {
     #[test]
     fn a_lazy_delivery_is_small_and_keeps_what_it_was_given() {
         // Recovery holds one per queued message of every offline session: millions.
-        assert!(std::mem::size_of::<LazyDelivery>() <= 32, "{}", std::mem::size_of::<LazyDelivery>());
-        let now = Instant::now();
-        let later = now + Duration::from_secs(90);
-        let lazy = LazyDelivery::new(7, QoS::ExactlyOnce, true, vec![3, 9], Some(later));
-        assert_eq!(lazy.expires_at(), Some(later));
-        assert!(!lazy.is_expired(now));
-        assert!(lazy.is_expired(later));
-        let never = LazyDelivery::new(8, QoS::AtLeastOnce, false, Vec::new(), None);
-        assert_eq!(never.expires_at(), None);
-        assert!(!never.is_expired(now + Duration::from_secs(1_000_000)));
-        // A deadline before the process's base instant is already past.
-        let past = now.checked_sub(Duration::from_secs(3600)).unwrap_or(now);
-        assert!(LazyDelivery::new(9, QoS::AtLeastOnce, false, Vec::new(), Some(past)).is_expired(now));
+        assert_eq!(std::mem::size_of::<LazyDelivery>(), 16);
+        let later = Instant::now() + Duration::from_secs(90);
+        let lazy = LazyDelivery::new(7, QoS::ExactlyOnce, true, vec![3, 9]);
+        assert_eq!((lazy.stored(), lazy.qos(), lazy.retain()), (7, QoS::ExactlyOnce, true));
+        for (id, qos, retain) in [(1, QoS::AtMostOnce, false), (LAZY_ID_MASK, QoS::AtLeastOnce, true)] {
+            let l = LazyDelivery::new(id, qos, retain, Vec::new());
+            assert_eq!((l.stored(), l.qos(), l.retain()), (id, qos, retain));
+        }
         let msg = Arc::new(Message {
             tenant: TenantId::default(),
             topic: shardmq_protocol::Utf8::new("t").unwrap(),
@@ -193,6 +167,6 @@ mod tests {
         assert_eq!((delivery.stored, delivery.qos, delivery.retain), (7, QoS::ExactlyOnce, true));
         assert_eq!(delivery.subscription_ids, vec![3, 9]);
         let back = LazyDelivery::from_delivery(delivery);
-        assert_eq!((back.stored, back.expires_at()), (7, Some(later)));
+        assert_eq!((back.stored(), back.qos(), back.retain()), (7, QoS::ExactlyOnce, true));
     }
 }

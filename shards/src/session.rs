@@ -368,7 +368,7 @@ impl Session {
         }
         let window = self.window(inflight_count_max);
         while out.len() < budget_bytes {
-            let Some(front_qos) = self.backlog.front().map(|l| l.qos).or(self.queue.front().map(|d| d.qos))
+            let Some(front_qos) = self.backlog.front().map(|l| l.qos()).or(self.queue.front().map(|d| d.qos))
             else {
                 break;
             };
@@ -377,13 +377,13 @@ impl Session {
             }
             let delivery = match self.backlog.pop_front() {
                 Some(lazy) => {
-                    let loaded = if lazy.is_expired(now) { None } else { load(lazy.stored) };
-                    match loaded {
+                    // Its expiry is checked below, on the message read back.
+                    match load(lazy.stored()) {
                         Some(msg) => lazy.into_delivery(msg),
                         None => {
-                            // Expired, or unreadable (counted and logged by the store).
+                            // Unreadable (counted and logged by the store).
                             stats.dropped_expired += 1;
-                            events.push(FillEvent::Dropped { stored: lazy.stored });
+                            events.push(FillEvent::Dropped { stored: lazy.stored() });
                             continue;
                         }
                     }

@@ -1183,7 +1183,7 @@ impl Shard {
         let queued = session.queue.iter_mut().map(|d| &mut d.stored);
         let inflight = session.inflight.values_mut().map(|i| &mut i.delivery.stored);
         // A backlog is stored by definition: without its store entry it is nothing.
-        let backlog = session.backlog.drain(..).map(|l| l.stored).collect::<Vec<_>>();
+        let backlog = session.backlog.drain(..).map(|l| l.stored()).collect::<Vec<_>>();
         for id in backlog {
             store.release(uid, id, true);
         }
@@ -2487,7 +2487,7 @@ impl Shard {
                     }
                     QueueFullPolicy::DropOldest => {
                         evicted = match session.backlog.pop_front() {
-                            Some(lazy) => Some(lazy.stored),
+                            Some(lazy) => Some(lazy.stored()),
                             None => session.queue.pop_front().map(|d| d.stored),
                         };
                     }

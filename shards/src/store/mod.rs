@@ -790,15 +790,16 @@ mod tests {
                     let mut payloads = BTreeSet::new();
                     let eager = s.deliveries.iter().map(|d| (d.delivery.stored, d.delivery.msg.clone()));
                     let lazy = s.backlog.iter().map(|l| {
-                        let msg = recovered.store.load(l.stored, &clock).expect("a backlog entry reads back");
-                        (l.stored, msg)
+                        let msg =
+                            recovered.store.load(l.stored(), &clock).expect("a backlog entry reads back");
+                        (l.stored(), msg)
                     });
                     // Each queue in message id order (the order the messages were queued in),
                     // and no message twice: compaction copies must not come back as extra
                     // entries or out of place.
                     for ids in [
                         s.deliveries.iter().map(|d| d.delivery.stored).collect::<Vec<_>>(),
-                        s.backlog.iter().map(|l| l.stored).collect(),
+                        s.backlog.iter().map(|l| l.stored()).collect(),
                     ] {
                         assert!(
                             ids.windows(2).all(|w| w[0] < w[1]),

@@ -270,7 +270,7 @@ fn rehome(cfg: &BrokerConfig, generation: u64, old_cores: usize) -> Result<u64, 
         // The backlogs are read now: the old generation goes away.
         for session in &mut recovered.sessions {
             for lazy in std::mem::take(&mut session.backlog) {
-                let Some(msg) = recovered.store.load(lazy.stored, &clock) else { continue };
+                let Some(msg) = recovered.store.load(lazy.stored(), &clock) else { continue };
                 session.deliveries.push(RecoveredDelivery {
                     delivery: lazy.into_delivery(msg),
                     packet_id: None,
@@ -606,7 +606,6 @@ pub fn replay(log: Log, clock: &Clock) -> Result<Recovered, String> {
                         target.qos,
                         target.retain,
                         target.subscription_ids,
-                        (expires_at_ms != 0).then(|| clock.to_instant(expires_at_ms)),
                     ));
                     continue;
                 };
