@@ -1145,7 +1145,7 @@ mod tests {
 
     const READ_LOOP_BYTES_MAX: usize = 512;
     const WRITE_TASK_BYTES_MAX: usize = 512;
-    const SESSION_BYTES_MAX: usize = 512;
+    const SESSION_BYTES_MAX: usize = 416;
     const CONNECT_PHASE_BYTES_MAX: usize = 1408;
     const CONN_SHARED_BYTES_MAX: usize = 136;
 

@@ -182,6 +182,14 @@ pub struct FillStats {
     pub dropped_too_large: u64,
 }
 
+/// A connection's MQTT 5 topic aliases: incoming (alias -> topic) and outgoing (topic -> alias).
+/// Both are bounded by the Topic Alias Maximum each side announced.
+#[derive(Debug, Default)]
+pub struct TopicAliases {
+    pub inbound: HashMap<u16, Utf8>,
+    pub outbound: HashMap<Utf8, u16>,
+}
+
 /// A client session. See the module docs for ownership and bounds.
 #[derive(Debug)]
 pub struct Session {
@@ -218,9 +226,9 @@ pub struct Session {
     pub client_packet_size_max: u32,
     pub client_topic_alias_max: u16,
     pub request_problem_information: bool,
-    /// Per connection: incoming topic aliases (alias -> topic) and outgoing (topic -> alias).
-    pub aliases_in: HashMap<u16, Utf8>,
-    pub aliases_out: HashMap<Utf8, u16>,
+    /// Per connection: its topic aliases, absent until the first is used (most clients use none,
+    /// and two empty maps would add 96 bytes to every idle connection).
+    pub aliases: Option<Box<TopicAliases>>,
     /// The tenant's settings as of the current connection's CONNECT, and the tenant's shared state.
     pub settings: Arc<TenantSettings>,
     pub tenant_state: Arc<TenantState>,
@@ -260,8 +268,7 @@ impl Session {
             client_packet_size_max: u32::MAX,
             client_topic_alias_max: 0,
             request_problem_information: true,
-            aliases_in: HashMap::new(),
-            aliases_out: HashMap::new(),
+            aliases: None,
             settings: placeholder_settings(),
             tenant_state: placeholder_tenant_state(),
             username: None,
@@ -465,13 +472,13 @@ impl Session {
             properties.subscription_identifiers = delivery.subscription_ids.clone();
             publish.properties = properties;
             if self.client_topic_alias_max > 0 {
-                match self.aliases_out.get(&msg.topic) {
+                match self.aliases.as_ref().and_then(|a| a.outbound.get(&msg.topic)) {
                     Some(alias) => {
                         publish.properties.topic_alias = Some(*alias);
                         publish.topic = Utf8::default();
                     }
                     None => {
-                        let next = self.aliases_out.len() + 1;
+                        let next = self.aliases.as_ref().map_or(0, |a| a.outbound.len()) + 1;
                         if next <= usize::from(self.client_topic_alias_max) {
                             let alias = next as u16;
                             new_alias = Some(alias);
@@ -488,7 +495,7 @@ impl Session {
         }
         encode(&packet, self.version, out).map_err(|_| ())?;
         if let Some(alias) = new_alias {
-            self.aliases_out.insert(msg.topic.clone(), alias);
+            self.aliases.get_or_insert_with(Default::default).outbound.insert(msg.topic.clone(), alias);
         }
         Ok(())
     }

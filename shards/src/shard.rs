@@ -1000,8 +1000,7 @@ impl Shard {
         session.expires_at = None;
         session.conn = Some(conn);
         session.control.clear();
-        session.aliases_in.clear();
-        session.aliases_out.clear();
+        session.aliases = None;
         session.client_receive_maximum = connect.properties.receive_maximum.unwrap_or(u16::MAX);
         session.client_packet_size_max = connect.properties.maximum_packet_size.unwrap_or(u32::MAX);
         session.client_topic_alias_max = connect.properties.topic_alias_maximum.unwrap_or(0);
@@ -1082,8 +1081,7 @@ impl Shard {
         session.conn = None;
         self.enhanced.remove(&key);
         session.control.clear();
-        session.aliases_in.clear();
-        session.aliases_out.clear();
+        session.aliases = None;
         self.stats.connections.fetch_sub(1, Ordering::Relaxed);
         session.tenant_state.connections.fetch_sub(1, Ordering::SeqCst);
         self.cfg.events.event(&Event::Disconnected {
@@ -1407,7 +1405,7 @@ impl Shard {
                 return After::Close { reason: Some(ReasonCode::TopicAliasInvalid), will: true };
             }
             if publish.topic.is_empty() {
-                match session.aliases_in.get(&alias) {
+                match session.aliases.as_ref().and_then(|a| a.inbound.get(&alias)) {
                     Some(topic) => publish.topic = topic.clone(),
                     None => {
                         bump(&self.stats.protocol_errors, 1);
@@ -1415,7 +1413,11 @@ impl Shard {
                     }
                 }
             } else {
-                session.aliases_in.insert(alias, publish.topic.clone());
+                session
+                    .aliases
+                    .get_or_insert_with(Default::default)
+                    .inbound
+                    .insert(alias, publish.topic.clone());
             }
         }
         let packet_id = publish.packet_id.unwrap_or(0);
