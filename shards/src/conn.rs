@@ -353,11 +353,7 @@ pub async fn serve_accepted(
                 properties.authentication_method = connect.properties.authentication_method.clone();
                 properties.authentication_data = outcome.0.clone();
             }
-            let connack = shardmq_protocol::ConnAck { session_present: false, reason, properties };
-            let mut out = BytesMut::new();
-            if connect.protocol.is_v5() || reason.to_v3_connack().is_some() {
-                let _ = encode(&Packet::ConnAck(connack), connect.protocol, &mut out);
-            }
+            let out = refusal_connack(connect.protocol, reason, properties);
             Box::pin(send_and_close(&mut stream, layers, out)).await;
             return;
         }
@@ -433,15 +429,7 @@ async fn refuse_bad_connect(
     bump_malformed(cell);
     debug!(%error, "bad CONNECT");
     let bytes: Option<BytesMut> = match (level, error.v3_action()) {
-        (Some(5), _) => {
-            let mut out = BytesMut::new();
-            let connack = shardmq_protocol::ConnAck {
-                session_present: false,
-                reason: error.reason_code(),
-                properties: Default::default(),
-            };
-            encode(&Packet::ConnAck(connack), ProtocolVersion::V5, &mut out).ok().map(|_| out)
-        }
+        (Some(5), _) => Some(refusal_connack(ProtocolVersion::V5, error.reason_code(), Default::default())),
         (_, V3Action::ConnAck(code)) => Some(BytesMut::from(&[0x20, 0x02, 0x00, code][..])),
         (_, V3Action::Close) => None,
     };
@@ -585,11 +573,23 @@ async fn run_exchange(
 
 /// Answers CONNECT-phase misbehaviour with a v5 CONNACK carrying `reason`, then the layers' goodbye.
 async fn refuse_early(stream: &mut TcpStream, layers: &mut Option<Box<Layers>>, reason: ReasonCode) {
-    let connack =
-        shardmq_protocol::ConnAck { session_present: false, reason, properties: Default::default() };
-    let mut out = BytesMut::new();
-    let _ = encode(&Packet::ConnAck(connack), ProtocolVersion::V5, &mut out);
+    let out = refusal_connack(ProtocolVersion::V5, reason, Default::default());
     send_and_close(stream, layers.take(), out).await;
+}
+
+/// The CONNACK that refuses a connection with `reason`, encoded for `version`. Empty when a 3.x
+/// client cannot be told: a reason without a 3.x return code just closes the connection.
+fn refusal_connack(
+    version: ProtocolVersion,
+    reason: ReasonCode,
+    properties: shardmq_protocol::Properties,
+) -> BytesMut {
+    let mut out = BytesMut::new();
+    if version.is_v5() || reason.to_v3_connack().is_some() {
+        let connack = shardmq_protocol::ConnAck { session_present: false, reason, properties };
+        let _ = encode(&Packet::ConnAck(connack), version, &mut out);
+    }
+    out
 }
 
 /// Writes one packet before the connection is split (the CONNECT phase), through the layers.
@@ -706,11 +706,8 @@ fn start(
             }
             (session, keepalive_secs)
         }
-        ConnectOutcome::Refused(connack) => {
-            let mut out = BytesMut::new();
-            if let Some(connack) = connack {
-                let _ = encode(&Packet::ConnAck(*connack), version, &mut out);
-            }
+        ConnectOutcome::Refused(reason) => {
+            let out = refusal_connack(version, reason, Default::default());
             let layers = shared.layers.borrow_mut().take();
             if !out.is_empty() || layers.is_some() {
                 let mut stream = stream;

@@ -363,8 +363,8 @@ pub enum ConnectOutcome {
         session: SessionKey,
         keepalive_secs: u16,
     },
-    /// Send this CONNACK (if any) and close.
-    Refused(Option<Box<ConnAck>>),
+    /// Refuse with this reason (`conn::refusal_connack`) and close.
+    Refused(ReasonCode),
 }
 
 /// Timer entries: a session's will or expiry may be due at the instant.
@@ -858,14 +858,7 @@ impl Shard {
         now: Instant,
     ) -> ConnectOutcome {
         let version = connect.protocol;
-        let refuse = |reason: ReasonCode| {
-            let connack = ConnAck { session_present: false, reason, properties: Properties::default() };
-            ConnectOutcome::Refused(if version.is_v5() || reason.to_v3_connack().is_some() {
-                Some(Box::new(connack))
-            } else {
-                None
-            })
-        };
+        let refuse = ConnectOutcome::Refused;
         // A copy, not a slice: a slice would keep the connection's first read buffer alive for the
         // life of the session.
         let mut client_id = Utf8::new(connect.client_id.as_str()).unwrap_or_default();
