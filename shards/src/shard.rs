@@ -1281,10 +1281,6 @@ impl Shard {
             return After::Close { reason: None, will: false };
         }
         let v5 = session.version.is_v5();
-        let protocol_error = |shard: &Shard| {
-            bump(&shard.stats.protocol_errors, 1);
-            After::Close { reason: v5.then_some(ReasonCode::ProtocolError), will: true }
-        };
         match packet {
             Packet::Publish(publish) => self.on_publish(key, publish, now),
             Packet::PubAck(ack) => {
@@ -1366,10 +1362,10 @@ impl Shard {
                 After::Continue
             }
             Packet::Disconnect(disconnect) => self.on_disconnect(key, disconnect),
-            Packet::Connect(_) => protocol_error(self),
+            Packet::Connect(_) => self.protocol_error(v5),
             Packet::Auth(auth) => self.on_auth(key, auth),
             Packet::ConnAck(_) | Packet::SubAck(_) | Packet::UnsubAck(_) | Packet::PingResp => {
-                protocol_error(self)
+                self.protocol_error(v5)
             }
         }
     }
@@ -1572,23 +1568,25 @@ impl Shard {
         }
     }
 
+    /// Counts a protocol error and closes the connection, telling a v5 client why (0x82).
+    fn protocol_error(&self, v5: bool) -> After {
+        bump(&self.stats.protocol_errors, 1);
+        After::Close { reason: v5.then_some(ReasonCode::ProtocolError), will: true }
+    }
+
     /// An AUTH from a connected client: a re-authentication (MQTT 5 section 4.12.1) with the
     /// method of its CONNECT, run by the auth provider's exchange. Success answers AUTH 0x00 and
     /// may change the username; a failure, or a tenant other than the session's, disconnects
     /// (0x87).
     fn on_auth(&mut self, key: SessionKey, auth: shardmq_protocol::Auth) -> After {
-        let protocol_error = |shard: &Shard| {
-            bump(&shard.stats.protocol_errors, 1);
-            After::Close { reason: Some(ReasonCode::ProtocolError), will: true }
-        };
         let Some(session) = self.sessions.get_mut(key) else {
             return After::Close { reason: None, will: false };
         };
         let Some(entry) = self.enhanced.get_mut(&key) else {
-            return protocol_error(self); // MQTT-4.12.0-7: no method in CONNECT, no AUTH after
+            return self.protocol_error(true); // MQTT-4.12.0-7: no method in CONNECT, no AUTH after
         };
         if auth.properties.authentication_method.as_ref() != Some(&entry.method) {
-            return protocol_error(self); // MQTT-4.12.1-1: the method of the CONNECT
+            return self.protocol_error(true); // MQTT-4.12.1-1: the method of the CONNECT
         }
         match (auth.reason, entry.exchange.is_some()) {
             (ReasonCode::ReAuthenticate, false) => {
@@ -1609,7 +1607,7 @@ impl Shard {
                 }
             }
             (ReasonCode::ContinueAuthentication, true) => {}
-            _ => return protocol_error(self),
+            _ => return self.protocol_error(true),
         }
         let exchange = entry.exchange.as_mut().expect("set above");
         let step = exchange.step(auth.properties.authentication_data.as_deref());
