@@ -1010,9 +1010,20 @@ async fn wait_for_mesh_room(cell: &ShardCell) {
 /// Waits until the shard's log has written everything below `end` (see
 /// [`Shard::unwritten_visible`]); woken by the shard's loop when the sync thread reports the write.
 async fn wait_written(cell: &ShardCell, end: shardmq_storage::Offset) {
-    poll_fn(
-        |cx| if cell.borrow_mut().wait_written(end, cx.waker()) { Poll::Ready(()) } else { Poll::Pending },
-    )
+    // Registered once: the entry stays queued until the write (or a failure) wakes it, so a
+    // wake for another reason (a delivery, a close) only checks again, and the shard's queue
+    // keeps one entry per waiting writer however often it is woken.
+    let mut registered = false;
+    poll_fn(|cx| {
+        let mut shard = cell.borrow_mut();
+        let done = if registered { shard.is_written(end) } else { shard.wait_written(end, cx.waker()) };
+        registered = true;
+        if done {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    })
     .await
 }
 

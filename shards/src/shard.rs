@@ -282,8 +282,9 @@ impl Outbox {
 
 /// Connection writers holding output until the shard's log has written up to an offset, in
 /// ascending order of that offset, so the nearest is the front and the written ones leave from
-/// it. Bound: a writer waits for one end at a time and registers again only after this queue
-/// woke it, so there is at most one entry per connection (the listeners' connection limits).
+/// it. Bound: a writer waits for one end at a time and registers once per wait (`conn.rs`,
+/// `wait_written`: other wakes only check again), so there is at most one entry per connection
+/// (the listeners' connection limits).
 #[derive(Debug, Default)]
 struct WrittenWaiters(VecDeque<(Offset, Waker)>);
 
@@ -1754,6 +1755,12 @@ impl Shard {
     /// never for a flush, and nothing is written on the shard's thread for it.
     pub fn unwritten_visible(&self) -> Option<Offset> {
         self.store.as_ref()?.unwritten_visible()
+    }
+
+    /// Whether the log has written everything below `end` (or will write nothing more: it failed,
+    /// or there is no store).
+    pub fn is_written(&self, end: Offset) -> bool {
+        self.store.as_ref().is_none_or(|store| store.log().failed() || store.log().written_offset() >= end)
     }
 
     /// Registers `waker` to be woken once the log has written everything below `end`. Returns
