@@ -114,6 +114,44 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Shared {
+    /// The state of a log whose records end at `end`, all of it on disk already, with `active`
+    /// receiving the next batches.
+    fn new(
+        policy: FsyncPolicy,
+        queue_max: usize,
+        dir: PathBuf,
+        end: Offset,
+        active: Arc<Segment>,
+        on_durable: Option<DurableNotify>,
+    ) -> Shared {
+        Shared {
+            policy,
+            dir,
+            queue: Mutex::new(VecDeque::with_capacity(queue_max)),
+            queue_max,
+            write_turn: Mutex::new(()),
+            written: AtomicU64::new(end.0),
+            synced: AtomicU64::new(end.0),
+            written_wanted: AtomicU64::new(0),
+            frozen: AtomicU64::new(u64::MAX),
+            owner_writes: AtomicU64::new(0),
+            failed: AtomicBool::new(false),
+            inner: Mutex::new(Inner { segments: vec![active], ..Inner::default() }),
+            progress: Condvar::new(),
+            on_durable,
+            flusher: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// What the policy treats as durable, before a failure freezes it: what was flushed, or
+    /// under `Never` everything written to the file.
+    fn policy_durable(&self) -> u64 {
+        match self.policy {
+            FsyncPolicy::Never => self.written.load(Ordering::Acquire),
+            _ => self.synced.load(Ordering::Acquire),
+        }
+    }
+
     fn lock(&self) -> MutexGuard<'_, Inner> {
         lock(&self.inner)
     }
@@ -125,11 +163,7 @@ impl Shared {
         {
             let mut inner = self.lock();
             inner.error.get_or_insert(message);
-            let durable = match self.policy {
-                FsyncPolicy::Never => self.written.load(Ordering::Acquire),
-                _ => self.synced.load(Ordering::Acquire),
-            };
-            self.frozen.fetch_min(durable, Ordering::AcqRel);
+            self.frozen.fetch_min(self.policy_durable(), Ordering::AcqRel);
             self.failed.store(true, Ordering::Release);
             self.progress.notify_all();
         }
@@ -445,23 +479,7 @@ impl Syncer {
         active: Arc<Segment>,
         on_durable: Option<DurableNotify>,
     ) -> Result<Syncer> {
-        let shared = Arc::new(Shared {
-            policy,
-            dir: dir.clone(),
-            queue: Mutex::new(VecDeque::with_capacity(queue_max)),
-            queue_max,
-            write_turn: Mutex::new(()),
-            written: AtomicU64::new(end.0),
-            synced: AtomicU64::new(end.0),
-            written_wanted: AtomicU64::new(0),
-            frozen: AtomicU64::new(u64::MAX),
-            owner_writes: AtomicU64::new(0),
-            failed: AtomicBool::new(false),
-            inner: Mutex::new(Inner { segments: vec![active], ..Inner::default() }),
-            progress: Condvar::new(),
-            on_durable,
-            flusher: std::sync::OnceLock::new(),
-        });
+        let shared = Arc::new(Shared::new(policy, queue_max, dir.clone(), end, active, on_durable));
         let mut syncer = Syncer { shared: Arc::clone(&shared), threads: Vec::with_capacity(2) };
         let writer_shared = Arc::clone(&shared);
         let writer = thread::Builder::new()
@@ -571,11 +589,7 @@ impl Syncer {
     /// The end of what the policy treats as durable: what was flushed, or under `Never`
     /// everything written to the file.
     pub(crate) fn durable(&self) -> Offset {
-        let end = match self.shared.policy {
-            FsyncPolicy::Never => self.written(),
-            _ => self.synced(),
-        };
-        Offset(end.0.min(self.shared.frozen.load(Ordering::Acquire)))
+        Offset(self.shared.policy_durable().min(self.shared.frozen.load(Ordering::Acquire)))
     }
 
     /// The end of what is in the file (survives a crash of the process).
@@ -694,26 +708,6 @@ mod tests {
     use crate::format::SEGMENT_HEADER_LEN_BYTES;
     use crate::SegmentId;
 
-    fn shared(dir: &std::path::Path, segments: Vec<Arc<Segment>>) -> Shared {
-        Shared {
-            policy: FsyncPolicy::Always,
-            dir: dir.to_path_buf(),
-            queue: Mutex::new(VecDeque::new()),
-            queue_max: 8,
-            write_turn: Mutex::new(()),
-            written: AtomicU64::new(0),
-            synced: AtomicU64::new(0),
-            written_wanted: AtomicU64::new(0),
-            frozen: AtomicU64::new(u64::MAX),
-            owner_writes: AtomicU64::new(0),
-            failed: AtomicBool::new(false),
-            inner: Mutex::new(Inner { segments, ..Inner::default() }),
-            progress: Condvar::new(),
-            on_durable: None,
-            flusher: std::sync::OnceLock::new(),
-        }
-    }
-
     /// A segment whose last batch is still queued for the writer after a roll (written up to 100
     /// of its 200 bytes of records, the next segment starting at 200) stays in the flush list when
     /// a flush reaches its written end, so that its tail is flushed once written; it leaves once
@@ -726,7 +720,9 @@ mod tests {
         let b = Arc::new(Segment::create(dir.path(), SegmentId(2), Offset(200), 4096).unwrap());
         let header = SEGMENT_HEADER_LEN_BYTES;
         a.write_at(header, &[1u8; 100]).unwrap();
-        let shared = shared(dir.path(), vec![a.clone(), b]);
+        let shared =
+            Shared::new(FsyncPolicy::Always, 8, dir.path().to_path_buf(), Offset(0), a.clone(), None);
+        shared.lock().segments.push(b);
         shared.written.store(100, Ordering::SeqCst);
         shared.flush_to(100).unwrap();
         assert_eq!(shared.synced.load(Ordering::SeqCst), 100);
