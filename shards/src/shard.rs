@@ -1480,8 +1480,7 @@ impl Shard {
                 origin: Some(Origin { shard: self.id, session: key }),
             });
             if qos != QoS::AtMostOnce && self.store.is_some() {
-                token = self.next_token;
-                self.next_token += 1;
+                token = self.new_token();
             }
             if msg.retain {
                 let (w, f) = self.retain(msg.clone(), token);
@@ -1511,18 +1510,13 @@ impl Shard {
         if qos == QoS::AtMostOnce {
             return After::Continue;
         }
+        // Every entry gets a token, also one nobody waits on, so a session's tokens ascend and
+        // `answer` finds its entry by binary search (the window can hold thousands).
+        let token = if token != 0 { token } else { self.new_token() };
         let session = self.sessions.get_mut(key).expect("caller checked");
         if qos == QoS::ExactlyOnce && !ack_reason.is_error() {
             session.incoming_qos2.insert(packet_id);
         }
-        // Every entry gets a token, also one nobody waits on, so a session's tokens ascend and
-        // `answer` finds its entry by binary search (the window can hold thousands).
-        let token = if token != 0 {
-            token
-        } else {
-            self.next_token += 1;
-            self.next_token - 1
-        };
         session.pending_acks.push_back(PendingAck {
             token,
             packet_id,
@@ -1567,6 +1561,12 @@ impl Shard {
             state.traffic(shard).queued_messages.store(queued, Ordering::Relaxed);
             self.swept.insert(tenant, state);
         }
+    }
+
+    /// A token for answers from the store and other shards: unique on this shard, ascending.
+    fn new_token(&mut self) -> u64 {
+        self.next_token += 1;
+        self.next_token - 1
     }
 
     /// Counts a protocol error and closes the connection, telling a v5 client why (0x82).
@@ -1760,7 +1760,7 @@ impl Shard {
     /// Whether the log has written everything below `end` (or will write nothing more: it failed,
     /// or there is no store).
     pub fn is_written(&self, end: Offset) -> bool {
-        self.store.as_ref().is_none_or(|store| store.log().failed() || store.log().written_offset() >= end)
+        self.store.as_ref().is_none_or(|store| store.written_end() >= end)
     }
 
     /// Registers `waker` to be woken once the log has written everything below `end`. Returns
@@ -1786,8 +1786,7 @@ impl Shard {
     fn poll_written(&mut self) {
         let Some(store) = self.store.as_ref() else { return };
         loop {
-            let written = if store.log().failed() { Offset(u64::MAX) } else { store.log().written_offset() };
-            self.written_waiters.wake_until(written);
+            self.written_waiters.wake_until(store.written_end());
             let Some(nearest) = self.written_waiters.nearest() else { return };
             if !store.notify_when_written(nearest) {
                 return;
@@ -1950,8 +1949,7 @@ impl Shard {
             self.finish_subscribe(&mut pending, now);
             return;
         }
-        let token = self.next_token;
-        self.next_token += 1;
+        let token = self.new_token();
         if let Some(end) = unsynced {
             self.durable_waiters.push_back((end, Waiter::Subscribe(token)));
         }

@@ -232,7 +232,8 @@ impl Store {
     /// the process before the client sees their effect: a delivery's `Sent` and `Released`
     /// (before the PUBLISH or PUBREL leaves; a crash that lost the record of a delivery the
     /// client received would send the message again without DUP), an `InboundDone` (before the
-    /// PUBCOMP), and session snapshots and ends (before the CONNACK or the close). Marks the record just appended as one of them.
+    /// PUBCOMP), and session snapshots and ends (before the CONNACK or the close). Marks the
+    /// record just appended as one of them.
     fn mark_visible(&mut self) {
         self.visible_end = self.log.end_offset();
     }
@@ -244,7 +245,18 @@ impl Store {
     /// output back then would only hang the client, so it is `None` too (the failure is
     /// reported by the appends).
     pub fn unwritten_visible(&self) -> Option<Offset> {
-        (self.visible_end > self.log.written_offset() && !self.log.failed()).then_some(self.visible_end)
+        (self.visible_end > self.written_end()).then_some(self.visible_end)
+    }
+
+    /// The end of what the log has written to its files, for those who wait for it: past every
+    /// offset once the log has failed, because it writes nothing more and waiting would only
+    /// hang the clients whose output is held.
+    pub fn written_end(&self) -> Offset {
+        if self.log.failed() {
+            Offset(u64::MAX)
+        } else {
+            self.log.written_offset()
+        }
     }
 
     /// Returns true if `end` is written already; otherwise the write that gets it there wakes the
