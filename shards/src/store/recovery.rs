@@ -382,6 +382,7 @@ pub fn replay(log: Log, clock: &Clock) -> Result<Recovered, String> {
     // Whether message ids ascend in log order (no compaction copies): then no sort is needed.
     let mut ascending = true;
     let mut max_uid = 0u64;
+    let mut max_msg = 0u64;
     // Targets per session, to size each live session's backlog once.
     let mut backlog_sizes: IdMap<usize> = IdMap::default();
     let mut last_uid = (0u64, 0usize);
@@ -401,6 +402,7 @@ pub fn replay(log: Log, clock: &Clock) -> Result<Recovered, String> {
             })
             .map_err(|e| place(&log, offset, e))?;
             ascending &= msgs.last().is_none_or(|last| last.0 < id);
+            max_msg = max_msg.max(id);
             msgs.push((id, offset, expires_at_ms));
             continue;
         }
@@ -410,7 +412,6 @@ pub fn replay(log: Log, clock: &Clock) -> Result<Recovered, String> {
         *backlog_sizes.entry(last_uid.0).or_default() += last_uid.1;
     }
     let mut store = Store::empty(log);
-    let mut max_msg = msgs.iter().map(|m| m.0).max().unwrap_or(0);
     let mut max_retain_seq = 0u64;
     let mut snapshots: IdMap<Vec<(Offset, SessionRec)>> = IdMap::default();
     let mut gones: Vec<(Offset, u64)> = Vec::new();
@@ -541,14 +542,15 @@ pub fn replay(log: Log, clock: &Clock) -> Result<Recovered, String> {
                     if bytes.first() != Some(&KIND_MSG) {
                         continue;
                     }
+                    let index = position;
                     position += 1;
-                    if msgs.get(position - 1).map(|m| m.1) != Some(at) {
+                    if msgs.get(index).map(|m| m.1) != Some(at) {
                         return Err(format!(
                             "storage: {}: the log changed during recovery",
                             log.dir().display()
                         ));
                     }
-                    (position - 1, bytes)
+                    (index, bytes)
                 }
                 None => {
                     let Some(index) = sorted.next() else { break };
