@@ -173,9 +173,12 @@ impl Shared {
     }
 
     /// Writes `batch` (the caller holds the write turn, and every batch committed before it is
-    /// written), then publishes it.
+    /// written), then publishes it. A failed write fails the log, whichever thread wrote.
     fn write(&self, batch: &Batch) -> Result<()> {
-        batch.seg.write_at(batch.pos, &batch.bytes)?;
+        if let Err(e) = batch.seg.write_at(batch.pos, &batch.bytes) {
+            self.fail(e.to_string());
+            return Err(e);
+        }
         batch.mark_written();
         // SeqCst, paired with `notify_when_written`: either the owner sees this end, or this
         // thread sees the owner's wish (no lost wake-up).
@@ -524,10 +527,7 @@ impl Syncer {
             }
         }
         self.shared.owner_writes.fetch_add(1, Ordering::Relaxed);
-        if let Err(e) = self.shared.write_queued(Some(&batch)) {
-            self.shared.fail(e.to_string());
-            return Err(e);
-        }
+        self.shared.write_queued(Some(&batch))?;
         // The flusher may have work (a flush under `Always`) that this write created.
         self.unpark_flusher();
         Ok(())
@@ -536,11 +536,7 @@ impl Syncer {
     /// Writes every committed batch on the calling thread. Blocking.
     pub(crate) fn write_committed(&self) -> Result<()> {
         self.check()?;
-        if let Err(e) = self.shared.write_queued(None) {
-            self.shared.fail(e.to_string());
-            return Err(e);
-        }
-        Ok(())
+        self.shared.write_queued(None).map(|_| ())
     }
 
     /// Registers a new active segment (before anything is written to it).
